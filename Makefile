@@ -1,0 +1,45 @@
+# sealbus — the two commands are `make run` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SEALBUS:= $(VENV)/bin/sealbus
+PYTEST := $(PY) -m pytest
+
+.PHONY: setup run test test-fast lint bench vm-test vm-image fuzz install clean
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	$(SEALBUS) run
+
+lint: setup
+	$(PY) -m ruff check broker tests benchmarks vagrant
+	$(PY) -m ruff format --check broker tests benchmarks vagrant || true
+
+# The whole suite: unit, property, fuzz (bounded), interop with real clients,
+# security regression (root tiers run when root), and the enforcing SELinux
+# VM tier when /dev/kvm is present.
+test: setup lint
+	$(PYTEST) -q -ra tests
+	@if [ -e /dev/kvm ] || [ -n "$$SEALBUS_VM" ]; then $(MAKE) vm-test; else echo "vm-test: skipped (no /dev/kvm)"; fi
+
+test-fast: setup
+	$(PYTEST) -q -x tests -m "not slow"
+
+fuzz: setup
+	SEALBUS_FUZZ_SECONDS=$${SEALBUS_FUZZ_SECONDS:-300} $(PYTEST) -q tests/test_fuzz.py
+
+bench: setup
+	$(PY) -m benchmarks.run --md docs/benchmarks.md
+
+vm-image: setup
+	vagrant/qemu/build-image.sh
+
+vm-test: setup
+	vagrant/qemu/run-vm-test.sh
+
+install: setup
+	scripts/install.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
