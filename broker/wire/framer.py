@@ -1,0 +1,126 @@
+"""Streaming framer: bytes and fds in, complete messages with their fds out.
+
+The framer owns its receive buffer so the I/O shell can ``recvmsg_into`` it
+directly: ``recv_buffer()`` returns free space, ``commit(n, fds)`` records what
+arrived. Complete messages are handed out as ``memoryview`` slices of that
+buffer; when space runs out a *new* buffer is allocated (only an incomplete
+tail is copied), so views already handed out stay valid and bodies are never
+copied. A message whose declared sizes are invalid is rejected as soon as its
+16-byte fixed header is in, before its body is buffered.
+"""
+
+from collections import deque
+from typing import NamedTuple
+
+from .errors import HeaderError, LimitExceededError
+from .message import DEFAULT_MAX_MESSAGE_SIZE, FIXED_HEADER_SIZE, HeaderView, message_size
+
+DEFAULT_BUFFER = 64 * 1024
+MIN_FREE = 4096
+
+
+class Message(NamedTuple):
+    header: HeaderView
+    fds: list[int]
+
+
+class Framer:
+    def __init__(
+        self,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_fds_per_message: int = 16,
+        buffer_size: int = DEFAULT_BUFFER,
+    ):
+        self.max_message_size = max_message_size
+        self.max_fds_per_message = max_fds_per_message
+        self._bufsize = buffer_size
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet consumed
+        self._end = 0  # first free byte
+        self._need = 0  # size of the message at _start, once known
+        self.fds: deque[int] = deque()  # received, not yet attached to a message
+
+    # -- input ------------------------------------------------------------
+
+    def recv_buffer(self) -> memoryview:
+        """Free space to receive into (grown for a large announced message)."""
+        pending = self._end - self._start
+        want = max(self._need, pending + MIN_FREE)
+        too_small = self._need and self._start + self._need > len(self._buf)
+        if too_small or len(self._buf) - self._end < MIN_FREE:
+            size = max(self._bufsize, want)
+            new = bytearray(size)
+            new[:pending] = self._view[self._start : self._end]
+            self._buf = new
+            self._view = memoryview(new)
+            self._start, self._end = 0, pending
+        if self._need:
+            # Never read past the current message when it is large: the next
+            # message then starts at the head of a fresh, right-sized buffer.
+            limit = self._start + self._need
+            if limit > self._end and self._need > self._bufsize:
+                return self._view[self._end : limit]
+        return self._view[self._end :]
+
+    def commit(self, nbytes: int, fds=()) -> None:
+        self._end += nbytes
+        self.fds.extend(fds)
+
+    def feed(self, data, fds=()) -> list[Message]:
+        """Convenience for tests and fuzzing: copy ``data`` in, return messages."""
+        self.fds.extend(fds)
+        out = []
+        data = memoryview(data)
+        while True:
+            out.extend(self.messages())
+            if not data:
+                return out
+            buf = self.recv_buffer()
+            n = min(len(buf), len(data))
+            buf[:n] = data[:n]
+            data = data[n:]
+            self.commit(n)
+
+    # -- output -----------------------------------------------------------
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None; raises WireError on bad input."""
+        avail = self._end - self._start
+        if not self._need:
+            if avail < FIXED_HEADER_SIZE:
+                return None
+            self._need = message_size(
+                self._view[self._start : self._start + FIXED_HEADER_SIZE], self.max_message_size
+            )
+        if avail < self._need:
+            return None
+        raw = self._view[self._start : self._start + self._need]
+        self._start += self._need
+        self._need = 0
+        header = HeaderView(raw, self.max_message_size)
+        n = header.unix_fds
+        if n:
+            if n > self.max_fds_per_message:
+                raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
+            if n > len(self.fds):
+                raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
+            fds = [self.fds.popleft() for _ in range(n)]
+        else:
+            fds = []
+        # The consumed bytes are never reused: views of them are in flight.
+        return Message(header, fds)
+
+    def messages(self):
+        while (m := self.next_message()) is not None:
+            yield m
+
+    @property
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    def close(self) -> list[int]:
+        """Fds never attached to a message (the caller must close them)."""
+        left = list(self.fds)
+        self.fds.clear()
+        return left

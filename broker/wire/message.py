@@ -1,0 +1,353 @@
+"""Message headers: a view that parses only what routing needs, and re-emission.
+
+The broker never unmarshals the body of a message it forwards. ``HeaderView``
+parses the 16-byte fixed header and the header-field array, validates them
+strictly, and keeps the body as a ``memoryview`` slice of the received buffer.
+``HeaderView.forward_header(sender)`` re-emits the header with SENDER set and
+unknown fields stripped; the body goes out by scatter/gather, uncopied.
+"""
+
+import struct
+from typing import Any
+
+from . import names
+from .errors import HeaderError, InvalidValueError, LimitExceededError, TruncatedError, WireError
+from .marshal import Reader, Writer, unmarshal
+from .signature import split_signature
+
+METHOD_CALL, METHOD_RETURN, ERROR, SIGNAL = 1, 2, 3, 4
+TYPE_NAMES = {1: "method_call", 2: "method_return", 3: "error", 4: "signal"}
+NO_REPLY_EXPECTED, NO_AUTO_START, ALLOW_INTERACTIVE_AUTHORIZATION = 0x1, 0x2, 0x4
+
+F_PATH, F_INTERFACE, F_MEMBER, F_ERROR_NAME, F_REPLY_SERIAL = 1, 2, 3, 4, 5
+F_DESTINATION, F_SENDER, F_SIGNATURE, F_UNIX_FDS = 6, 7, 8, 9
+FIELD_TYPES = {1: "o", 2: "s", 3: "s", 4: "s", 5: "u", 6: "s", 7: "s", 8: "g", 9: "u"}
+_FIELD_SIG_BYTES = {c: bytes([1, ord(t), 0]) for c, t in FIELD_TYPES.items()}
+
+DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
+FIXED_HEADER_SIZE = 16
+
+LOCAL_PATH = "/org/freedesktop/DBus/Local"
+LOCAL_INTERFACE = "org.freedesktop.DBus.Local"
+
+_FIXED = {"l": struct.Struct("<4xIII"), "B": struct.Struct(">4xIII")}
+_U32 = {"l": struct.Struct("<I"), "B": struct.Struct(">I")}
+_ENDIAN = {ord("l"): "l", ord("B"): "B"}
+
+# Validated header strings keyed by (field code, raw bytes): the same interface
+# and member names recur in every message, so each is decoded and checked once.
+_STRING_CACHE: dict[tuple[int, bytes], str] = {}
+_STRING_CACHE_MAX = 8192
+
+_NAME_CHECKS = {
+    F_PATH: names.is_object_path,
+    F_INTERFACE: names.is_interface_name,
+    F_MEMBER: names.is_member_name,
+    F_ERROR_NAME: names.is_error_name,
+    F_DESTINATION: names.is_bus_name,
+    F_SENDER: names.is_bus_name,
+}
+
+
+def _decode_field_string(code: int, raw: bytes) -> str:
+    key = (code, raw)
+    s = _STRING_CACHE.get(key)
+    if s is not None:
+        return s
+    if b"\0" in raw:
+        raise InvalidValueError("header string contains NUL")
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidValueError("header string is not valid UTF-8") from None
+    if code == F_SIGNATURE:
+        split_signature(s)
+    elif not _NAME_CHECKS[code](s):
+        raise HeaderError(f"header field {code} has an invalid value {s!r}")
+    if len(_STRING_CACHE) >= _STRING_CACHE_MAX:
+        _STRING_CACHE.clear()
+    _STRING_CACHE[key] = s
+    return s
+
+
+def message_size(prefix, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> int:
+    """Total size announced by the first 16 bytes; validates before buffering."""
+    if len(prefix) < FIXED_HEADER_SIZE:
+        raise TruncatedError("fewer than 16 bytes of fixed header")
+    endian = _ENDIAN.get(prefix[0])
+    if endian is None:
+        raise HeaderError(f"invalid endianness byte {prefix[0]!r}")
+    if prefix[3] != 1:
+        raise HeaderError(f"unsupported protocol version {prefix[3]}")
+    if not 1 <= prefix[1] <= 4:
+        raise HeaderError(f"invalid message type {prefix[1]}")
+    body_len, serial, fields_len = _FIXED[endian].unpack_from(prefix, 0)
+    if serial == 0:
+        raise HeaderError("serial must not be zero")
+    if fields_len > max_size or body_len > max_size:
+        raise LimitExceededError("message larger than the maximum size")
+    header_len = FIXED_HEADER_SIZE + fields_len + ((-fields_len) & 7)
+    total = header_len + body_len
+    if total > max_size:
+        raise LimitExceededError(f"message of {total} bytes exceeds the maximum of {max_size}")
+    return total
+
+
+class HeaderView:
+    """Parsed header of one complete message held in ``raw`` (not copied)."""
+
+    __slots__ = (
+        "body_len", "destination", "endian", "error_name", "flags", "header_len",
+        "interface", "member", "path", "raw", "reply_serial", "sender", "serial",
+        "signature", "type", "unix_fds", "unknown_fields",
+    )  # fmt: skip
+
+    def __init__(self, raw, max_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+        total = message_size(raw, max_size)
+        if len(raw) != total:
+            raise TruncatedError(f"message is {len(raw)} bytes but its header announces {total}")
+        self.raw = raw
+        endian = self.endian = _ENDIAN[raw[0]]
+        self.type = raw[1]
+        self.flags = raw[2]
+        self.body_len, self.serial, fields_len = _FIXED[endian].unpack_from(raw, 0)
+        self.header_len = total - self.body_len
+        self.path = self.interface = self.member = self.error_name = None
+        self.destination = self.sender = None
+        self.reply_serial = 0
+        self.signature = ""
+        self.unix_fds = 0
+        self.unknown_fields = 0
+        self._parse_fields(raw, endian, FIXED_HEADER_SIZE + fields_len)
+        for i in range(FIXED_HEADER_SIZE + fields_len, self.header_len):
+            if raw[i]:
+                raise HeaderError("non-zero padding after the header fields")
+        self._check_required()
+
+    def _parse_fields(self, raw, endian: str, end: int) -> None:
+        u32 = _U32[endian]
+        pos = FIXED_HEADER_SIZE
+        seen = 0
+        while pos < end:
+            pad = (-pos) & 7
+            if pad:
+                if any(raw[pos : pos + pad]):
+                    raise HeaderError("non-zero padding between header fields")
+                pos += pad
+            if pos + 4 > end:
+                raise TruncatedError("header field array ends inside a field")
+            code = raw[pos]
+            sig_bytes = bytes(raw[pos + 1 : pos + 4])
+            expected = _FIELD_SIG_BYTES.get(code)
+            if code == 0:
+                raise HeaderError("header field code 0 is invalid")
+            if expected is None:
+                # Unknown field: validate it fully, then drop it.
+                r = Reader(raw[:end], endian, pos + 1)
+                r.value("v")
+                pos = r.pos
+                self.unknown_fields += 1
+                continue
+            if sig_bytes != expected:
+                raise HeaderError(f"header field {code} has the wrong type signature")
+            if seen & (1 << code):
+                raise HeaderError(f"header field {code} appears twice")
+            seen |= 1 << code
+            pos += 4
+            t = FIELD_TYPES[code]
+            if t == "u":
+                apos = pos + ((-pos) & 3)
+                if any(raw[pos:apos]):
+                    raise HeaderError("non-zero padding in header field")
+                pos = apos
+                if pos + 4 > end:
+                    raise TruncatedError("header field ends early")
+                (v,) = u32.unpack_from(raw, pos)
+                pos += 4
+                if code == F_REPLY_SERIAL:
+                    if v == 0:
+                        raise HeaderError("REPLY_SERIAL must not be zero")
+                    self.reply_serial = v
+                else:
+                    self.unix_fds = v
+                continue
+            if t == "g":
+                if pos + 1 > end:
+                    raise TruncatedError("header field ends early")
+                n = raw[pos]
+                pos += 1
+            else:
+                apos = pos + ((-pos) & 3)
+                if any(raw[pos:apos]):
+                    raise HeaderError("non-zero padding in header field")
+                pos = apos
+                if pos + 4 > end:
+                    raise TruncatedError("header field ends early")
+                (n,) = u32.unpack_from(raw, pos)
+                pos += 4
+            if pos + n + 1 > end:
+                raise TruncatedError("header string runs past the header")
+            if raw[pos + n] != 0:
+                raise HeaderError("header string is not NUL-terminated")
+            s = _decode_field_string(code, bytes(raw[pos : pos + n]))
+            pos += n + 1
+            if code == F_PATH:
+                self.path = s
+            elif code == F_INTERFACE:
+                self.interface = s
+            elif code == F_MEMBER:
+                self.member = s
+            elif code == F_ERROR_NAME:
+                self.error_name = s
+            elif code == F_DESTINATION:
+                self.destination = s
+            elif code == F_SENDER:
+                self.sender = s
+            else:
+                self.signature = s
+        if pos != end:
+            raise HeaderError("header field array length does not match its contents")
+
+    def _check_required(self) -> None:
+        t = self.type
+        if t == METHOD_CALL:
+            if self.path is None or self.member is None:
+                raise HeaderError("method call lacks PATH or MEMBER")
+        elif t == SIGNAL:
+            if self.path is None or self.interface is None or self.member is None:
+                raise HeaderError("signal lacks PATH, INTERFACE or MEMBER")
+        elif t == ERROR:
+            if self.error_name is None or not self.reply_serial:
+                raise HeaderError("error lacks ERROR_NAME or REPLY_SERIAL")
+        elif not self.reply_serial:
+            raise HeaderError("method return lacks REPLY_SERIAL")
+        if self.body_len and not self.signature:
+            raise HeaderError("message has a body but no SIGNATURE")
+        if self.path == LOCAL_PATH or self.interface == LOCAL_INTERFACE:
+            raise HeaderError("the org.freedesktop.DBus.Local path/interface is reserved")
+
+    # -- access -----------------------------------------------------------
+
+    @property
+    def body(self) -> memoryview:
+        return memoryview(self.raw)[self.header_len :]
+
+    @property
+    def no_reply_expected(self) -> bool:
+        return bool(self.flags & NO_REPLY_EXPECTED)
+
+    def unmarshal_body(self) -> tuple:
+        """Full body unmarshal: for the driver and for argN match rules only."""
+        return unmarshal(self.signature, self.body, self.endian, self.unix_fds)
+
+    def forward_header(self, sender: str | None) -> bytes:
+        """The header re-emitted with SENDER set and unknown fields stripped."""
+        return encode_header(
+            self.endian, self.type, self.flags, self.body_len, self.serial,
+            path=self.path, interface=self.interface, member=self.member,
+            error_name=self.error_name, reply_serial=self.reply_serial,
+            destination=self.destination, sender=sender, signature=self.signature,
+            unix_fds=self.unix_fds,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (
+            f"<{TYPE_NAMES.get(self.type)} serial={self.serial} path={self.path} "
+            f"iface={self.interface} member={self.member} dest={self.destination} "
+            f"sender={self.sender} sig={self.signature!r}>"
+        )
+
+
+def encode_header(
+    endian: str, msg_type: int, flags: int, body_len: int, serial: int, *,
+    path=None, interface=None, member=None, error_name=None, reply_serial=0,
+    destination=None, sender=None, signature="", unix_fds=0,
+) -> bytes:  # fmt: skip
+    """Marshal a complete, padded message header."""
+    u32 = _U32[endian]
+    out = bytearray(b"l\0\0\1" if endian == "l" else b"B\0\0\1")
+    out[1] = msg_type
+    out[2] = flags
+    out += bytes(12)
+
+    def string_field(code: int, s: str) -> None:
+        out.extend(b"\0" * ((-len(out)) & 7))
+        raw = s.encode()
+        out.append(code)
+        out.extend(_FIELD_SIG_BYTES[code])
+        out.extend(u32.pack(len(raw)))
+        out.extend(raw)
+        out.append(0)
+
+    def u32_field(code: int, v: int) -> None:
+        out.extend(b"\0" * ((-len(out)) & 7))
+        out.append(code)
+        out.extend(_FIELD_SIG_BYTES[code])
+        out.extend(u32.pack(v))
+
+    if path is not None:
+        string_field(F_PATH, path)
+    if interface is not None:
+        string_field(F_INTERFACE, interface)
+    if member is not None:
+        string_field(F_MEMBER, member)
+    if error_name is not None:
+        string_field(F_ERROR_NAME, error_name)
+    if reply_serial:
+        u32_field(F_REPLY_SERIAL, reply_serial)
+    if destination is not None:
+        string_field(F_DESTINATION, destination)
+    if sender is not None:
+        string_field(F_SENDER, sender)
+    if signature:
+        out.extend(b"\0" * ((-len(out)) & 7))
+        raw = signature.encode()
+        out.extend(b"\x08\x01g\x00")
+        out.append(len(raw))
+        out.extend(raw)
+        out.append(0)
+    if unix_fds:
+        u32_field(F_UNIX_FDS, unix_fds)
+    fields_len = len(out) - FIXED_HEADER_SIZE
+    out.extend(b"\0" * ((-len(out)) & 7))
+    struct.pack_into("<III" if endian == "l" else ">III", out, 4, body_len, serial, fields_len)
+    return bytes(out)
+
+
+def build_message(
+    msg_type: int, serial: int, *, signature: str = "", body: tuple = (),
+    flags: int = 0, endian: str = "l", **fields: Any,
+) -> bytes:  # fmt: skip
+    """Build a complete message (used for what the bus itself sends)."""
+    w = Writer(endian)
+    if signature:
+        types = split_signature(signature)
+        if len(types) != len(body):
+            raise WireError(f"signature {signature!r} needs {len(types)} values")
+        for t, v in zip(types, body, strict=True):
+            w.value(t, v)
+    hdr = encode_header(endian, msg_type, flags, len(w.buf), serial, signature=signature, **fields)
+    return hdr + bytes(w.buf)
+
+
+def method_return(serial: int, reply_to: int, destination: str | None, signature="", body=()):
+    return build_message(
+        METHOD_RETURN, serial, reply_serial=reply_to, destination=destination,
+        sender="org.freedesktop.DBus", signature=signature, body=body,
+        flags=NO_REPLY_EXPECTED,
+    )  # fmt: skip
+
+
+def error_message(serial: int, reply_to: int, destination: str | None, name: str, text: str):
+    return build_message(
+        ERROR, serial, reply_serial=reply_to, destination=destination, error_name=name,
+        sender="org.freedesktop.DBus", signature="s", body=(text,), flags=NO_REPLY_EXPECTED,
+    )  # fmt: skip
+
+
+def signal_message(serial, path, interface, member, signature="", body=(), destination=None):
+    return build_message(
+        SIGNAL, serial, path=path, interface=interface, member=member,
+        destination=destination, sender="org.freedesktop.DBus",
+        signature=signature, body=body, flags=NO_REPLY_EXPECTED,
+    )  # fmt: skip
