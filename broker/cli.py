@@ -1,11 +1,240 @@
-"""The `sealbus` command (placeholder until the bus lands)."""
+"""The ``sealbus`` command.
+
+Subcommands: ``run`` (a bus), ``dbus-daemon`` (drop-in for dbus-daemon's
+command line), ``policy`` (explain / check / audit), ``send`` / ``receive`` /
+``cat-payload`` (sealed payloads at a shell), ``bench``.
+"""
+
+import argparse
+import logging
+import os
+import signal
 import sys
 
+import trio
 
-def main(argv=None):
-    print("sealbus: not yet", file=sys.stderr)
+from .bus.settings import BusSettings
+
+DESCRIPTION = """\
+sealbus: a privilege-separated userspace D-Bus broker that carries sealed
+memfd payloads (zero-copy unicast and multicast).
+
+commands:
+  run           start a bus (embedded session-style default; --system for the
+                privilege-separated system bus, as root)
+  dbus-daemon   the same bus behind dbus-daemon's command line
+                (--config-file=F --nofork --print-address[=FD] ...)
+  policy        explain | check | audit the bus and SELinux policy
+  send          send a file as a sealed payload to a bus peer
+  receive       receive sealed payloads and show them
+  cat-payload   write a payload fd's contents to stdout
+  bench         compare sealbus with dbus-daemon and dbus-broker
+"""
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"sealbus[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def settings_from_config(path: str | None, fd_mode: str | None = None, payload_fs: str | None = None):
+    """BusSettings from a dbus-daemon XML config (or the embedded default)."""
+    listen: list[str] = []
+    settings = BusSettings()
+    if path:
+        from .access.settings import settings_from_file
+
+        settings, listen = settings_from_file(path)
+    if fd_mode:
+        settings.fd_mode = fd_mode
+    if payload_fs:
+        settings.payload_fs = payload_fs
+    return settings, listen
+
+
+async def run_bus(settings: BusSettings, listeners, on_ready=None) -> None:
+    """Serve until SIGINT/SIGTERM, then stop cleanly."""
+    from .io.server import serve
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+        async with trio.open_nursery() as nursery:
+            bus = await nursery.start(serve, settings, listeners)
+            if on_ready is not None:
+                on_ready(bus)
+            async for signum in sigs:
+                logging.getLogger("sealbus").info("stopping on %s", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def cmd_run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="sealbus run",
+        description="Start a bus. With no options: an unprivileged session-style bus on a socket under "
+        "$XDG_RUNTIME_DIR (or a private temp dir), allow-all policy, fd mode 'any'. The first line of "
+        "stdout is the bus address; logs go to stderr; SIGINT/SIGTERM stop it and remove the socket.",
+    )
+    p.add_argument("--address", help="where to listen, e.g. unix:path=/tmp/bus or unix:abstract=name")
+    p.add_argument("--config", help="a dbus-daemon XML config file (with optional <sealbus> element)")
+    p.add_argument("--fd-mode", choices=["any", "sealed", "none"],
+                   help="which fds the bus forwards: any (dbus-daemon compatible), sealed (only sealed "
+                   "memfds and payload-fs snapshots), none")  # fmt: skip
+    p.add_argument("--payload-fs", metavar="DIR", help="also serve the FUSE payload filesystem at DIR")
+    p.add_argument("--system", action="store_true",
+                   help="privilege-separated system bus: launcher as root, broker as the bus user")  # fmt: skip
+    p.add_argument("--runtime-dir", help="runtime directory for --system (default /run/sealbus)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.system:
+        from .launch.launcher import main_system
+
+        return main_system(args)
+    from .io.address import AddressError, default_session_address, listen
+
+    settings, cfg_listen = settings_from_config(args.config, args.fd_mode, args.payload_fs)
+    address = args.address or (cfg_listen[0] if cfg_listen else default_session_address())
+    try:
+        listener = listen(address, socket_mode=0o666 if settings.bus_type == "system" else 0o777)
+    except (AddressError, OSError) as e:
+        print(f"sealbus run: {e}", file=sys.stderr)
+        return 1
+    try:
+        def ready(bus):
+            print(listener.address, flush=True)
+
+        trio.run(run_bus, settings, [listener], ready)
+    finally:
+        listener.close()
+    return 0
+
+
+def _fd_arg(value: str | None, default: int = 1) -> int:
+    if value is None or value == "":
+        return default
+    return int(value)
+
+
+def cmd_dbus_daemon(argv: list[str]) -> int:
+    """dbus-daemon's command line, so existing tooling can start sealbus unchanged."""
+    p = argparse.ArgumentParser(prog="sealbus dbus-daemon",
+                                description="dbus-daemon compatible entry point of sealbus.")  # fmt: skip
+    p.add_argument("--config-file")
+    p.add_argument("--session", action="store_true")
+    p.add_argument("--system", action="store_true")
+    p.add_argument("--nofork", action="store_true")
+    p.add_argument("--fork", action="store_true")
+    p.add_argument("--nopidfile", action="store_true")
+    p.add_argument("--print-address", nargs="?", const="", default=None)
+    p.add_argument("--print-pid", nargs="?", const="", default=None)
+    p.add_argument("--address")
+    p.add_argument("--systemd-activation", action="store_true")
+    p.add_argument("--syslog", action="store_true")
+    p.add_argument("--nosyslog", action="store_true")
+    p.add_argument("--syslog-only", action="store_true")
+    p.add_argument("--introspect", action="store_true")
+    p.add_argument("--version", action="store_true")
+    p.add_argument("--fd-mode", choices=["any", "sealed", "none"])
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    if args.version:
+        print("sealbus dbus-daemon compatible entry (D-Bus Message Bus Daemon 1.14 command line)")
+        return 0
+    if args.introspect:
+        from .bus.driver import INTROSPECTION
+
+        sys.stdout.write(INTROSPECTION)
+        return 0
+    if args.fork:
+        print("sealbus dbus-daemon: --fork is not supported; run it under a supervisor with --nofork",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    setup_logging(args.log_level)
+    config = args.config_file
+    if args.session and not config:
+        config = "/usr/share/dbus-1/session.conf"
+    if args.system and not config:
+        config = "/usr/share/dbus-1/system.conf"
+    if not config:
+        print("sealbus dbus-daemon: no configuration file specified (--config-file, --session or --system)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        settings, cfg_listen = settings_from_config(config, args.fd_mode)
+    except Exception as e:  # a config error must stop start-up, with its reason
+        print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
+        return 1
+    settings.extra["systemd_activation"] = args.systemd_activation
+    from .io.address import AddressError, listen, systemd_listeners
+
+    listeners = []
+    try:
+        if args.address:
+            listeners = [listen(args.address)]
+        else:
+            for a in cfg_listen:
+                listeners.append(systemd_listeners()[0] if a == "systemd:" else listen(a))
+        if not listeners:
+            raise AddressError("no <listen> address in the configuration and no --address")
+    except (AddressError, OSError, IndexError) as e:
+        print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
+        return 1
+
+    def ready(bus):
+        addr = f"{listeners[0].address},guid={bus.guid}\n"
+        if args.print_address is not None:
+            _write_fd(_fd_arg(args.print_address), addr)
+        if args.print_pid is not None:
+            _write_fd(_fd_arg(args.print_pid), f"{os.getpid()}\n")
+
+    try:
+        trio.run(run_bus, settings, listeners, ready)
+    finally:
+        for lst in listeners:
+            lst.close()
+    return 0
+
+
+def _write_fd(fd: int, text: str) -> None:
+    if fd == 1:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        os.write(fd, text.encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(DESCRIPTION)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        return cmd_run(rest)
+    if cmd == "dbus-daemon":
+        return cmd_dbus_daemon(rest)
+    if cmd == "policy":
+        from .access.policy_cli import main as policy_main
+
+        return policy_main(rest)
+    if cmd in ("send", "receive", "cat-payload"):
+        from .client.cli import main as client_main
+
+        return client_main([cmd, *rest])
+    if cmd == "bench":
+        from benchmarks.run import main as bench_main
+
+        return bench_main(rest)
+    print(f"sealbus: unknown command {cmd!r}\n\n{DESCRIPTION}", file=sys.stderr)
     return 2
 
 
-def dbus_daemon_main(argv=None):
-    return main(argv)
+def dbus_daemon_main() -> int:
+    return cmd_dbus_daemon(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

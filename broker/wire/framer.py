@@ -67,6 +67,17 @@ class Framer:
         self._end += nbytes
         self.fds.extend(fds)
 
+    def push(self, data, fds=()) -> None:
+        """Copy ``data`` into the buffer without parsing (e.g. bytes after SASL BEGIN)."""
+        self.fds.extend(fds)
+        data = memoryview(data)
+        while data:
+            buf = self.recv_buffer()
+            n = min(len(buf), len(data))
+            buf[:n] = data[:n]
+            data = data[n:]
+            self.commit(n)
+
     def feed(self, data, fds=()) -> list[Message]:
         """Convenience for tests and fuzzing: copy ``data`` in, return messages."""
         self.fds.extend(fds)

@@ -1,0 +1,61 @@
+"""Resource limits, with dbus-daemon's names and built-in default values.
+
+Every resource a client can make the broker hold has a limit here; the names
+are the ``<limit name=...>`` names of the dbus-daemon configuration format.
+"""
+
+from dataclasses import dataclass, fields
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Limits:
+    max_incoming_bytes: int = 127 * MiB
+    max_incoming_unix_fds: int = 64
+    max_outgoing_bytes: int = 127 * MiB
+    max_outgoing_unix_fds: int = 64
+    max_message_size: int = 32 * MiB
+    max_message_unix_fds: int = 16
+    service_start_timeout: int = 25000
+    auth_timeout: int = 30000
+    pending_fd_timeout: int = 150000
+    max_completed_connections: int = 2048
+    max_incomplete_connections: int = 64
+    max_connections_per_user: int = 256
+    max_pending_service_starts: int = 512
+    max_names_per_connection: int = 512
+    max_match_rules_per_connection: int = 512
+    max_replies_per_connection: int = 128
+    reply_timeout: int = -1
+    # sealbus additions: how many fds one user may have queued towards other
+    # peers (this bounds the payload memfds one user can pin in others' queues)
+    max_inflight_fds_per_user: int = 4096
+    max_outgoing_bytes_per_user: int = 1024 * MiB
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def update(self, values: dict[str, int]) -> None:
+        for k, v in values.items():
+            if k not in self.names():
+                raise ValueError(f"unknown limit {k!r}")
+            setattr(self, k, int(v))
+
+
+def session_limits() -> Limits:
+    """The "essentially infinite" values of dbus-daemon's session.conf."""
+    lim = Limits()
+    lim.max_incoming_bytes = lim.max_outgoing_bytes = 1000000000
+    lim.max_message_size = 128 * MiB
+    lim.max_completed_connections = 100000
+    lim.max_incomplete_connections = 10000
+    lim.max_connections_per_user = 100000
+    lim.max_names_per_connection = 50000
+    lim.max_match_rules_per_connection = 50000
+    lim.max_replies_per_connection = 50000
+    lim.max_outgoing_unix_fds = lim.max_incoming_unix_fds = 4096
+    lim.max_inflight_fds_per_user = 65536
+    lim.max_outgoing_bytes_per_user = 4000 * MiB
+    return lim

@@ -1,0 +1,487 @@
+"""The bus core: connections, Hello, routing, replies, broadcasts and monitors.
+
+Sans-IO. ``Bus.connect(creds)`` registers a peer; ``Bus.dispatch(peer, msg)``
+routes one parsed message, appending to recipients' outboxes (and calling
+their ``wake``); ``Bus.disconnect(peer)`` cleans up. Bodies and fds are passed
+along untouched: each forwarded message gets one re-emitted header, shared by
+every recipient, and the body ``memoryview`` it arrived in.
+"""
+
+import logging
+import os
+import secrets
+from collections import defaultdict
+
+from ..wire import message as wm
+from ..wire.errors import WireError
+from .limits import Limits
+from .match import MatchRule
+from .names import NameRegistry
+from .peer import Creds, FdRef, OutItem, Peer, UserAccount
+
+log = logging.getLogger("sealbus.bus")
+
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+E = "org.freedesktop.DBus.Error."
+
+
+def own_creds() -> Creds:
+    label = None
+    try:
+        with open("/proc/self/attr/current") as f:
+            label = f.read().strip("\0\n") or None
+    except OSError:
+        pass
+    if label in ("unconfined", "kernel"):
+        label = None
+    return Creds(os.getuid(), tuple(os.getgroups()), os.getpid(), label)
+
+
+class BusError(Exception):
+    """A D-Bus error reply the bus sends back to the caller."""
+
+    def __init__(self, name: str, text: str):
+        super().__init__(text)
+        self.name = name if "." in name else E + name
+        self.text = text
+
+
+class Bus:
+    def __init__(self, limits: Limits | None = None, *, guid: str | None = None, machine_id: str = ""):
+        self.limits = limits or Limits()
+        self.guid = guid or secrets.token_hex(16)
+        self.machine_id = machine_id or self.guid
+        self.registry = NameRegistry()
+        self.peers: dict[str, Peer] = {}  # unique name -> peer
+        self.all_peers: set[Peer] = set()
+        self.accounts: dict[int, UserAccount] = {}
+        self.monitors: list[Peer] = []
+        self.eavesdroppers: set[Peer] = set()
+        # match index: member -> [(peer, rule)]; rules without member under None
+        self.match_index: dict[str | None, list[tuple[Peer, MatchRule]]] = defaultdict(list)
+        # expected replies: (caller peer id, call serial) -> replier peer
+        self.pending: dict[tuple[int, int], Peer] = {}
+        self.pending_by_replier: dict[int, set[tuple[int, int]]] = defaultdict(set)
+        self.next_peer_id = 1
+        self.serial = 0
+        self.policy = None  # allow-all when None; see broker.access
+        self.fd_vetter = None  # callable(peer, header, fds) raising BusError
+        self.activation_env: dict[str, str] = {}
+        self.stats = {"messages": 0, "broadcasts": 0, "dropped_replies": 0, "limits": 0}
+        self.reload_hook = None
+        self.payload = None  # set by the payload layer: claim service, stats
+        from .driver import Driver
+
+        self.driver = Driver(self)
+        # The driver answers credential queries about itself with the broker's own.
+        self.self_peer = Peer(0, own_creds(), UserAccount(os.getuid()), unique_name=DBUS_NAME)
+
+    # -- connections ------------------------------------------------------
+
+    def account(self, uid: int) -> UserAccount:
+        a = self.accounts.get(uid)
+        if a is None:
+            a = self.accounts[uid] = UserAccount(uid)
+        return a
+
+    def can_accept(self, creds: Creds) -> str | None:
+        """Why a new connection from ``creds`` must be refused, or None."""
+        if len(self.all_peers) >= self.limits.max_completed_connections:
+            return "max_completed_connections reached"
+        acct = self.accounts.get(creds.uid)
+        if acct and acct.connections >= self.limits.max_connections_per_user and creds.uid != 0:
+            return f"uid {creds.uid} has {acct.connections} connections (max_connections_per_user)"
+        if self.policy is not None and not self.policy_connect(creds):
+            return "the bus policy denies this user"
+        return None
+
+    def policy_connect(self, creds: Creds) -> bool:
+        d = self.policy.check_connect(creds)
+        return bool(getattr(d, "allowed", d))
+
+    def connect(self, creds: Creds, unix_fds: bool = True) -> Peer:
+        acct = self.account(creds.uid)
+        acct.connections += 1
+        peer = Peer(self.next_peer_id, creds, acct, unix_fds=unix_fds)
+        self.next_peer_id += 1
+        self.all_peers.add(peer)
+        return peer
+
+    def disconnect(self, peer: Peer, reason: str = "") -> None:
+        if peer.closed:
+            return
+        peer.closed = True
+        self.all_peers.discard(peer)
+        peer.account.connections -= 1
+        peer.drop_outbox()
+        if peer.monitor:
+            self.monitors.remove(peer)
+        self.eavesdroppers.discard(peer)
+        for rule in peer.matches:
+            self._unindex(peer, rule)
+        peer.matches.clear()
+        # callers still waiting on this peer get NoReply
+        for key in self.pending_by_replier.pop(peer.id, ()):
+            if self.pending.pop(key, None) is None:
+                continue
+            caller = self._peer_by_id(key[0])
+            if caller is not None:
+                caller.replies_pending -= 1
+                self.send_error(caller, key[1], E + "NoReply",
+                                "Message recipient disconnected from message bus without replying")  # fmt: skip
+        if peer.unique_name:
+            for ch in self.registry.release_all(peer):
+                self._announce_owner_change(ch)
+            del self.peers[peer.unique_name]
+            self._name_owner_changed(peer.unique_name, peer.unique_name, "")
+            log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "")
+
+    def _peer_by_id(self, pid: int) -> Peer | None:
+        for p in self.all_peers:
+            if p.id == pid:
+                return p
+        return None
+
+    def kill(self, peer: Peer, reason: str) -> None:
+        """Disconnect a misbehaving peer, with a log line naming it."""
+        log.warning("disconnecting %s: %s", peer.describe(), reason)
+        if peer.kill is not None:
+            peer.kill(reason)
+        self.disconnect(peer, reason)
+
+    # -- message entry ----------------------------------------------------
+
+    def dispatch(self, peer: Peer, msg) -> None:
+        h, fds = msg
+        peer.stats["in_messages"] += 1
+        peer.stats["in_bytes"] += len(h.raw)
+        self.stats["messages"] += 1
+        fdref = FdRef(fds) if fds else None
+        try:
+            if peer.unique_name is None:
+                if not (h.type == wm.METHOD_CALL and h.destination == DBUS_NAME and h.member == "Hello"
+                        and h.interface in (None, DBUS_NAME)):  # fmt: skip
+                    self.kill(peer, "first message was not Hello")
+                    return
+                self.driver.hello(peer, h)
+                return
+            if peer.monitor:
+                self.kill(peer, "monitors may not send messages")
+                return
+            self._route(peer, h, fdref)
+        finally:
+            if fdref is not None:
+                fdref.decref()
+
+    def _route(self, peer: Peer, h, fdref: FdRef | None) -> None:
+        if fdref is not None and self.fd_vetter is not None:
+            try:
+                self.fd_vetter(peer, h, fdref.fds)
+            except BusError as e:
+                log.warning("refused fds from %s: %s", peer.describe(), e.text)
+                if h.type == wm.METHOD_CALL and not h.no_reply_expected:
+                    self.send_error(peer, h.serial, e.name, e.text)
+                elif h.type == wm.SIGNAL:
+                    self.send_error(peer, h.serial, e.name, e.text)
+                return
+        dest = h.destination
+        if dest == DBUS_NAME:
+            self._to_monitors(peer, h, fdref)
+            if h.type == wm.METHOD_CALL:
+                self.driver.handle(peer, h, fdref)
+            return
+        if dest is None:
+            if h.type == wm.SIGNAL:
+                self._broadcast(peer, h, fdref)
+            else:
+                self._to_monitors(peer, h, fdref)
+                self._to_matching(peer, h, fdref, None, eavesdrop_only=False)
+            return
+        target = self.resolve(dest)
+        if target is None:
+            self._to_monitors(peer, h, fdref)
+            if h.type == wm.METHOD_CALL and not h.no_reply_expected:
+                if h.flags & wm.NO_AUTO_START:
+                    self.send_error(peer, h.serial, E + "NameHasNoOwner", f'Name "{dest}" does not exist')
+                else:
+                    self.send_error(peer, h.serial, E + "ServiceUnknown",
+                                    f"The name {dest} was not provided by any .service files")  # fmt: skip
+            return
+        if h.type in (wm.METHOD_RETURN, wm.ERROR):
+            self._route_reply(peer, h, fdref, target)
+            return
+        self._unicast(peer, h, fdref, target)
+
+    def resolve(self, name: str) -> Peer | None:
+        if name.startswith(":"):
+            return self.peers.get(name)
+        return self.registry.owner(name)
+
+    def owner_unique_name(self, name: str) -> str | None:
+        if name == DBUS_NAME:
+            return DBUS_NAME
+        p = self.resolve(name)
+        return p.unique_name if p is not None else None
+
+    # -- unicast / replies --------------------------------------------------
+
+    def _unicast(self, peer: Peer, h, fdref, target: Peer) -> None:
+        is_call = h.type == wm.METHOD_CALL
+        wants_reply = is_call and not h.no_reply_expected
+        requested = False
+        if self.policy is not None:
+            err = self.policy_send(peer, h, target, requested, fdref)
+            if err is not None:
+                if wants_reply:
+                    self.send_error(peer, h.serial, E + "AccessDenied", err)
+                self._to_monitors(peer, h, fdref)
+                return
+        if fdref is not None and not target.unix_fds:
+            if wants_reply:
+                self.send_error(peer, h.serial, E + "NotSupported",
+                                "the recipient does not accept Unix fds")  # fmt: skip
+            return
+        if wants_reply and peer.replies_pending >= self.limits.max_replies_per_connection:
+            self.stats["limits"] += 1
+            log.warning("limit max_replies_per_connection hit by %s", peer.describe())
+            self.send_error(peer, h.serial, E + "LimitsExceeded",
+                            "The maximum number of pending replies per connection has been reached")  # fmt: skip
+            return
+        bufs = [h.forward_header(peer.unique_name), h.body]
+        nbytes = len(bufs[0]) + h.body_len
+        why = self._cannot_queue(peer, target, nbytes, fdref)
+        if why is not None:
+            self.stats["limits"] += 1
+            log.warning("cannot queue message from %s to %s: %s", peer.describe(), target.describe(), why)
+            if is_call:
+                if wants_reply:
+                    self.send_error(peer, h.serial, E + "LimitsExceeded", why)
+            else:
+                self.kill(target, f"not reading its messages ({why})")
+            return
+        self._push(target, bufs, nbytes, fdref, peer)
+        if wants_reply:
+            key = (peer.id, h.serial)
+            if key not in self.pending:
+                peer.replies_pending += 1
+            self.pending[key] = target
+            self.pending_by_replier[target.id].add(key)
+        self._to_monitors(peer, h, fdref, bufs)
+        if self.eavesdroppers:
+            self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
+
+    def _route_reply(self, peer: Peer, h, fdref, target: Peer) -> None:
+        key = (target.id, h.reply_serial)
+        if self.pending.get(key) is not peer:
+            self.stats["dropped_replies"] += 1
+            log.info("dropped unexpected reply from %s to %s (reply_serial %d)",
+                     peer.describe(), target.describe(), h.reply_serial)  # fmt: skip
+            return
+        del self.pending[key]
+        self.pending_by_replier[peer.id].discard(key)
+        target.replies_pending -= 1
+        if self.policy is not None:
+            err = self.policy_send(peer, h, target, True, fdref)
+            if err is not None:
+                return
+        bufs = [h.forward_header(peer.unique_name), h.body]
+        nbytes = len(bufs[0]) + h.body_len
+        if fdref is not None and not target.unix_fds:
+            return
+        why = self._cannot_queue(peer, target, nbytes, fdref)
+        if why is not None:
+            self.kill(target, f"not reading its replies ({why})")
+            return
+        self._push(target, bufs, nbytes, fdref, peer)
+        self._to_monitors(peer, h, fdref, bufs)
+        if self.eavesdroppers:
+            self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
+
+    def policy_send(self, peer, h, target, requested_reply, fdref) -> str | None:
+        """Policy hook: the denial text, or None if allowed (see broker.access)."""
+        return self.policy.mediate_send(self, peer, h, target, requested_reply, fdref)
+
+    def _cannot_queue(self, sender: Peer | None, target: Peer, nbytes: int, fdref) -> str | None:
+        lim = self.limits
+        if target.out_bytes + nbytes > lim.max_outgoing_bytes:
+            return f"outgoing queue of {target.unique_name} is full (max_outgoing_bytes)"
+        if target.account.outgoing_bytes + nbytes > lim.max_outgoing_bytes_per_user:
+            return f"outgoing queues of uid {target.creds.uid} are full (max_outgoing_bytes_per_user)"
+        if fdref is not None and sender is not None:
+            if sender.account.inflight_fds + len(fdref.fds) > lim.max_inflight_fds_per_user:
+                return f"uid {sender.creds.uid} has too many fds in flight (max_inflight_fds_per_user)"
+        return None
+
+    def _push(self, target: Peer, bufs, nbytes, fdref, sender: Peer | None) -> None:
+        owner = None
+        if fdref is not None:
+            fdref.incref()
+            owner = sender.account if sender is not None else None
+        target.enqueue(OutItem(bufs, nbytes, fdref, owner))
+        target.stats["out_messages"] += 1
+        if target.wake is not None:
+            target.wake(target)
+
+    # -- broadcast / matching ---------------------------------------------
+
+    def _broadcast(self, peer: Peer, h, fdref) -> None:
+        self.stats["broadcasts"] += 1
+        bufs = [h.forward_header(peer.unique_name), h.body]
+        self._to_monitors(peer, h, fdref, bufs)
+        self._to_matching(peer, h, fdref, bufs, eavesdrop_only=False)
+
+    def _to_matching(self, peer, h, fdref, bufs, *, eavesdrop_only: bool, skip=None) -> None:
+        cands = self.match_index.get(h.member, ())
+        wild = self.match_index.get(None, ())
+        if not cands and not wild:
+            return
+        body = None
+        done = set()
+        if skip is not None:
+            done.add(skip)
+        nbytes = 0
+        for lst in (cands, wild):
+            for target, rule in lst:
+                if target in done or target.closed:
+                    continue
+                if eavesdrop_only and not rule.eavesdrop:
+                    continue
+                if h.destination is not None and not rule.eavesdrop and h.destination != target.unique_name:
+                    continue
+                if not rule.matches_header(h, self.owner_unique_name):
+                    continue
+                if rule.needs_body:
+                    if body is None:
+                        try:
+                            body = h.unmarshal_body() if h.signature else ()
+                        except WireError:
+                            body = False
+                    if body is False or not rule.matches_args(body, h.signature):
+                        continue
+                done.add(target)
+                if fdref is not None and not target.unix_fds:
+                    continue
+                if self.policy is not None and peer is not None:
+                    if self.policy_send(peer, h, target, False, fdref) is not None:
+                        continue
+                if bufs is None:
+                    sender = peer.unique_name if peer is not None else DBUS_NAME
+                    bufs = [h.forward_header(sender), h.body]
+                nbytes = nbytes or len(bufs[0]) + h.body_len
+                why = self._cannot_queue(peer, target, nbytes, fdref)
+                if why is not None:
+                    self.kill(target, f"cannot take its signals ({why})")
+                    continue
+                self._push(target, bufs, nbytes, fdref, peer)
+
+    def _to_monitors(self, peer, h, fdref, bufs=None) -> None:
+        if not self.monitors:
+            return
+        body = None
+        for mon in list(self.monitors):
+            if mon.monitor_rules:
+                ok = False
+                for rule in mon.monitor_rules:
+                    if not rule.matches_header(h, self.owner_unique_name):
+                        continue
+                    if rule.needs_body:
+                        if body is None:
+                            try:
+                                body = h.unmarshal_body() if h.signature else ()
+                            except WireError:
+                                body = False
+                        if body is False or not rule.matches_args(body, h.signature):
+                            continue
+                    ok = True
+                    break
+                if not ok:
+                    continue
+            if bufs is None:
+                sender = peer.unique_name if peer is not None else DBUS_NAME
+                bufs = [h.forward_header(sender), h.body]
+            nbytes = len(bufs[0]) + h.body_len
+            if fdref is not None and not mon.unix_fds:
+                continue
+            if self._cannot_queue(None, mon, nbytes, fdref) is not None:
+                self.kill(mon, "monitor cannot keep up")
+                continue
+            self._push(mon, bufs, nbytes, fdref, None)
+
+    def add_match(self, peer: Peer, rule: MatchRule) -> None:
+        peer.matches.append(rule)
+        self.match_index[rule.member].append((peer, rule))
+        if rule.eavesdrop:
+            self.eavesdroppers.add(peer)
+
+    def remove_match(self, peer: Peer, rule: MatchRule) -> bool:
+        key = rule.key()
+        for i, r in enumerate(peer.matches):
+            if r.key() == key:
+                del peer.matches[i]
+                self._unindex(peer, r)
+                if not any(x.eavesdrop for x in peer.matches):
+                    self.eavesdroppers.discard(peer)
+                return True
+        return False
+
+    def _unindex(self, peer: Peer, rule: MatchRule) -> None:
+        lst = self.match_index.get(rule.member)
+        if lst is None:
+            return
+        for i, (p, r) in enumerate(lst):
+            if p is peer and r is rule:
+                del lst[i]
+                break
+        if not lst:
+            del self.match_index[rule.member]
+
+    # -- messages from the bus itself ---------------------------------------
+
+    def next_serial(self) -> int:
+        self.serial = self.serial % 0xFFFFFFFF + 1
+        return self.serial
+
+    def send_from_bus(self, target: Peer, raw: bytes) -> None:
+        """Queue a bus-originated message (also shown to monitors)."""
+        h = wm.HeaderView(memoryview(raw))
+        bufs = [raw]
+        if self.monitors:
+            self._to_monitors(None, h, None, bufs)
+        if target.closed:
+            return
+        if self._cannot_queue(None, target, len(raw), None) is not None:
+            self.kill(target, "outgoing queue full")
+            return
+        self._push(target, bufs, len(raw), None, None)
+
+    def send_error(self, target: Peer, reply_to: int, name: str, text: str) -> None:
+        raw = wm.error_message(self.next_serial(), reply_to, target.unique_name, name, text)
+        self.send_from_bus(target, raw)
+
+    def send_reply(self, target: Peer, reply_to: int, signature: str = "", body=()) -> None:
+        raw = wm.method_return(self.next_serial(), reply_to, target.unique_name, signature, body)
+        self.send_from_bus(target, raw)
+
+    def bus_signal(self, member: str, signature: str, body: tuple, destination: Peer | None = None) -> None:
+        raw = wm.signal_message(self.next_serial(), DBUS_PATH, DBUS_NAME, member, signature, body,
+                                destination=destination.unique_name if destination else None)  # fmt: skip
+        if destination is not None:
+            self.send_from_bus(destination, raw)
+            return
+        h = wm.HeaderView(memoryview(raw))
+        bufs = [raw]
+        self._to_monitors(None, h, None, bufs)
+        self._to_matching(None, h, None, bufs, eavesdrop_only=False)
+
+    def _name_owner_changed(self, name: str, old: str, new: str) -> None:
+        self.bus_signal("NameOwnerChanged", "sss", (name, old, new))
+
+    def _announce_owner_change(self, ch) -> None:
+        old = ch.old.unique_name if ch.old is not None else ""
+        new = ch.new.unique_name if ch.new is not None else ""
+        if ch.old is not None and not ch.old.closed:
+            self.bus_signal("NameLost", "s", (ch.name,), destination=ch.old)
+        self._name_owner_changed(ch.name, old, new)
+        if ch.new is not None:
+            self.bus_signal("NameAcquired", "s", (ch.name,), destination=ch.new)

@@ -1,0 +1,20 @@
+"""What a running bus needs to know, independent of where it came from
+(the command line, a dbus-daemon XML config, or the launcher's hand-off)."""
+
+from dataclasses import dataclass, field
+
+from .limits import Limits, session_limits
+
+
+@dataclass
+class BusSettings:
+    bus_type: str = "session"
+    limits: Limits = field(default_factory=session_limits)
+    fd_mode: str = "any"  # any | sealed | none
+    policy: object = None  # None: allow everything (the embedded session default)
+    payload_fs: str | None = None  # mount point of the FUSE payload filesystem
+    payload_timeout_ms: int = 30000
+    payload_max_bytes_per_user: int = 256 * 1024 * 1024
+    auth: tuple[str, ...] = ("EXTERNAL",)
+    machine_id: str = ""
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,267 @@
+"""One client connection: SASL, then batched reads into the framer and
+batched, non-blocking scatter/gather writes of the peer's outbox.
+
+Hot path design: a read takes whatever the kernel has (many messages per
+``recvmsg_into``), every complete message is routed, and only then are the
+peers that gained output flushed, each with as few ``sendmsg`` calls as the
+fd boundaries allow. A peer whose socket is full gets a writer task woken;
+nobody else waits for it.
+"""
+
+import array
+import errno
+import logging
+import socket
+
+import trio
+
+from ..bus.peer import Peer
+from ..wire.errors import WireError
+from ..wire.framer import Framer
+from ..wire.sasl import SaslServer
+
+log = logging.getLogger("sealbus.io")
+
+MAX_FDS_PER_READ = 253  # SCM_MAX_FD
+ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
+MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+MAX_IOV = 512
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+_DISCONNECT_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ETOOMANYREFS}
+
+
+def fds_from_ancdata(ancdata) -> list[int]:
+    fds = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[: len(data) - len(data) % a.itemsize])
+            fds.extend(a)
+    return fds
+
+
+def close_fds(fds) -> None:
+    import os
+
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Connection:
+    def __init__(self, server, sock: socket.socket, creds):
+        self.server = server
+        self.bus = server.bus
+        self.sock = sock
+        self.creds = creds
+        self.peer: Peer | None = None
+        self.head_sent = 0  # bytes of the head outbox item already written
+        self.need_write = trio.Event()
+        self.dead: str | None = None
+        self.cancel_scope: trio.CancelScope | None = None
+        self.completed = False  # authenticated and registered with the bus
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with trio.CancelScope() as self.cancel_scope:
+                sasl = await self._authenticate()
+                if sasl is None:
+                    return
+                why = self.bus.can_accept(self.creds)
+                if why is not None:
+                    log.warning("refused connection uid=%d pid=%d label=%s: %s",
+                                self.creds.uid, self.creds.pid, self.creds.label or "-", why)  # fmt: skip
+                    return
+                self.peer = self.bus.connect(self.creds, unix_fds=sasl.unix_fd)
+                self.completed = True
+                self.server.incomplete -= 1
+                self.peer.wake = self.server.mark_dirty
+                self.peer.kill = self._on_kill
+                self.server.connections[self.peer] = self
+                lim = self.bus.limits
+                self.framer = Framer(lim.max_message_size, lim.max_message_unix_fds)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    if sasl.leftover:
+                        self.framer.push(sasl.leftover)
+                        self._process()
+                        self.server.flush_dirty()
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self.peer is not None:
+                self.server.connections.pop(self.peer, None)
+                self.bus.disconnect(self.peer, self.dead or "connection closed")
+                close_fds(self.framer.close())
+                self.server.flush_dirty()
+            self.sock.close()
+
+    def _on_kill(self, reason: str) -> None:
+        self.dead = reason
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+    # -- authentication -----------------------------------------------------
+
+    async def _authenticate(self) -> SaslServer | None:
+        sasl = SaslServer(self.creds.uid, self.bus.guid, unix_fd_supported=True)
+        timeout = self.bus.limits.auth_timeout / 1000
+        with trio.move_on_after(timeout) as cs:
+            while not sasl.done:
+                data = await self._recv_plain()
+                if not data:
+                    return None
+                try:
+                    out = sasl.feed(data)
+                except WireError as e:
+                    log.warning("authentication failed for uid=%d pid=%d: %s", self.creds.uid, self.creds.pid, e)
+                    return None
+                if out:
+                    await self._send_plain(out)
+        if cs.cancelled_caught:
+            log.warning("authentication timeout for uid=%d pid=%d", self.creds.uid, self.creds.pid)
+            return None
+        return sasl
+
+    async def _recv_plain(self) -> bytes:
+        while True:
+            try:
+                data, anc, _flags, _ = self.sock.recvmsg(4096, ANC_SPACE, MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except OSError:
+                return b""
+            if anc:
+                close_fds(fds_from_ancdata(anc))
+                log.warning("fds sent during authentication by uid=%d pid=%d", self.creds.uid, self.creds.pid)
+                return b""
+            return data
+
+    async def _send_plain(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.sock.send(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            view = view[n:]
+
+    # -- reading --------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        sock = self.sock
+        framer = self.framer
+        peer = self.peer
+        while not peer.closed:
+            buf = framer.recv_buffer()
+            try:
+                n, anc, flags, _ = sock.recvmsg_into([buf], ANC_SPACE, MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as e:
+                self.dead = f"read error: {e.strerror}"
+                return
+            fds = fds_from_ancdata(anc) if anc else ()
+            if flags & socket.MSG_CTRUNC:
+                close_fds(fds)
+                self.bus.kill(peer, "control data truncated (too many fds in one read)")
+                return
+            if fds and not peer.unix_fds:
+                close_fds(fds)
+                self.bus.kill(peer, "sent fds without negotiating Unix fd passing")
+                return
+            if n == 0:
+                close_fds(fds)
+                return
+            framer.commit(n, fds)
+            if not self._process():
+                return
+            self.server.flush_dirty()
+            await trio.lowlevel.checkpoint()
+
+    def _process(self) -> bool:
+        """Route every complete message in the buffer; False if the peer is gone."""
+        peer = self.peer
+        dispatch = self.bus.dispatch
+        try:
+            while not peer.closed:
+                msg = self.framer.next_message()
+                if msg is None:
+                    return True
+                dispatch(peer, msg)
+        except WireError as e:
+            self.bus.kill(peer, f"protocol violation: {e}")
+        return False
+
+    # -- writing --------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write as much of the outbox as the socket takes now, never blocking."""
+        peer = self.peer
+        ob = peer.outbox
+        sock = self.sock
+        while ob:
+            head = ob[0]
+            iov = []
+            anc = []
+            items = 0
+            total = 0
+            if head.fdref is not None and self.head_sent == 0:
+                iov = list(head.buffers)
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head.fdref.fds))]
+                items = 1
+            else:
+                skip = self.head_sent
+                for item in ob:
+                    if items and item.fdref is not None:
+                        break
+                    for b in item.buffers:
+                        if skip:
+                            if skip >= len(b):
+                                skip -= len(b)
+                                continue
+                            b = memoryview(b)[skip:]
+                            skip = 0
+                        iov.append(b)
+                    items += 1
+                    total += item.nbytes
+                    if len(iov) >= MAX_IOV or total >= MAX_BATCH_BYTES:
+                        break
+            try:
+                n = sock.sendmsg(iov, anc) if anc else sock.sendmsg(iov)
+            except BlockingIOError:
+                self.need_write.set()
+                return
+            except OSError as e:
+                if e.errno in _DISCONNECT_ERRNOS:
+                    self._on_kill(f"write error: {e.strerror}")
+                    peer.drop_outbox()
+                    return
+                raise
+            n += self.head_sent
+            while ob and n >= ob[0].nbytes:
+                item = ob.popleft()
+                n -= item.nbytes
+                peer.item_done(item)
+            self.head_sent = n
+            if n and ob:
+                # partial write: the kernel is full, wait for writability
+                self.need_write.set()
+                return
+
+    async def _writer(self) -> None:
+        while True:
+            await self.need_write.wait()
+            self.need_write = trio.Event()
+            while self.peer.outbox:
+                await trio.lowlevel.wait_writable(self.sock)
+                self.flush()
+                if self.need_write.is_set():
+                    self.need_write = trio.Event()

@@ -1,0 +1,120 @@
+"""The trio shell around the sans-IO bus: accept loop, connections, flushing."""
+
+import logging
+import os
+import socket
+
+import trio
+
+from ..bus.router import Bus
+from ..bus.settings import BusSettings
+from .connection import Connection
+from .creds import peer_creds
+
+log = logging.getLogger("sealbus.server")
+
+
+class Server:
+    def __init__(self, bus: Bus):
+        self.bus = bus
+        self.connections: dict = {}
+        self.dirty: set = set()
+        self.incomplete = 0
+
+    def mark_dirty(self, peer) -> None:
+        self.dirty.add(peer)
+
+    def flush_dirty(self) -> None:
+        while self.dirty:
+            peer = self.dirty.pop()
+            conn = self.connections.get(peer)
+            if conn is not None and not peer.closed:
+                conn.flush()
+
+    async def serve_listener(self, lsock: socket.socket, nursery) -> None:
+        lsock.setblocking(False)
+        while True:
+            try:
+                csock, _ = lsock.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(lsock)
+                continue
+            except OSError as e:
+                log.error("accept failed: %s", e)
+                await trio.sleep(0.1)
+                continue
+            csock.setblocking(False)
+            try:
+                creds = peer_creds(csock)
+            except OSError as e:
+                log.warning("cannot read peer credentials: %s", e)
+                csock.close()
+                continue
+            if self.incomplete >= self.bus.limits.max_incomplete_connections:
+                log.warning("refused connection uid=%d pid=%d: too many incomplete connections",
+                            creds.uid, creds.pid)  # fmt: skip
+                csock.close()
+                continue
+            nursery.start_soon(self._run_connection, csock, creds)
+
+    async def _run_connection(self, csock, creds) -> None:
+        conn = Connection(self, csock, creds)
+        self.incomplete += 1  # until authenticated (Connection.run decrements)
+        try:
+            await conn.run()
+        finally:
+            if not conn.completed:
+                self.incomplete -= 1
+
+
+def read_machine_id() -> str:
+    for p in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(p) as f:
+                v = f.read().strip()
+            if len(v) == 32:
+                return v
+        except OSError:
+            continue
+    return ""
+
+
+def make_bus(settings: BusSettings) -> Bus:
+    bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
+    bus.policy = settings.policy
+    from ..payload.bus_glue import install_fd_vetting
+
+    install_fd_vetting(bus, settings)
+    return bus
+
+
+async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+    """Run the bus on already-bound listening sockets until cancelled."""
+    bus = bus or make_bus(settings)
+    server = Server(bus)
+    bus.server = server
+    async with trio.open_nursery() as nursery:
+        bus.spawn = nursery.start_soon
+        for lst in listeners:
+            sock = getattr(lst, "sock", lst)
+            nursery.start_soon(server.serve_listener, sock, nursery)
+        if settings.payload_fs or fuse_fd is not None:
+            from ..payload.bus_glue import start_payload_fs
+
+            await start_payload_fs(bus, settings, nursery, fuse_fd=fuse_fd)
+        if control is not None:
+            from ..launch.control import control_loop
+
+            nursery.start_soon(control_loop, control, lambda msg: apply_control(bus, msg))
+        task_status.started(bus)
+        log.info("bus ready (pid %d, guid %s)", os.getpid(), bus.guid)
+
+
+def apply_control(bus: Bus, msg: dict) -> None:
+    """A message from the launcher: currently only a policy reload."""
+    if msg.get("type") == "reload" and "policy" in msg:
+        from ..access.policy import Policy
+
+        bus.policy = Policy.from_json(msg["policy"]) if msg["policy"] else None
+        log.info("policy reloaded by the launcher")
