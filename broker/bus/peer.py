@@ -81,7 +81,8 @@ class Peer:
     outbox: deque = field(default_factory=deque)
     out_bytes: int = 0
     replies_pending: int = 0  # calls this peer made that still await a reply
-    closed: bool = False
+    closed: bool = False  # disconnected from the bus
+    dying: bool = False  # being disconnected: takes and sends nothing more
     stats: dict = field(default_factory=lambda: {"in_messages": 0, "out_messages": 0, "in_bytes": 0})
     wake: object = None
     kill: object = None

@@ -111,7 +111,7 @@ class Bus:
     def disconnect(self, peer: Peer, reason: str = "") -> None:
         if peer.closed:
             return
-        peer.closed = True
+        peer.closed = peer.dying = True
         self.all_peers.discard(peer)
         peer.account.connections -= 1
         peer.drop_outbox()
@@ -144,16 +144,30 @@ class Bus:
         return None
 
     def kill(self, peer: Peer, reason: str) -> None:
-        """Disconnect a misbehaving peer, with a log line naming it."""
+        """Disconnect a misbehaving peer, with a log line naming it.
+
+        With an I/O shell attached the disconnect is deferred to it (it runs
+        after the current routing pass, so no list is changed mid-iteration);
+        the peer takes no further messages in the meantime.
+        """
+        if peer.closed or peer.dying:
+            return
         log.warning("disconnecting %s: %s", peer.describe(), reason)
+        peer.dying = True
+        peer.drop_outbox()
         if peer.kill is not None:
             peer.kill(reason)
-        self.disconnect(peer, reason)
+        else:
+            self.disconnect(peer, reason)
 
     # -- message entry ----------------------------------------------------
 
     def dispatch(self, peer: Peer, msg) -> None:
         h, fds = msg
+        if peer.dying:
+            for fd in fds:
+                os.close(fd)
+            return
         peer.stats["in_messages"] += 1
         peer.stats["in_bytes"] += len(h.raw)
         self.stats["messages"] += 1
@@ -343,7 +357,7 @@ class Bus:
         nbytes = 0
         for lst in (cands, wild):
             for target, rule in lst:
-                if target in done or target.closed:
+                if target in done or target.dying:
                     continue
                 if eavesdrop_only and not rule.eavesdrop:
                     continue
@@ -448,7 +462,7 @@ class Bus:
         bufs = [raw]
         if self.monitors:
             self._to_monitors(None, h, None, bufs)
-        if target.closed:
+        if target.dying:
             return
         if self._cannot_queue(None, target, len(raw), None) is not None:
             self.kill(target, "outgoing queue full")
@@ -480,7 +494,7 @@ class Bus:
     def _announce_owner_change(self, ch) -> None:
         old = ch.old.unique_name if ch.old is not None else ""
         new = ch.new.unique_name if ch.new is not None else ""
-        if ch.old is not None and not ch.old.closed:
+        if ch.old is not None and not ch.old.dying:
             self.bus_signal("NameLost", "s", (ch.name,), destination=ch.old)
         self._name_owner_changed(ch.name, old, new)
         if ch.new is not None:

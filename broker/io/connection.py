@@ -51,59 +51,74 @@ def close_fds(fds) -> None:
 
 
 class Connection:
+    """Authentication runs as a trio task; afterwards the connection is served
+    by the server's :class:`Reactor` through ``on_readable``/``on_writable``."""
+
     def __init__(self, server, sock: socket.socket, creds):
         self.server = server
         self.bus = server.bus
         self.sock = sock
+        self.fd = sock.fileno()
         self.creds = creds
         self.peer: Peer | None = None
+        self.framer: Framer | None = None
         self.head_sent = 0  # bytes of the head outbox item already written
-        self.need_write = trio.Event()
         self.dead: str | None = None
-        self.cancel_scope: trio.CancelScope | None = None
+        self.dying = False
         self.completed = False  # authenticated and registered with the bus
 
     # -- lifecycle ----------------------------------------------------------
 
     async def run(self) -> None:
+        """Authenticate, then hand the socket to the reactor (and return)."""
         try:
-            with trio.CancelScope() as self.cancel_scope:
-                sasl = await self._authenticate()
-                if sasl is None:
-                    return
-                why = self.bus.can_accept(self.creds)
-                if why is not None:
-                    log.warning("refused connection uid=%d pid=%d label=%s: %s",
-                                self.creds.uid, self.creds.pid, self.creds.label or "-", why)  # fmt: skip
-                    return
-                self.peer = self.bus.connect(self.creds, unix_fds=sasl.unix_fd)
-                self.completed = True
-                self.server.incomplete -= 1
-                self.peer.wake = self.server.mark_dirty
-                self.peer.kill = self._on_kill
-                self.server.connections[self.peer] = self
-                lim = self.bus.limits
-                self.framer = Framer(lim.max_message_size, lim.max_message_unix_fds)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    if sasl.leftover:
-                        self.framer.push(sasl.leftover)
-                        self._process()
-                        self.server.flush_dirty()
-                    await self._reader()
-                    nursery.cancel_scope.cancel()
-        finally:
-            if self.peer is not None:
-                self.server.connections.pop(self.peer, None)
-                self.bus.disconnect(self.peer, self.dead or "connection closed")
-                close_fds(self.framer.close())
-                self.server.flush_dirty()
+            sasl = await self._authenticate()
+        except BaseException:
             self.sock.close()
+            raise
+        if sasl is None:
+            self.sock.close()
+            return
+        why = self.bus.can_accept(self.creds)
+        if why is not None:
+            log.warning("refused connection uid=%d pid=%d label=%s: %s",
+                        self.creds.uid, self.creds.pid, self.creds.label or "-", why)  # fmt: skip
+            self.sock.close()
+            return
+        self.peer = self.bus.connect(self.creds, unix_fds=sasl.unix_fd)
+        self.completed = True
+        self.server.incomplete -= 1
+        self.peer.wake = self.server.mark_dirty
+        self.peer.kill = self._on_kill
+        self.server.connections[self.peer] = self
+        lim = self.bus.limits
+        self.framer = Framer(lim.max_message_size, lim.max_message_unix_fds)
+        self.server.reactor.add(self)
+        if sasl.leftover:
+            self.framer.push(sasl.leftover)
+            self._process()
+            self.server.flush_dirty()
+            self.server.reactor.finish_closing()
 
     def _on_kill(self, reason: str) -> None:
-        self.dead = reason
-        if self.cancel_scope is not None:
-            self.cancel_scope.cancel()
+        """The bus wants this peer gone; close after the current pass."""
+        if not self.dying:
+            self.dying = True
+            self.dead = reason
+            self.server.reactor.schedule_close(self)
+
+    def close(self) -> None:
+        if self.sock is None:
+            return
+        self.dying = True
+        self.server.reactor.remove(self)
+        if self.peer is not None:
+            self.server.connections.pop(self.peer, None)
+            self.bus.disconnect(self.peer, self.dead or "connection closed")
+            close_fds(self.framer.close())
+        self.sock.close()
+        self.sock = None
+        self.server.flush_dirty()
 
     # -- authentication -----------------------------------------------------
 
@@ -150,57 +165,57 @@ class Connection:
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self.sock)
                 continue
+            except OSError:
+                return
             view = view[n:]
 
     # -- reading --------------------------------------------------------------
 
-    async def _reader(self) -> None:
-        sock = self.sock
+    def on_readable(self) -> None:
+        """One read (as much as the buffer takes), then route every complete message."""
         framer = self.framer
         peer = self.peer
-        while not peer.closed:
-            buf = framer.recv_buffer()
-            try:
-                n, anc, flags, _ = sock.recvmsg_into([buf], ANC_SPACE, MSG_CMSG_CLOEXEC)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError as e:
-                self.dead = f"read error: {e.strerror}"
-                return
-            fds = fds_from_ancdata(anc) if anc else ()
-            if flags & socket.MSG_CTRUNC:
-                close_fds(fds)
-                self.bus.kill(peer, "control data truncated (too many fds in one read)")
-                return
-            if fds and not peer.unix_fds:
-                close_fds(fds)
-                self.bus.kill(peer, "sent fds without negotiating Unix fd passing")
-                return
-            if n == 0:
-                close_fds(fds)
-                return
-            framer.commit(n, fds)
-            if not self._process():
-                return
-            self.server.flush_dirty()
-            await trio.lowlevel.checkpoint()
+        buf = framer.recv_buffer()
+        try:
+            n, anc, flags, _ = self.sock.recvmsg_into([buf], ANC_SPACE, MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._on_kill(f"read error: {e.strerror}")
+            return
+        fds = fds_from_ancdata(anc) if anc else ()
+        if flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            self.bus.kill(peer, "control data truncated (too many fds in one read)")
+            return
+        if fds and not peer.unix_fds:
+            close_fds(fds)
+            self.bus.kill(peer, "sent fds without negotiating Unix fd passing")
+            return
+        if n == 0:
+            close_fds(fds)
+            self._on_kill("")
+            return
+        framer.commit(n, fds)
+        self._process()
 
-    def _process(self) -> bool:
-        """Route every complete message in the buffer; False if the peer is gone."""
+    def _process(self) -> None:
+        """Route every complete message in the buffer."""
         peer = self.peer
         dispatch = self.bus.dispatch
         try:
-            while not peer.closed:
+            while not self.dying:
                 msg = self.framer.next_message()
                 if msg is None:
-                    return True
+                    return
                 dispatch(peer, msg)
         except WireError as e:
             self.bus.kill(peer, f"protocol violation: {e}")
-        return False
 
     # -- writing --------------------------------------------------------------
+
+    def on_writable(self) -> None:
+        self.flush()
 
     def flush(self) -> None:
         """Write as much of the outbox as the socket takes now, never blocking."""
@@ -216,7 +231,6 @@ class Connection:
             if head.fdref is not None and self.head_sent == 0:
                 iov = list(head.buffers)
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head.fdref.fds))]
-                items = 1
             else:
                 skip = self.head_sent
                 for item in ob:
@@ -237,7 +251,7 @@ class Connection:
             try:
                 n = sock.sendmsg(iov, anc) if anc else sock.sendmsg(iov)
             except BlockingIOError:
-                self.need_write.set()
+                self.server.reactor.want_write(self)
                 return
             except OSError as e:
                 if e.errno in _DISCONNECT_ERRNOS:
@@ -252,16 +266,7 @@ class Connection:
                 peer.item_done(item)
             self.head_sent = n
             if n and ob:
-                # partial write: the kernel is full, wait for writability
-                self.need_write.set()
+                # partial write: the socket is full; continue when writable
+                self.server.reactor.want_write(self)
                 return
-
-    async def _writer(self) -> None:
-        while True:
-            await self.need_write.wait()
-            self.need_write = trio.Event()
-            while self.peer.outbox:
-                await trio.lowlevel.wait_writable(self.sock)
-                self.flush()
-                if self.need_write.is_set():
-                    self.need_write = trio.Event()
+        self.server.reactor.write_done(self)

@@ -10,6 +10,7 @@ from ..bus.router import Bus
 from ..bus.settings import BusSettings
 from .connection import Connection
 from .creds import peer_creds
+from .reactor import Reactor
 
 log = logging.getLogger("sealbus.server")
 
@@ -20,6 +21,7 @@ class Server:
         self.connections: dict = {}
         self.dirty: set = set()
         self.incomplete = 0
+        self.reactor = Reactor(self)
 
     def mark_dirty(self, peer) -> None:
         self.dirty.add(peer)
@@ -28,7 +30,7 @@ class Server:
         while self.dirty:
             peer = self.dirty.pop()
             conn = self.connections.get(peer)
-            if conn is not None and not peer.closed:
+            if conn is not None and not conn.dying:
                 conn.flush()
 
     async def serve_listener(self, lsock: socket.socket, nursery) -> None:
@@ -91,11 +93,18 @@ def make_bus(settings: BusSettings) -> Bus:
 async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
     """Run the bus on already-bound listening sockets until cancelled."""
+    import gc
+
+    # Routing allocates short-lived objects only; move everything that exists
+    # now out of the collector's way and collect young objects less often.
+    gc.freeze()
+    gc.set_threshold(50000, 20, 100)
     bus = bus or make_bus(settings)
     server = Server(bus)
     bus.server = server
     async with trio.open_nursery() as nursery:
         bus.spawn = nursery.start_soon
+        nursery.start_soon(server.reactor.run)
         for lst in listeners:
             sock = getattr(lst, "sock", lst)
             nursery.start_soon(server.serve_listener, sock, nursery)

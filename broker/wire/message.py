@@ -39,6 +39,26 @@ _ENDIAN = {ord("l"): "l", ord("B"): "B"}
 _STRING_CACHE: dict[tuple[int, bytes], str] = {}
 _STRING_CACHE_MAX = 8192
 
+_HEADER_CACHE: dict[bytes, tuple] = {}
+_HEADER_CACHE_MAX = 4096
+_HEADER_CACHE_MAX_LEN = 512
+_ZEROS = [bytes(n) for n in range(8)]
+_SENDER_FIELDS: dict[tuple[str, str], bytes] = {}
+
+
+def _sender_field(endian: str, sender: str) -> bytes:
+    """The encoded SENDER header field (code, signature, value), 8-aligned start."""
+    key = (endian, sender)
+    f = _SENDER_FIELDS.get(key)
+    if f is None:
+        raw = sender.encode()
+        f = bytes([F_SENDER, 1, ord("s"), 0]) + _U32[endian].pack(len(raw)) + raw + b"\0"
+        if len(_SENDER_FIELDS) > 65536:
+            _SENDER_FIELDS.clear()
+        _SENDER_FIELDS[key] = f
+    return f
+
+
 _NAME_CHECKS = {
     F_PATH: names.is_object_path,
     F_INTERFACE: names.is_interface_name,
@@ -97,7 +117,7 @@ class HeaderView:
     """Parsed header of one complete message held in ``raw`` (not copied)."""
 
     __slots__ = (
-        "body_len", "destination", "endian", "error_name", "flags", "header_len",
+        "body_len", "destination", "endian", "error_name", "fields_end", "flags", "header_len",
         "interface", "member", "path", "raw", "reply_serial", "sender", "serial",
         "signature", "type", "unix_fds", "unknown_fields",
     )  # fmt: skip
@@ -111,18 +131,41 @@ class HeaderView:
         self.type = raw[1]
         self.flags = raw[2]
         self.body_len, self.serial, fields_len = _FIXED[endian].unpack_from(raw, 0)
-        self.header_len = total - self.body_len
+        header_len = self.header_len = total - self.body_len
+        self.fields_end = FIXED_HEADER_SIZE + fields_len
+        # Clients repeat the same header fields (path, interface, member,
+        # destination, signature) message after message; only the serial,
+        # which lives in the fixed header, changes. Parse each distinct field
+        # block once.
+        key = None
+        if header_len <= _HEADER_CACHE_MAX_LEN:
+            key = bytes(raw[0:2]) + bytes(raw[12:header_len])
+            cached = _HEADER_CACHE.get(key)
+            if cached is not None:
+                (self.path, self.interface, self.member, self.error_name, self.reply_serial,
+                 self.destination, self.sender, self.signature, self.unix_fds,
+                 self.unknown_fields) = cached  # fmt: skip
+                if self.body_len and not self.signature:
+                    raise HeaderError("message has a body but no SIGNATURE")
+                return
         self.path = self.interface = self.member = self.error_name = None
         self.destination = self.sender = None
         self.reply_serial = 0
         self.signature = ""
         self.unix_fds = 0
         self.unknown_fields = 0
-        self._parse_fields(raw, endian, FIXED_HEADER_SIZE + fields_len)
-        for i in range(FIXED_HEADER_SIZE + fields_len, self.header_len):
+        self._parse_fields(raw, endian, self.fields_end)
+        for i in range(self.fields_end, header_len):
             if raw[i]:
                 raise HeaderError("non-zero padding after the header fields")
         self._check_required()
+        if key is not None:
+            if len(_HEADER_CACHE) >= _HEADER_CACHE_MAX:
+                _HEADER_CACHE.clear()
+            _HEADER_CACHE[key] = (
+                self.path, self.interface, self.member, self.error_name, self.reply_serial,
+                self.destination, self.sender, self.signature, self.unix_fds, self.unknown_fields,
+            )  # fmt: skip
 
     def _parse_fields(self, raw, endian: str, end: int) -> None:
         u32 = _U32[endian]
@@ -241,7 +284,25 @@ class HeaderView:
         return unmarshal(self.signature, self.body, self.endian, self.unix_fds)
 
     def forward_header(self, sender: str | None) -> bytes:
-        """The header re-emitted with SENDER set and unknown fields stripped."""
+        """The header re-emitted with SENDER set and unknown fields stripped.
+
+        Fast path (no SENDER from the client, no unknown fields): the client's
+        field bytes are kept as they are and a SENDER field is appended; every
+        field starts 8-aligned, so appending is valid.
+        """
+        if sender is None or self.sender is not None or self.unknown_fields:
+            return self._encode_forward(sender)
+        raw = self.raw
+        endian = self.endian
+        fe = self.fields_end
+        pad = (-fe) & 7
+        sf = _sender_field(endian, sender)
+        fields_len = fe - FIXED_HEADER_SIZE + pad + len(sf)
+        tail = (-(FIXED_HEADER_SIZE + fields_len)) & 7
+        return b"".join((raw[0:12], _U32[endian].pack(fields_len), raw[FIXED_HEADER_SIZE:fe], _ZEROS[pad], sf,
+                         _ZEROS[tail]))  # fmt: skip
+
+    def _encode_forward(self, sender: str | None) -> bytes:
         return encode_header(
             self.endian, self.type, self.flags, self.body_len, self.serial,
             path=self.path, interface=self.interface, member=self.member,
