@@ -133,8 +133,8 @@ class Bus:
         if peer.unique_name:
             for ch in self.registry.release_all(peer):
                 self._announce_owner_change(ch)
-            del self.peers[peer.unique_name]
-            self._name_owner_changed(peer.unique_name, peer.unique_name, "")
+            if self.peers.pop(peer.unique_name, None) is not None:  # monitors gave their name up already
+                self._name_owner_changed(peer.unique_name, peer.unique_name, "")
             log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "")
 
     def _peer_by_id(self, pid: int) -> Peer | None:
@@ -174,6 +174,7 @@ class Bus:
         fdref = FdRef(fds) if fds else None
         try:
             if peer.unique_name is None:
+                self._to_monitors(peer, h, fdref)
                 if not (h.type == wm.METHOD_CALL and h.destination == DBUS_NAME and h.member == "Hello"
                         and h.interface in (None, DBUS_NAME)):  # fmt: skip
                     self.kill(peer, "first message was not Hello")

@@ -23,13 +23,15 @@ class Listener:
     sock: socket.socket
     address: str  # the connectable address (without guid)
     path: str | None = None  # filesystem socket to unlink on exit
+    inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
 
     def close(self) -> None:
         self.sock.close()
         if self.path:
             try:
                 st = os.lstat(self.path)
-                if stat.S_ISSOCK(st.st_mode):
+                # only our own socket: another bus may have re-bound the path since
+                if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self.inode:
                     os.unlink(self.path)
             except OSError:
                 pass
@@ -76,7 +78,8 @@ def _bind_path(path: str, mode: int = 0o666) -> Listener:
     s.bind(path)
     os.chmod(path, mode)
     s.listen(128)
-    return Listener(s, f"unix:path={escape(path)}", path)
+    st = os.lstat(path)
+    return Listener(s, f"unix:path={escape(path)}", path, (st.st_dev, st.st_ino))
 
 
 def _bind_abstract(name: str) -> Listener:

@@ -100,6 +100,11 @@ class Connection:
             self.server.flush_dirty()
             self.server.reactor.finish_closing()
 
+    def describe(self) -> str:
+        if self.peer is not None:
+            return self.peer.describe()
+        return f"uid={self.creds.uid} pid={self.creds.pid} label={self.creds.label or '-'}"
+
     def _on_kill(self, reason: str) -> None:
         """The bus wants this peer gone; close after the current pass."""
         if not self.dying:
@@ -112,12 +117,14 @@ class Connection:
             return
         self.dying = True
         self.server.reactor.remove(self)
-        if self.peer is not None:
-            self.server.connections.pop(self.peer, None)
-            self.bus.disconnect(self.peer, self.dead or "connection closed")
-            close_fds(self.framer.close())
-        self.sock.close()
-        self.sock = None
+        sock, self.sock = self.sock, None
+        try:
+            if self.peer is not None:
+                self.server.connections.pop(self.peer, None)
+                close_fds(self.framer.close())
+                self.bus.disconnect(self.peer, self.dead or "connection closed")
+        finally:
+            sock.close()
         self.server.flush_dirty()
 
     # -- authentication -----------------------------------------------------

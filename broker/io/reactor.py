@@ -8,9 +8,12 @@ trio tasks (accepting, authentication, the FUSE server, timers) still run:
 the reactor yields after every few passes.
 """
 
+import logging
 import select
 
 import trio
+
+log = logging.getLogger("sealbus.io")
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_CLOSE = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
@@ -56,7 +59,11 @@ class Reactor:
 
     def finish_closing(self) -> None:
         while self.closing:
-            self.closing.pop().close()
+            conn = self.closing.pop()
+            try:
+                conn.close()
+            except Exception:
+                log.exception("internal error closing %s", conn.describe())
 
     async def run(self) -> None:
         ep = self.ep
@@ -74,10 +81,16 @@ class Reactor:
                     conn = conns.get(fd)
                     if conn is None or conn.dying:
                         continue
-                    if ev & EPOLLOUT:
-                        conn.on_writable()
-                    if ev & (EPOLLIN | EPOLL_CLOSE) and not conn.dying:
-                        conn.on_readable()
+                    try:
+                        if ev & EPOLLOUT:
+                            conn.on_writable()
+                        if ev & (EPOLLIN | EPOLL_CLOSE) and not conn.dying:
+                            conn.on_readable()
+                    except Exception:
+                        # A bug must cost one connection, never the bus.
+                        log.exception("internal error serving %s; disconnecting it", conn.describe())
+                        conn.dying = True
+                        self.closing.append(conn)
                 self.server.flush_dirty()
                 self.finish_closing()
                 passes += 1
