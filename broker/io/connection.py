@@ -98,6 +98,7 @@ class Connection:
             self.framer.push(sasl.leftover)
             self._process()
             self.server.flush_dirty()
+            self.framer.release_idle_buffer()
             self.server.reactor.finish_closing()
 
     def describe(self) -> str:
@@ -205,6 +206,9 @@ class Connection:
             return
         framer.commit(n, fds)
         self._process()
+        if not self.dying:
+            self.server.flush_dirty()
+            framer.release_idle_buffer()
 
     def _process(self) -> None:
         """Route every complete message in the buffer."""

@@ -17,6 +17,11 @@ from .message import DEFAULT_MAX_MESSAGE_SIZE, FIXED_HEADER_SIZE, HeaderView, me
 
 DEFAULT_BUFFER = 64 * 1024
 MIN_FREE = 4096
+POOL_MAX = 64
+
+# Receive buffers of the default size not referenced by any message any more,
+# shared by all framers: an idle connection holds no buffer at all.
+_pool: list[bytearray] = []
 
 
 class Message(NamedTuple):
@@ -34,8 +39,8 @@ class Framer:
         self.max_message_size = max_message_size
         self.max_fds_per_message = max_fds_per_message
         self._bufsize = buffer_size
-        self._buf = bytearray(buffer_size)
-        self._view = memoryview(self._buf)
+        self._buf: bytearray | None = None
+        self._view: memoryview | None = None
         self._start = 0  # first byte not yet consumed
         self._end = 0  # first free byte
         self._need = 0  # size of the message at _start, once known
@@ -47,10 +52,14 @@ class Framer:
         """Free space to receive into (grown for a large announced message)."""
         pending = self._end - self._start
         want = max(self._need, pending + MIN_FREE)
+        if self._buf is None:
+            self._buf = _pool.pop() if _pool and want <= self._bufsize else bytearray(max(self._bufsize, want))
+            self._view = memoryview(self._buf)
+            self._start = self._end = 0
         too_small = self._need and self._start + self._need > len(self._buf)
         if too_small or len(self._buf) - self._end < MIN_FREE:
             size = max(self._bufsize, want)
-            new = bytearray(size)
+            new = _pool.pop() if _pool and size == self._bufsize else bytearray(size)
             new[:pending] = self._view[self._start : self._end]
             self._buf = new
             self._view = memoryview(new)
@@ -98,6 +107,8 @@ class Framer:
     def next_message(self) -> Message | None:
         """The next complete message, or None; raises WireError on bad input."""
         avail = self._end - self._start
+        if not avail:
+            return None
         if not self._need:
             if avail < FIXED_HEADER_SIZE:
                 return None
@@ -122,6 +133,23 @@ class Framer:
         # The consumed bytes are never reused: views of them are in flight.
         return Message(header, fds)
 
+    def release_idle_buffer(self) -> None:
+        """Give the buffer back to the pool if it is empty and no message uses it.
+
+        ``memoryview.release`` refuses while slices of it (messages still
+        queued somewhere) exist; then the buffer simply stays with us.
+        """
+        if self._buf is None or self._start != self._end or self.fds:
+            return
+        try:
+            self._view.release()
+        except BufferError:
+            return
+        if len(self._buf) == self._bufsize and len(_pool) < POOL_MAX:
+            _pool.append(self._buf)
+        self._buf = self._view = None
+        self._start = self._end = 0
+
     def messages(self):
         while (m := self.next_message()) is not None:
             yield m
@@ -134,4 +162,6 @@ class Framer:
         """Fds never attached to a message (the caller must close them)."""
         left = list(self.fds)
         self.fds.clear()
+        self._start = self._end
+        self.release_idle_buffer()
         return left
