@@ -71,32 +71,36 @@ class Reactor:
         passes = 0
         try:
             while True:
-                events = ep.poll(0, 512)
-                if not events:
+                # Trio tells us when the epoll fd is readable; then one
+                # non-blocking poll hands us every ready connection at once.
+                await trio.lowlevel.wait_readable(ep.fileno())
+                while True:
+                    events = ep.poll(0, 512)
+                    if not events:
+                        break
+                    for fd, ev in events:
+                        conn = conns.get(fd)
+                        if conn is None or conn.dying:
+                            continue
+                        try:
+                            if ev & EPOLLOUT:
+                                conn.on_writable()
+                            if ev & (EPOLLIN | EPOLL_CLOSE) and not conn.dying:
+                                conn.on_readable()
+                        except Exception:
+                            # A bug must cost one connection, never the bus.
+                            log.exception("internal error serving %s; disconnecting it", conn.describe())
+                            conn.dying = True
+                            self.closing.append(conn)
+                    self.server.flush_dirty()
                     self.finish_closing()
-                    await trio.lowlevel.wait_readable(ep.fileno())
-                    passes = 0
-                    continue
-                for fd, ev in events:
-                    conn = conns.get(fd)
-                    if conn is None or conn.dying:
-                        continue
-                    try:
-                        if ev & EPOLLOUT:
-                            conn.on_writable()
-                        if ev & (EPOLLIN | EPOLL_CLOSE) and not conn.dying:
-                            conn.on_readable()
-                    except Exception:
-                        # A bug must cost one connection, never the bus.
-                        log.exception("internal error serving %s; disconnecting it", conn.describe())
-                        conn.dying = True
-                        self.closing.append(conn)
-                self.server.flush_dirty()
+                    if len(events) < 512:
+                        break  # most likely idle now; the next wait tells us otherwise
+                    passes += 1
+                    if passes >= PASSES_BEFORE_YIELD:
+                        passes = 0
+                        await trio.lowlevel.checkpoint()
                 self.finish_closing()
-                passes += 1
-                if passes >= PASSES_BEFORE_YIELD:
-                    passes = 0
-                    await trio.lowlevel.checkpoint()
         finally:
             for conn in list(conns.values()):
                 conn.close()
