@@ -203,6 +203,12 @@ class Bus:
         dest = h.destination
         if dest == DBUS_NAME:
             self._to_monitors(peer, h, fdref)
+            if self.policy is not None:
+                err = self.policy_send(peer, h, None, False, fdref)
+                if err is not None:
+                    if h.type == wm.METHOD_CALL and not h.no_reply_expected:
+                        self.send_error(peer, h.serial, E + "AccessDenied", err)
+                    return
             if h.type == wm.METHOD_CALL:
                 self.driver.handle(peer, h, fdref)
             return
@@ -313,9 +319,9 @@ class Bus:
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
 
-    def policy_send(self, peer, h, target, requested_reply, fdref) -> str | None:
+    def policy_send(self, peer, h, target, requested_reply, fdref, eavesdrop=False) -> str | None:
         """Policy hook: the denial text, or None if allowed (see broker.access)."""
-        return self.policy.mediate_send(self, peer, h, target, requested_reply, fdref)
+        return self.policy.mediate_send(self, peer, h, target, requested_reply, fdref, eavesdrop)
 
     def _cannot_queue(self, sender: Peer | None, target: Peer, nbytes: int, fdref) -> str | None:
         lim = self.limits
@@ -378,7 +384,8 @@ class Bus:
                 if fdref is not None and not target.unix_fds:
                     continue
                 if self.policy is not None and peer is not None:
-                    if self.policy_send(peer, h, target, False, fdref) is not None:
+                    eaves = h.destination is not None and h.destination != target.unique_name
+                    if self.policy_send(peer, h, target, False, fdref, eaves) is not None:
                         continue
                 if bufs is None:
                     sender = peer.unique_name if peer is not None else DBUS_NAME

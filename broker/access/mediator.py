@@ -1,0 +1,74 @@
+"""The bus's policy hook: turns routing events into policy questions.
+
+The router calls ``mediate_send`` for every delivery (each broadcast
+recipient separately), ``mediate_own`` on RequestName and ``check_connect``
+after authentication. A denial returns the text of the AccessDenied error
+and is logged with the rule that decided it.
+"""
+
+import logging
+
+from .policy import MsgInfo, Policy
+
+log = logging.getLogger("sealbus.policy")
+
+
+def _names(peer) -> set[str] | None:
+    if peer is None:
+        return None
+    out = set(peer.names)
+    if peer.unique_name:
+        out.add(peer.unique_name)
+    return out
+
+
+class BusPolicy:
+    def __init__(self, policy: Policy, selinux=None):
+        self.policy = policy
+        self.selinux = selinux  # broker.access.selinux mediation, or None
+        self.fast = policy.allows_all_messages and selinux is None
+
+    def check_connect(self, creds):
+        return self.policy.check_connect(creds)
+
+    def mediate_own(self, bus, peer, name: str) -> str | None:
+        d = self.policy.check_own(peer.creds, name)
+        if not d.allowed:
+            where = f" (rule {d.rule.where})" if d.rule else " (no rule allows it)"
+            return f'Connection "{peer.unique_name}" is not allowed to own the service "{name}"{where}'
+        if self.selinux is not None:
+            return self.selinux.check_own(peer, name)
+        return None
+
+    def mediate_send(self, bus, sender, h, target, requested_reply: bool, fdref, eavesdrop: bool = False):
+        if self.fast:
+            return None
+        msg = MsgInfo(h.type, h.path, h.interface, h.member, h.error_name, h.destination,
+                      sender.unique_name, len(fdref.fds) if fdref is not None else 0)  # fmt: skip
+        d = self.policy.check_send(sender.creds, msg, _names(target), requested_reply, eavesdrop)
+        if d.allowed and target is not None:
+            d2 = self.policy.check_receive(target.creds, msg, _names(sender), requested_reply, eavesdrop)
+            if not d2.allowed:
+                return self._denied("receive", d2, msg, sender, target, requested_reply)
+        if not d.allowed:
+            return self._denied("send", d, msg, sender, target, requested_reply)
+        if self.selinux is not None:
+            return self.selinux.check_send(sender, target)
+        return None
+
+    def _denied(self, what, d, msg: MsgInfo, sender, target, requested_reply) -> str:
+        tname = target.unique_name if target is not None else "org.freedesktop.DBus"
+        tdesc = target.describe() if target is not None else "the bus driver"
+        rule = d.rule.where if d.rule else "no rule allows it"
+        text = (
+            f"Rejected {what} message, {len(d.matched)} matched rules; type=\"{_TYPES.get(msg.type)}\", "
+            f"sender=\"{sender.unique_name}\" interface=\"{msg.interface or '(unset)'}\" "
+            f"member=\"{msg.member or '(unset)'}\" error name=\"{msg.error_name or '(unset)'}\" "
+            f"requested_reply=\"{int(requested_reply)}\" destination=\"{msg.destination or tname}\" "
+            f"(decided by {rule})"
+        )
+        log.warning("denied %s from %s to %s: %s", what, sender.describe(), tdesc, text)
+        return text
+
+
+_TYPES = {1: "method_call", 2: "method_return", 3: "error", 4: "signal"}

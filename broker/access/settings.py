@@ -1,0 +1,38 @@
+"""BusSettings from a dbus-daemon XML configuration file."""
+
+from ..bus.limits import Limits
+from ..bus.settings import BusSettings
+from ..wire.message import DEFAULT_MAX_MESSAGE_SIZE
+from .config import load_config
+from .mediator import BusPolicy
+
+
+def settings_from_config(cfg) -> BusSettings:
+    s = BusSettings(bus_type=cfg.type or "custom")
+    lim = Limits()
+    lim.update(cfg.limits)
+    # as libdbus: no message is larger than the protocol maximum, whatever the config says
+    lim.max_message_size = min(lim.max_message_size, DEFAULT_MAX_MESSAGE_SIZE)
+    s.limits = lim
+    s.policy = BusPolicy(cfg.policy) if cfg.policy is not None else None
+    sb = cfg.sealbus
+    if sb.fd_mode:
+        s.fd_mode = sb.fd_mode
+    if sb.payload_fs:
+        s.payload_fs = sb.payload_fs
+    if sb.payload_timeout_ms is not None:
+        s.payload_timeout_ms = sb.payload_timeout_ms
+    if sb.payload_max_bytes_per_user is not None:
+        s.payload_max_bytes_per_user = sb.payload_max_bytes_per_user
+    s.auth = tuple(cfg.auth) or ("EXTERNAL",)
+    s.extra["config"] = cfg
+    return s
+
+
+def settings_from_file(path: str) -> tuple[BusSettings, list[str]]:
+    cfg = load_config(path)
+    if cfg.auth and "EXTERNAL" not in cfg.auth:
+        from .config import ConfigError
+
+        raise ConfigError(f"{path}: sealbus only offers EXTERNAL authentication; the config allows {cfg.auth}")
+    return settings_from_config(cfg), list(cfg.listen)
