@@ -105,8 +105,11 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
     async with trio.open_nursery() as nursery:
         bus.spawn = nursery.start_soon
         nursery.start_soon(server.reactor.run)
-        for lst in listeners:
-            sock = getattr(lst, "sock", lst)
+        from ..payload.bus_glue import note_listening_sockets
+
+        socks = [getattr(lst, "sock", lst) for lst in listeners]
+        note_listening_sockets(bus, socks)
+        for sock in socks:
             nursery.start_soon(server.serve_listener, sock, nursery)
         if settings.payload_fs or fuse_fd is not None:
             from ..payload.bus_glue import start_payload_fs

@@ -1,0 +1,151 @@
+"""``sealbus send | receive | cat-payload``: the zero-copy path at a shell."""
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+from jeepney import DBusAddress, MatchRule, MessageType, message_bus, new_method_call, new_method_return, new_signal
+from jeepney.io.blocking import open_dbus_connection
+
+from ..payload.seals import get_seals, seal_names
+from .memfd import PayloadError, check_sealed, open_payload, seal
+
+
+def _progress(total_size: int):
+    if total_size < 16 << 20 or not sys.stderr.isatty():
+        return None
+    start = time.monotonic()
+
+    def show(done: int) -> None:
+        pct = done * 100 // max(total_size, 1)
+        sys.stderr.write(f"\rsealing {done >> 20}/{total_size >> 20} MiB ({pct}%) {time.monotonic() - start:.1f}s")
+        if done >= total_size:
+            sys.stderr.write("\n")
+
+    return show
+
+
+def make_payload_fd(path: str, via: str) -> int:
+    if via == "fuse":
+        from .fuse_payload import seal_via_fuse  # the FUSE fallback
+
+        return seal_via_fuse(path)
+    with open(path, "rb") as f:
+        return seal(f, progress=_progress(os.fstat(f.fileno()).st_size))
+
+
+def cmd_send(args) -> int:
+    fd = make_payload_fd(args.payload, args.via)
+    size = os.fstat(fd).st_size
+    conn = open_dbus_connection(args.address, enable_fds=True)
+    try:
+        if args.signal:
+            msg = new_signal(DBusAddress(args.path, interface=args.interface), args.member, "h", (fd,))
+            conn.send(msg)
+            print(f"sent signal {args.interface}.{args.member} with a {size}-byte sealed payload")
+            return 0
+        addr = DBusAddress(args.path, bus_name=args.dest, interface=args.interface)
+        reply = conn.send_and_get_reply(new_method_call(addr, args.member, "h", (fd,)), timeout=args.timeout)
+        if reply.header.message_type == MessageType.error:
+            print(f"sealbus send: {reply.header.fields.get(4)}: {reply.body[0] if reply.body else ''}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"sent {size} bytes to {args.dest} as a sealed payload; reply: {reply.body}")
+        return 0
+    finally:
+        conn.close()
+        os.close(fd)
+
+
+def describe_payload(fd: int, allow_unsealed: bool = False) -> str:
+    st = os.fstat(fd)
+    seals = get_seals(fd)
+    view = open_payload(fd, allow_unsealed=allow_unsealed)
+    digest = hashlib.sha256(view).hexdigest()
+    return (f"size={st.st_size} seals={seal_names(seals) if seals is not None else 'n/a'} "
+            f"sha256={digest} dev={st.st_dev} ino={st.st_ino}")  # fmt: skip
+
+
+def cmd_receive(args) -> int:
+    conn = open_dbus_connection(args.address, enable_fds=True)
+    if args.name:
+        reply = conn.send_and_get_reply(message_bus.RequestName(args.name))
+        if reply.body[0] != 1:
+            print(f"sealbus receive: could not become primary owner of {args.name}", file=sys.stderr)
+            return 1
+    if args.signal_interface:
+        conn.send_and_get_reply(message_bus.AddMatch(MatchRule(type="signal", interface=args.signal_interface)))
+    print(f"listening as {conn.unique_name}", flush=True)
+    seen = 0
+    while args.count == 0 or seen < args.count:
+        msg = conn.receive()
+        fds = [a for a in msg.body if hasattr(a, "to_raw_fd")] if msg.body else []
+        if not fds:
+            continue
+        seen += 1
+        for f in fds:
+            raw = f.to_raw_fd()
+            try:
+                print(f"payload {seen}: {describe_payload(raw, args.allow_unsealed)}", flush=True)
+            except PayloadError as e:
+                print(f"payload {seen}: refused: {e}", flush=True)
+            finally:
+                os.close(raw)
+        if msg.header.message_type == MessageType.method_call:
+            conn.send(new_method_return(msg))
+    conn.close()
+    return 0
+
+
+def cmd_cat(args) -> int:
+    fd = args.fd if args.fd is not None else os.open(args.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not args.allow_unsealed:
+            check_sealed(fd)
+        view = open_payload(fd, allow_unsealed=True)
+        out = sys.stdout.buffer
+        for i in range(0, len(view), 1 << 20):
+            out.write(view[i : i + (1 << 20)])
+        out.flush()
+    except PayloadError as e:
+        print(f"sealbus cat-payload: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sealbus", description="Sealed payloads through a bus.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("send", help="send FILE as a sealed memfd (or payload-fs snapshot) in an 'h' argument")
+    s.add_argument("--address", required=True)
+    s.add_argument("--dest", help="destination bus name (method call)")
+    s.add_argument("--path", default="/")
+    s.add_argument("--interface", required=True)
+    s.add_argument("--member", required=True)
+    s.add_argument("--payload", required=True, metavar="FILE")
+    s.add_argument("--signal", action="store_true", help="broadcast a signal instead of calling a method")
+    s.add_argument("--via", choices=["memfd", "fuse"], default="memfd",
+                   help="memfd (default) or the FUSE payload filesystem fallback")  # fmt: skip
+    s.add_argument("--timeout", type=float, default=60)
+    r = sub.add_parser("receive", help="print size, seals, sha256 and inode of payloads received")
+    r.add_argument("--address", required=True)
+    r.add_argument("--name", help="own this name and answer method calls")
+    r.add_argument("--signal-interface", help="also receive broadcast signals of this interface")
+    r.add_argument("--count", type=int, default=0, help="stop after N payloads (0: never)")
+    r.add_argument("--allow-unsealed", action="store_true")
+    c = sub.add_parser("cat-payload", help="write a payload's bytes to stdout (checks seals)")
+    c.add_argument("path", nargs="?", help="a file to open (e.g. /proc/PID/fd/N)")
+    c.add_argument("--fd", type=int, help="an inherited fd number")
+    c.add_argument("--allow-unsealed", action="store_true")
+    args = p.parse_args(argv)
+    if args.cmd == "send":
+        if not args.signal and not args.dest:
+            p.error("send needs --dest (or --signal)")
+        return cmd_send(args)
+    if args.cmd == "receive":
+        return cmd_receive(args)
+    if args.fd is None and not args.path:
+        p.error("cat-payload needs a PATH or --fd")
+    return cmd_cat(args)

@@ -1,0 +1,166 @@
+"""Vetting the fds a message carries, before the bus forwards them.
+
+Only metadata is inspected (fcntl, statx, getsockopt); payload bytes are never
+read. Some kinds are refused in every mode because forwarding them would let
+a client attack the broker or a receiver; ``sealed`` mode additionally
+accepts only payloads whose contents cannot change.
+"""
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import stat
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .seals import PAYLOAD_SEALS, get_seals, seal_names
+
+E_UNSEALED = "org.sealbus.Error.UnsealedPayload"
+E_REFUSED = "org.sealbus.Error.FdRefused"
+
+_AT_EMPTY_PATH = 0x1000
+_AT_STATX_DONT_SYNC = 0x4000
+_STATX_BASIC = 0x07FF
+_libc = ctypes.CDLL(None, use_errno=True)
+_statx = getattr(_libc, "statx", None)
+
+
+class FdRefused(Exception):
+    def __init__(self, error_name: str, message: str, reason: str):
+        super().__init__(message)
+        self.error_name = error_name
+        self.message = message
+        self.reason = reason  # short key for the refusal counters
+
+
+@dataclass
+class FdInfo:
+    kind: str  # memfd | payload-snapshot | file | pipe | socket | other
+    size: int
+    seals: int | None
+
+
+@dataclass
+class VetContext:
+    """What the vetter must know about the broker itself."""
+
+    listening: set = field(default_factory=set)  # (st_dev, st_ino) of the bus's own listening sockets
+    is_payload_snapshot: object = None  # callable(st_dev, st_ino) -> bool, from the FUSE store
+
+
+def fd_stat(fd: int):
+    """(mode, size, dev, ino) without making FUSE call back into the broker.
+
+    A plain fstat on a file of the broker's own payload filesystem may send a
+    GETATTR request to the broker, which is blocked in this very call: a
+    deadlock. statx with AT_STATX_DONT_SYNC takes the kernel's cached
+    attributes instead.
+    """
+    if _statx is not None:
+        buf = ctypes.create_string_buffer(256)
+        r = _statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_BASIC, buf)
+        if r == 0:
+            raw = buf.raw
+            mode = struct.unpack_from("<H", raw, 0x1C)[0]
+            size = struct.unpack_from("<Q", raw, 0x28)[0]
+            dev = os.makedev(*struct.unpack_from("<II", raw, 0x88))
+            ino = struct.unpack_from("<Q", raw, 0x20)[0]
+            return mode, size, dev, ino
+    st = os.fstat(fd)
+    return st.st_mode, st.st_size, st.st_dev, st.st_ino
+
+
+def _socket_queue(fd: int) -> int:
+    """Bytes waiting in a unix socket's receive queue (SIOCINQ)."""
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return 0
+    try:
+        import termios
+
+        buf = fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return struct.unpack("i", buf)[0]
+    except OSError:
+        return 0
+    finally:
+        s.close()
+
+
+def vet_fd(fd: int, index: int, mode: str, ctx: VetContext) -> FdInfo:
+    arg = f"fd #{index}"
+    try:
+        fmode, size, dev, ino = fd_stat(fd)
+    except OSError as e:
+        raise FdRefused(E_REFUSED, f"{arg}: cannot inspect it ({errno.errorcode.get(e.errno, e.errno)})", "stat")
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        flags = 0
+    if flags & getattr(os, "O_PATH", 0o10000000):
+        raise FdRefused(E_REFUSED, f"{arg}: O_PATH fds are refused (they name a file, not an open file)", "o_path")
+    if stat.S_ISDIR(fmode):
+        raise FdRefused(E_REFUSED, f"{arg}: directories are refused (a directory fd gives the receiver "
+                        "openat() access to a tree)", "directory")  # fmt: skip
+    if stat.S_ISBLK(fmode):
+        raise FdRefused(E_REFUSED, f"{arg}: block devices are refused", "blockdev")
+    if stat.S_ISSOCK(fmode):
+        if (dev, ino) in ctx.listening:
+            raise FdRefused(E_REFUSED, f"{arg}: the bus's own listening socket is refused", "bus_socket")
+        if _socket_queue(fd) > 0:
+            raise FdRefused(E_REFUSED, f"{arg}: a socket with queued data is refused (it may carry "
+                            "fds in flight: SCM_RIGHTS loops pin kernel memory)", "socket_queue")  # fmt: skip
+    if mode == "none":
+        raise FdRefused(E_REFUSED, f"{arg}: this bus does not carry file descriptors (fd mode none)", "mode_none")
+    seals = get_seals(fd) if stat.S_ISREG(fmode) else None
+    if mode == "sealed":
+        if seals is not None:
+            missing = PAYLOAD_SEALS & ~seals
+            if missing:
+                raise FdRefused(E_UNSEALED, f"{arg}: payload is missing seals {seal_names(missing)} "
+                                f"(has {seal_names(seals)}; sealed mode needs SHRINK|GROW|WRITE|SEAL)",
+                                "unsealed")  # fmt: skip
+            return FdInfo("memfd", size, seals)
+        if stat.S_ISREG(fmode) and ctx.is_payload_snapshot is not None and ctx.is_payload_snapshot(dev, ino):
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                raise FdRefused(E_UNSEALED, f"{arg}: payload-fs file must be a read-only snapshot", "unsealed")
+            return FdInfo("payload-snapshot", size, None)
+        kind = "file" if stat.S_ISREG(fmode) else "pipe" if stat.S_ISFIFO(fmode) else "other"
+        raise FdRefused(E_UNSEALED if kind == "file" else E_REFUSED,
+                        f"{arg}: a {kind} is not a sealed payload (sealed mode accepts only memfds with "
+                        "SHRINK|GROW|WRITE|SEAL and payload-fs snapshots)", f"not_sealed_{kind}")  # fmt: skip
+    kind = "memfd" if seals is not None else "file" if stat.S_ISREG(fmode) else \
+        "pipe" if stat.S_ISFIFO(fmode) else "socket" if stat.S_ISSOCK(fmode) else "other"  # fmt: skip
+    return FdInfo(kind, size, seals)
+
+
+def vet_fds(fds, mode: str, ctx: VetContext) -> list[FdInfo]:
+    return [vet_fd(fd, i, mode, ctx) for i, fd in enumerate(fds)]
+
+
+class PayloadStats:
+    """Counters for Debug.Stats: what the bus carried without copying, and what it refused."""
+
+    def __init__(self):
+        self.payloads_forwarded = 0
+        self.bytes_without_copy = 0
+        self.sealed_payloads = 0
+        self.refused = Counter()
+
+    def record(self, infos: list[FdInfo], copies: int = 1) -> None:
+        for i in infos:
+            if i.kind in ("memfd", "payload-snapshot"):
+                self.payloads_forwarded += copies
+                self.bytes_without_copy += i.size * copies
+                if i.seals is not None and (i.seals & PAYLOAD_SEALS) == PAYLOAD_SEALS:
+                    self.sealed_payloads += copies
+
+    def as_dict(self) -> dict[str, int]:
+        out = {"payloads_forwarded": self.payloads_forwarded, "bytes_without_copy": self.bytes_without_copy,
+               "sealed_payloads": self.sealed_payloads}  # fmt: skip
+        for k, v in self.refused.items():
+            out[f"refused_{k}"] = v
+        return out
