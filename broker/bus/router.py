@@ -270,7 +270,7 @@ class Bus:
                             "The maximum number of pending replies per connection has been reached")  # fmt: skip
             return
         bufs = [h.forward_header(peer.unique_name), h.body]
-        nbytes = len(bufs[0]) + h.body_len
+        nbytes = sum(map(len, bufs))
         why = self._cannot_queue(peer, target, nbytes, fdref)
         if why is not None:
             self.stats["limits"] += 1
@@ -307,7 +307,7 @@ class Bus:
             if err is not None:
                 return
         bufs = [h.forward_header(peer.unique_name), h.body]
-        nbytes = len(bufs[0]) + h.body_len
+        nbytes = sum(map(len, bufs))
         if fdref is not None and not target.unix_fds:
             return
         why = self._cannot_queue(peer, target, nbytes, fdref)
@@ -390,7 +390,7 @@ class Bus:
                 if bufs is None:
                     sender = peer.unique_name if peer is not None else DBUS_NAME
                     bufs = [h.forward_header(sender), h.body]
-                nbytes = nbytes or len(bufs[0]) + h.body_len
+                nbytes = nbytes or sum(map(len, bufs))
                 why = self._cannot_queue(peer, target, nbytes, fdref)
                 if why is not None:
                     self.kill(target, f"cannot take its signals ({why})")
@@ -422,7 +422,7 @@ class Bus:
             if bufs is None:
                 sender = peer.unique_name if peer is not None else DBUS_NAME
                 bufs = [h.forward_header(sender), h.body]
-            nbytes = len(bufs[0]) + h.body_len
+            nbytes = sum(map(len, bufs))
             if fdref is not None and not mon.unix_fds:
                 continue
             if self._cannot_queue(None, mon, nbytes, fdref) is not None:

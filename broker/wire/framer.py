@@ -136,17 +136,22 @@ class Framer:
     def release_idle_buffer(self) -> None:
         """Give the buffer back to the pool if it is empty and no message uses it.
 
-        ``memoryview.release`` refuses while slices of it (messages still
-        queued somewhere) exist; then the buffer simply stays with us.
+        Messages still queued somewhere hold views of the buffer. Slices of
+        our memoryview do not count as its exports, so the test is on the
+        bytearray itself: resizing it fails while any view exists.
         """
         if self._buf is None or self._start != self._end or self.fds:
             return
+        buf = self._buf
+        self._view.release()
         try:
-            self._view.release()
+            buf.append(0)
+            del buf[-1]
         except BufferError:
+            self._view = memoryview(buf)  # still in use: keep it, never reuse its bytes
             return
-        if len(self._buf) == self._bufsize and len(_pool) < POOL_MAX:
-            _pool.append(self._buf)
+        if len(buf) == self._bufsize and len(_pool) < POOL_MAX:
+            _pool.append(buf)
         self._buf = self._view = None
         self._start = self._end = 0
 
