@@ -5,6 +5,8 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -38,15 +40,21 @@ class Bus:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                return self.proc.wait(timeout=10)
+                rc = self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        return self.proc.wait()
+                rc = self.proc.wait()
+        else:
+            rc = self.proc.wait()
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+        return rc
 
 
 def start_sealbus(tmp_path, *args, name="bus") -> Bus:
-    """Start `sealbus run` on a socket in tmp_path; extra args go to `sealbus run`."""
-    path = tmp_path / name
+    """Start `sealbus run` on a socket reachable by every uid; extra args go to `sealbus run`."""
+    sockdir = tempfile.mkdtemp(prefix="sealbus-test-")
+    os.chmod(sockdir, 0o755)  # other test users must reach the socket
+    path = Path(sockdir) / name
     log = open(tmp_path / f"{name}.log", "w")
     proc = subprocess.Popen([SEALBUS, "run", "--address", f"unix:path={path}", *args],
                             stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
@@ -54,17 +62,17 @@ def start_sealbus(tmp_path, *args, name="bus") -> Bus:
     if not address:
         proc.wait(timeout=10)
         raise RuntimeError("sealbus did not start: " + (tmp_path / f"{name}.log").read_text())
-    os.chmod(tmp_path, 0o755)
     return Bus(proc, address, path)
 
 
 def start_dbus_daemon(tmp_path, config: str | None = None, name="dd") -> Bus:
-    path = tmp_path / name
+    sockdir = tempfile.mkdtemp(prefix="sealbus-test-")
+    os.chmod(sockdir, 0o755)
+    path = Path(sockdir) / name
     args = ["dbus-daemon", "--nofork", "--print-address=1", f"--address=unix:path={path}"]
     args.append(f"--config-file={config}" if config else "--session")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     address = proc.stdout.readline().strip().split(",guid=")[0]
-    os.chmod(tmp_path, 0o755)
     return Bus(proc, address, path)
 
 
