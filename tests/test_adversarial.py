@@ -10,7 +10,7 @@ import pytest
 from jeepney import DBusAddress, MatchRule, message_bus, new_method_call, new_signal
 from jeepney.io.blocking import open_dbus_connection
 
-from broker.wire.message import build_message, encode_header
+from broker.wire.message import build_message
 
 from .conftest import ensure_test_users, run_as
 

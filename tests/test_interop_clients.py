@@ -212,7 +212,8 @@ async def test_jeepney_trio_call(sealbus, service):
 
 
 def test_dbus_fast_call_and_names(sealbus, service):
-    from dbus_fast import Message, MessageType as FMT
+    from dbus_fast import Message
+    from dbus_fast import MessageType as FMT
     from dbus_fast.aio import MessageBus
 
     async def main():
