@@ -140,3 +140,239 @@ def run_as(user: pwd.struct_passwd, argv, **kw) -> subprocess.CompletedProcess:
 
 def have(cmd: str) -> bool:
     return shutil.which(cmd) is not None
+
+
+# -- sans-IO bus core harness (tests/test_bus_*.py) ------------------------------------------
+
+
+class CoreClient:
+    """A peer of an in-memory ``broker.bus.router.Bus``: builds real wire messages,
+    dispatches them through the core, and parses what lands in its outbox.
+
+    Why: the routing/driver logic is sans-IO, so ordering and reply-tracking
+    rules can be checked exactly, without sockets or timing."""
+
+    def __init__(self, core, uid: int = 1000, pid: int = 4242, gids=(1000,), hello: bool = True):
+        from broker.bus.peer import Creds
+
+        self.core = core
+        self.peer = core.connect(Creds(uid, tuple(gids), pid, None))
+        self.serial = 0
+        if hello:
+            self.call("Hello")
+            self.take()
+
+    @property
+    def name(self) -> str:
+        return self.peer.unique_name
+
+    def send(self, msg_type: int, *, signature: str = "", body: tuple = (), flags: int = 0, **fields) -> int:
+        from broker.wire.message import HeaderView, build_message
+
+        self.serial += 1
+        raw = build_message(msg_type, self.serial, signature=signature, body=body, flags=flags, **fields)
+        self.core.dispatch(self.peer, (HeaderView(memoryview(raw)), []))
+        return self.serial
+
+    def call(self, member: str, signature: str = "", body: tuple = (), *, dest: str = "org.freedesktop.DBus",
+             path: str = "/org/freedesktop/DBus", interface: str | None = "org.freedesktop.DBus", flags: int = 0) -> int:
+        return self.send(1, signature=signature, body=body, flags=flags, destination=dest, path=path,
+                         interface=interface, member=member)  # fmt: skip
+
+    def signal(self, interface: str, member: str, signature: str = "", body: tuple = (), *, path: str = "/",
+               dest: str | None = None) -> int:
+        return self.send(4, signature=signature, body=body, path=path, interface=interface, member=member,
+                         destination=dest)  # fmt: skip
+
+    def take(self) -> list:
+        """Drain the outbox: [(HeaderView, body tuple)] in delivery order."""
+        from broker.wire.message import HeaderView
+
+        out = []
+        while self.peer.outbox:
+            item = self.peer.outbox.popleft()
+            raw = b"".join(bytes(b) for b in item.buffers)
+            self.peer.item_done(item)
+            h = HeaderView(memoryview(raw))
+            out.append((h, h.unmarshal_body() if h.signature else ()))
+        return out
+
+
+def summarize(msgs) -> list[tuple]:
+    """Messages as comparable tuples: (kind, member-or-error, body) with reply/return collapsed."""
+    kinds = {1: "call", 2: "return", 3: "error", 4: "signal"}
+    out = []
+    for h, body in msgs:
+        what = h.error_name if h.type == 3 else h.member
+        out.append((kinds[h.type], what, tuple(body) if h.type != 3 else ()))
+    return out
+
+
+@pytest.fixture
+def core():
+    """A fresh sans-IO bus core with the session defaults."""
+    from broker.bus.limits import session_limits
+    from broker.bus.router import Bus as CoreBus
+
+    return CoreBus(session_limits())
+
+
+# -- raw clients for protocol-level and adversarial tests ------------------------------------
+
+
+class RawClient:
+    """A D-Bus client on a bare socket: the test decides every byte it sends
+    (wrong uid in AUTH, no Hello, forged fields, fds) and parses replies with
+    jeepney's parser, which nobody here wrote."""
+
+    def __init__(self, bus, timeout: float = 10):
+        import socket
+
+        from jeepney.low_level import Parser
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(bus.path))
+        self.parser = Parser()
+        self.serial = 0
+        self.unique_name = None
+
+    def authenticate(self, uid: int | None = None, fds: bool = True) -> bytes:
+        """AUTH EXTERNAL claiming ``uid`` (default: our own); the server's reply line."""
+        uid = os.getuid() if uid is None else uid
+        self.sock.sendall(b"\0AUTH EXTERNAL " + str(uid).encode().hex().encode() + b"\r\n")
+        reply = self._line()
+        if reply.startswith(b"OK"):
+            if fds:
+                self.sock.sendall(b"NEGOTIATE_UNIX_FD\r\n")
+                assert self._line().startswith(b"AGREE_UNIX_FD")
+            self.sock.sendall(b"BEGIN\r\n")
+        return reply
+
+    def _line(self) -> bytes:
+        buf = b""
+        while not buf.endswith(b"\r\n"):
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("closed during authentication")
+            buf += chunk
+        return buf
+
+    def next_serial(self) -> int:
+        self.serial += 1
+        return self.serial
+
+    def send_raw(self, data: bytes, fds=()) -> None:
+        import array
+        import socket
+
+        if fds:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            self.sock.sendall(data)
+
+    def call(self, member: str, signature: str = "", body: tuple = (), *, dest="org.freedesktop.DBus",
+             path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", flags=0) -> int:  # fmt: skip
+        from broker.wire.message import build_message
+
+        serial = self.next_serial()
+        self.send_raw(build_message(1, serial, path=path, interface=interface, member=member, destination=dest,
+                                    signature=signature, body=body, flags=flags))  # fmt: skip
+        return serial
+
+    def hello(self) -> list:
+        """Send Hello; return the messages up to and including NameAcquired for our name."""
+        serial = self.call("Hello")
+        msgs = self.until(lambda m: m.header.fields.get(_HF_MEMBER) == "NameAcquired")
+        reply = next(m for m in msgs if m.header.fields.get(_HF_REPLY_SERIAL) == serial)
+        self.unique_name = reply.body[0]
+        return msgs
+
+    def recv(self):
+        """The next message (jeepney Message); raises ConnectionError on EOF, TimeoutError."""
+        import array
+        import socket
+
+        while True:
+            msg = self.parser.get_next_message()
+            if msg is not None:
+                return msg
+            data, anc, _flags, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(253 * 4))
+            fds = []
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(raw[: len(raw) - len(raw) % 4])
+                    fds.extend(a)
+            if not data:
+                raise ConnectionError("the bus closed the connection")
+            self.parser.add_data(data, fds)
+
+    def until(self, pred) -> list:
+        """Receive messages until one satisfies ``pred``; return all of them."""
+        out = []
+        while True:
+            m = self.recv()
+            out.append(m)
+            if pred(m):
+                return out
+
+    def reply_to(self, serial: int) -> list:
+        return self.until(lambda m: m.header.fields.get(_HF_REPLY_SERIAL) == serial)
+
+    def closed_by_peer(self, timeout: float = 10) -> bool:
+        """True once the bus has closed this connection (anything still queued is read and ignored)."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+            return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _hf(name):
+    from jeepney.low_level import HeaderFields
+
+    return HeaderFields[name]
+
+
+_HF_MEMBER = _hf("member")
+_HF_REPLY_SERIAL = _hf("reply_serial")
+
+
+def describe_msg(m, names: dict[str, str] | None = None) -> tuple:
+    """A jeepney message as a comparable tuple; unique names replaced by roles via ``names``."""
+    from jeepney.low_level import HeaderFields
+
+    f = m.header.fields
+    names = names or {}
+
+    def ren(v):
+        if isinstance(v, str):
+            return names.get(v, v)
+        if isinstance(v, list):
+            return [ren(x) for x in v]
+        return v
+
+    kind = m.header.message_type.name
+    what = f.get(HeaderFields.error_name) if kind == "error" else f.get(HeaderFields.member)
+    body = tuple(ren(v) for v in m.body) if kind != "error" else ()
+    return (kind, what, body)
+
+
+def bus_is_alive(bus) -> bool:
+    """A fresh client can still connect and get an answer from the driver."""
+    from jeepney import DBusAddress, new_method_call
+    from jeepney.io.blocking import open_dbus_connection
+
+    with open_dbus_connection(bus.address) as c:
+        r = c.send_and_get_reply(new_method_call(DBusAddress("/", bus_name="org.freedesktop.DBus",
+                                                             interface="org.freedesktop.DBus.Peer"), "Ping"),
+                                 timeout=10)  # fmt: skip
+        return r.header.message_type.name == "method_return"

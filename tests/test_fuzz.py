@@ -1,6 +1,6 @@
 """Bounded mutation fuzzing of the framer, header parser and SASL machine.
 
-Only WireError subclasses may escape. Runs SEALBUS_FUZZ_SECONDS (default 20)
+Only WireError subclasses may escape. Runs SEALBUS_FUZZ_SECONDS (default 25)
 in `make test`; `make fuzz` runs longer. A crashing input is saved under
 tests/fuzz_corpus/ and replayed as a regression case from then on.
 """
@@ -19,7 +19,7 @@ from broker.wire.message import build_message
 from broker.wire.sasl import SaslServer
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
-SECONDS = float(os.environ.get("SEALBUS_FUZZ_SECONDS", "20"))
+SECONDS = float(os.environ.get("SEALBUS_FUZZ_SECONDS", "25"))
 
 SEEDS = [
     build_message(1, 1, path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", member="Hello",
@@ -30,7 +30,11 @@ SEEDS = [
                   endian="B"),
     build_message(3, 4, error_name="org.x.Err", reply_serial=9, signature="s", body=("boom",)),
 ]  # fmt: skip
-SASL_SEEDS = [b"\0AUTH EXTERNAL 30\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n", b"\0AUTH EXTERNAL\r\nDATA\r\nBEGIN\r\n"]
+SASL_SEEDS = [
+    b"\0AUTH EXTERNAL 30\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n" + SEEDS[0],
+    b"\0AUTH EXTERNAL\r\nDATA\r\nBEGIN\r\n" + SEEDS[1],
+    b"\0AUTH EXTERNAL\r\nCANCEL\r\nAUTH EXTERNAL 30\r\nBEGIN\r\n",
+]
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
@@ -69,11 +73,14 @@ def run_framer(data: bytes, rng: random.Random | None = None) -> None:
 
 
 def run_sasl(data: bytes) -> None:
+    """Feed line by line, as a client would; after BEGIN the rest goes to a framer, as in the broker."""
     s = SaslServer(0, "0" * 32)
+    lines = data.split(b"\n")
     try:
-        for line in data.split(b"\n"):
-            s.feed(line + b"\n")
+        for i, line in enumerate(lines):
+            s.feed(line + b"\n" if i < len(lines) - 1 else line)
             if s.done:
+                run_framer(s.leftover + b"\n".join(lines[i + 1 :]))
                 break
     except WireError:
         pass

@@ -191,3 +191,144 @@ def test_seal_from_iterator_and_file(tmp_path):
     with open(p, "rb") as f:
         assert bytes(open_payload(seal(f))) == b"abc" * 1000
     assert bytes(open_payload(seal(iter([b"a", b"b", b"c"])))) == b"abc"
+
+
+# -- refusals in every mode, through the bus ---------------------------------------------------
+
+
+def _grab_bus_listening_socket(bus) -> int:
+    """A copy of the bus's own listening socket, taken from the bus process with pidfd_getfd
+    (as a client could get it if the bus socket were ever inherited or leaked)."""
+    import ctypes
+    import socket
+
+    inodes = set()
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == str(bus.path) and parts[5] == "01":  # SS_UNCONNECTED: listening
+                inodes.add(parts[6])
+    for n in os.listdir(f"/proc/{bus.pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{bus.pid}/fd/{n}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            pidfd = os.pidfd_open(bus.pid)
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.syscall(438, pidfd, int(n), 0)  # pidfd_getfd
+            os.close(pidfd)
+            if fd < 0:
+                pytest.skip(f"pidfd_getfd: {os.strerror(ctypes.get_errno())}")
+            s = socket.socket(fileno=fd)
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            return s.detach()
+    raise AssertionError("listening socket of the bus not found")
+
+
+@pytest.mark.parametrize("mode", ["any", "sealed"])
+def test_bus_listening_socket_refused(sealbus_factory, mode):
+    if os.geteuid() != 0:
+        pytest.skip("pidfd_getfd on the bus process needs root (ptrace)")
+    bus = sealbus_factory("--fd-mode", mode)
+    service, client = connect(bus), connect(bus)
+    service.send_and_get_reply(message_bus.RequestName("org.sealbus.Sink"))
+    lfd = _grab_bus_listening_socket(bus)
+    reply = call(client, "org.sealbus.Sink", "Take", "h", (lfd,))
+    os.close(lfd)
+    assert reply.header.fields[4] == "org.sealbus.Error.FdRefused"
+    assert "listening socket" in reply.body[0]
+    assert client.send_and_get_reply(message_bus.GetId(), timeout=30).header.message_type == MessageType.method_return
+
+
+def test_unix_socket_with_fds_in_flight_refused_in_any_mode(sealbus):
+    import array
+    import socket
+
+    service, client = connect(sealbus), connect(sealbus)
+    service.send_and_get_reply(message_bus.RequestName("org.sealbus.Sink"))
+    a, b = socket.socketpair()
+    # b carries, in flight, the sender's own connection to the bus: the loop the rule prevents
+    a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [client.sock.fileno()]))])
+    reply = call(client, "org.sealbus.Sink", "Take", "h", (b.fileno(),))
+    assert reply.header.fields[4] == "org.sealbus.Error.FdRefused"
+    assert "fd #0" in reply.body[0] and "in flight" in reply.body[0]
+    # an empty socketpair end is fine in `any` mode (dbus-daemon compatible) and the sender goes on
+    c, d = socket.socketpair()
+    client.send(new_method_call(DBusAddress("/t", bus_name="org.sealbus.Sink", interface=IFACE), "Take", "h", (d.fileno(),)))
+    m = recv_call(service)
+    with socket.socket(fileno=m.body[0].to_raw_fd()) as got:
+        c.sendall(b"ping")
+        assert got.recv(4) == b"ping"
+    for s in (a, b, c, d):
+        s.close()
+
+
+def test_connection_to_the_bus_refused(sealbus):
+    import socket
+
+    service, client = connect(sealbus), connect(sealbus)
+    service.send_and_get_reply(message_bus.RequestName("org.sealbus.Sink"))
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(str(sealbus.path))  # a fresh connection: nothing queued yet, so only the peer rule applies
+    reply = call(client, "org.sealbus.Sink", "Take", "h", (raw.fileno(),))
+    assert reply.header.fields[4] == "org.sealbus.Error.FdRefused"
+    assert "connection to this bus" in reply.body[0]
+    raw.close()
+
+
+def test_debug_stats_count_payloads_and_refusals(sealed_bus):
+    service, client = connect(sealed_bus), connect(sealed_bus)
+    service.send_and_get_reply(message_bus.RequestName("org.sealbus.Sink"))
+    fd = seal(b"s" * 10000)
+    client.send(new_method_call(DBusAddress("/t", bus_name="org.sealbus.Sink", interface=IFACE), "Take", "h", (fd,)))
+    recv_call(service)
+    call(client, "org.sealbus.Sink", "Take", "h", (_memfd_with(0),))
+    stats = call(client, "org.freedesktop.DBus", "GetStats")
+    if stats.header.message_type == MessageType.error:  # jeepney: GetStats lives on Debug.Stats
+        stats = client.send_and_get_reply(new_method_call(
+            DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
+                        interface="org.freedesktop.DBus.Debug.Stats"), "GetStats"), timeout=30)  # fmt: skip
+    d = {k: v[1] for k, v in stats.body[0].items()}
+    assert d["sealbus.payload.payloads_forwarded"] >= 1
+    assert d["sealbus.payload.bytes_without_copy"] >= 10000
+    assert d["sealbus.payload.refused_unsealed"] >= 1
+
+
+# -- the CLI at a shell ------------------------------------------------------------------------
+
+
+def test_cli_send_receive_cat(sealed_bus, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    sealbus_cmd = os.path.join(os.path.dirname(sys.executable), "sealbus")
+    src = tmp_path / "big"
+    data = os.urandom(MiB) * 20
+    src.write_bytes(data)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    recv = subprocess.Popen([sealbus_cmd, "receive", "--address", sealed_bus.address, "--name", "org.sealbus.Cli",
+                             "--count", "1", "--out", str(out_dir)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert recv.stdout.readline().startswith("listening as ")
+        sent = subprocess.run([sealbus_cmd, "send", "--address", sealed_bus.address, "--dest", "org.sealbus.Cli",
+                               "--path", "/t", "--interface", IFACE, "--member", "Take", "--payload", str(src),
+                               "--progress"], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        assert "20/20 MiB" in sent.stderr  # progress on stderr
+        out, _ = recv.communicate(timeout=30)
+    finally:
+        recv.kill()
+    sender_ino = re.search(r"dev=(\d+) ino=(\d+)", sent.stdout).groups()
+    assert re.search(r"dev=(\d+) ino=(\d+)", out).groups() == sender_ino  # the receiver saw the sender's inode
+    assert f"sha256={hashlib.sha256(data).hexdigest()}" in out
+    assert "seals=SEAL|SHRINK|GROW|WRITE" in out
+    assert (out_dir / "payload-1.bin").read_bytes() == data
+    fd = seal(data)
+    cat = subprocess.run([sealbus_cmd, "cat-payload"], stdin=fd, capture_output=True, timeout=30)
+    assert cat.returncode == 0 and cat.stdout == data
+    unsealed = _memfd_with(0)
+    cat = subprocess.run([sealbus_cmd, "cat-payload"], stdin=unsealed, capture_output=True, timeout=30)
+    assert cat.returncode == 1 and b"lacks seals" in cat.stderr

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from jeepney import DBusAddress, new_method_call
 from jeepney.low_level import Endianness, Parser
 
+from broker.wire.errors import WireError
 from broker.wire.marshal import Variant, marshal, unmarshal
 from broker.wire.message import HeaderView, build_message
 
@@ -122,3 +123,39 @@ def test_ours_parses_identically_with_jeepney(sv, endian):
     m2 = p.get_next_message()
     assert {k.value: v for k, v in m2.header.fields.items()}[7] == ":1.7"
     assert same(tuple(m2.body), values)
+
+
+@FAST
+@given(sig_and_values(), st.sampled_from("lB"), st.data())
+def test_corrupted_body_only_raises_wire_error(sv, endian, data):
+    """Flip, cut or extend a valid encoding: the result decodes or raises WireError, nothing else."""
+    sig, values = sv
+    raw = bytearray(marshal(sig, values, endian))
+    op = data.draw(st.sampled_from(["flip", "cut", "extend"]))
+    if op == "flip" and raw:
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif op == "cut" and raw:
+        del raw[data.draw(st.integers(0, len(raw) - 1)) :]
+    else:
+        raw += data.draw(st.binary(min_size=1, max_size=9))
+    try:
+        unmarshal(sig, bytes(raw), endian, n_fds=data.draw(st.integers(0, 3)))
+    except WireError:
+        pass
+
+
+@FAST
+@given(st.sampled_from("lB"), st.binary(max_size=64), st.data())
+def test_random_header_bytes_only_raise_wire_error(endian, junk, data):
+    """A valid message prefix with random bytes spliced into the header fields."""
+    raw = bytearray(build_message(1, 1, path="/a", interface="org.x.I", member="M", signature="s",
+                                  body=("x",), endian=endian))  # fmt: skip
+    at = data.draw(st.integers(12, len(raw)))
+    raw[at : at + len(junk)] = junk
+    try:
+        h = HeaderView(memoryview(raw))
+        h.forward_header(":1.1")
+        h.unmarshal_body()
+    except WireError:
+        pass

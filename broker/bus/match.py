@@ -41,8 +41,9 @@ class MatchRule:
             self.arg0namespace,
         )  # fmt: skip
 
-    def matches_header(self, h, sender_names) -> bool:
-        """Header-only part. ``sender_names``: callable giving the unique name owning a name."""
+    def matches_header(self, h, sender_names, sender: str | None) -> bool:
+        """Header-only part. ``sender_names``: callable giving the unique name owning a name;
+        ``sender``: the real sender's unique name (never the client's own SENDER field)."""
         if self.type is not None and h.type != self.type:
             return False
         if self.interface is not None and h.interface != self.interface:
@@ -58,8 +59,8 @@ class MatchRule:
                 return False
         if self.destination is not None and h.destination != self.destination:
             return False
-        if self.sender is not None and self.sender != h.sender:
-            if self.sender.startswith(":") or sender_names(self.sender) != h.sender:
+        if self.sender is not None and self.sender != sender:
+            if self.sender.startswith(":") or sender_names(self.sender) != sender:
                 return False
         return True
 

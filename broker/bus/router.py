@@ -358,6 +358,7 @@ class Bus:
         if not cands and not wild:
             return
         body = None
+        sender_name = peer.unique_name if peer is not None else DBUS_NAME
         done = set()
         if skip is not None:
             done.add(skip)
@@ -370,7 +371,7 @@ class Bus:
                     continue
                 if h.destination is not None and not rule.eavesdrop and h.destination != target.unique_name:
                     continue
-                if not rule.matches_header(h, self.owner_unique_name):
+                if not rule.matches_header(h, self.owner_unique_name, sender_name):
                     continue
                 if rule.needs_body:
                     if body is None:
@@ -401,11 +402,12 @@ class Bus:
         if not self.monitors:
             return
         body = None
+        sender_name = peer.unique_name if peer is not None else DBUS_NAME
         for mon in list(self.monitors):
             if mon.monitor_rules:
                 ok = False
                 for rule in mon.monitor_rules:
-                    if not rule.matches_header(h, self.owner_unique_name):
+                    if not rule.matches_header(h, self.owner_unique_name, sender_name):
                         continue
                     if rule.needs_body:
                         if body is None:

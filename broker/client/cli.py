@@ -13,8 +13,9 @@ from ..payload.seals import get_seals, seal_names
 from .memfd import PayloadError, check_sealed, open_payload, seal
 
 
-def _progress(total_size: int):
-    if total_size < 16 << 20 or not sys.stderr.isatty():
+def _progress(total_size: int, force: bool = False):
+    """A progress callback writing to stderr for large files (>= 16 MiB on a terminal, or when forced)."""
+    if not force and (total_size < 16 << 20 or not sys.stderr.isatty()):
         return None
     start = time.monotonic()
 
@@ -27,20 +28,29 @@ def _progress(total_size: int):
     return show
 
 
-def make_payload_fd(path: str, via: str) -> int:
+def make_payload_fd(path: str, via: str, conn=None, progress: bool = False, mount: str | None = None) -> int:
+    """The fd to send: a sealed memfd, or (``via="fuse"``) a payload-fs snapshot claimed over ``conn``."""
     if via == "fuse":
-        from .fuse_payload import seal_via_fuse  # the FUSE fallback
+        # The FUSE fallback lives in fuse_payload.py (payload-fs file sealed by xattr, then Claim gives a
+        # read-only snapshot fd). Imported lazily: memfd users never load it, and it needs the mount.
+        from . import fuse_payload
 
-        return seal_via_fuse(path)
-    with open(path, "rb") as f:
-        return seal(f, progress=_progress(os.fstat(f.fileno()).st_size))
+        with open(path, "rb") as f:
+            fd, _size = fuse_payload.payload_fd(conn, f.read(), mount)
+        return fd
+    with open(path, "rb", buffering=0) as f:
+        return seal(f, progress=_progress(os.fstat(f.fileno()).st_size, progress))
 
 
 def cmd_send(args) -> int:
-    fd = make_payload_fd(args.payload, args.via)
-    size = os.fstat(fd).st_size
     conn = open_dbus_connection(args.address, enable_fds=True)
+    fd = -1
     try:
+        fd = make_payload_fd(args.payload, args.via, conn, args.progress, args.payload_fs)
+        st = os.fstat(fd)
+        size = st.st_size
+        # the receivers' fds refer to this very inode: nothing is copied on the way
+        print(f"payload: size={size} dev={st.st_dev} ino={st.st_ino}", flush=True)
         if args.signal:
             msg = new_signal(DBusAddress(args.path, interface=args.interface), args.member, "h", (fd,))
             conn.send(msg)
@@ -56,7 +66,8 @@ def cmd_send(args) -> int:
         return 0
     finally:
         conn.close()
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def describe_payload(fd: int, allow_unsealed: bool = False) -> str:
@@ -66,6 +77,23 @@ def describe_payload(fd: int, allow_unsealed: bool = False) -> str:
     digest = hashlib.sha256(view).hexdigest()
     return (f"size={st.st_size} seals={seal_names(seals) if seals is not None else 'n/a'} "
             f"sha256={digest} dev={st.st_dev} ino={st.st_ino}")  # fmt: skip
+
+
+def save_payload(fd: int, out_dir: str, n: int) -> str:
+    """Copy a payload into OUT_DIR/payload-N.bin inside the kernel (no copy in this process)."""
+    path = os.path.join(out_dir, f"payload-{n}.bin")
+    size = os.fstat(fd).st_size
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        off = 0
+        while off < size:
+            sent = os.sendfile(out, fd, off, size - off)
+            if sent == 0:
+                break
+            off += sent
+    finally:
+        os.close(out)
+    return path
 
 
 def cmd_receive(args) -> int:
@@ -89,6 +117,8 @@ def cmd_receive(args) -> int:
             raw = f.to_raw_fd()
             try:
                 print(f"payload {seen}: {describe_payload(raw, args.allow_unsealed)}", flush=True)
+                if args.out:
+                    print(f"payload {seen}: saved to {save_payload(raw, args.out, seen)}", flush=True)
             except PayloadError as e:
                 print(f"payload {seen}: refused: {e}", flush=True)
             finally:
@@ -100,7 +130,10 @@ def cmd_receive(args) -> int:
 
 
 def cmd_cat(args) -> int:
-    fd = args.fd if args.fd is not None else os.open(args.path, os.O_RDONLY | os.O_CLOEXEC)
+    if args.path:
+        fd = os.open(args.path, os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        fd = args.fd if args.fd is not None else 0  # default: the payload fd is our stdin
     try:
         if not args.allow_unsealed:
             check_sealed(fd)
@@ -116,7 +149,12 @@ def cmd_cat(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sealbus", description="Sealed payloads through a bus.")
+    p = argparse.ArgumentParser(
+        prog="sealbus",
+        description="Sealed payloads through a bus: 'send' seals a file into a memfd (F_SEAL_SHRINK|GROW|WRITE|"
+        "SEAL) and passes it as an 'h' argument; 'receive' shows what arrives (size, seals, sha256, inode: the "
+        "same inode as the sender's memfd, i.e. nothing was copied); 'cat-payload' prints a payload's bytes.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("send", help="send FILE as a sealed memfd (or payload-fs snapshot) in an 'h' argument")
     s.add_argument("--address", required=True)
@@ -128,16 +166,22 @@ def main(argv: list[str]) -> int:
     s.add_argument("--signal", action="store_true", help="broadcast a signal instead of calling a method")
     s.add_argument("--via", choices=["memfd", "fuse"], default="memfd",
                    help="memfd (default) or the FUSE payload filesystem fallback")  # fmt: skip
+    s.add_argument("--payload-fs", metavar="DIR", help="with --via fuse: where the payload fs is mounted "
+                   "(default: found in /proc/self/mountinfo)")  # fmt: skip
     s.add_argument("--timeout", type=float, default=60)
+    s.add_argument("--progress", action="store_true", help="show sealing progress on stderr even when it is "
+                   "not a terminal (shown by default for files >= 16 MiB on a terminal)")  # fmt: skip
     r = sub.add_parser("receive", help="print size, seals, sha256 and inode of payloads received")
     r.add_argument("--address", required=True)
     r.add_argument("--name", help="own this name and answer method calls")
     r.add_argument("--signal-interface", help="also receive broadcast signals of this interface")
     r.add_argument("--count", type=int, default=0, help="stop after N payloads (0: never)")
-    r.add_argument("--allow-unsealed", action="store_true")
-    c = sub.add_parser("cat-payload", help="write a payload's bytes to stdout (checks seals)")
+    r.add_argument("--out", metavar="DIR", help="also save each payload as DIR/payload-N.bin")
+    r.add_argument("--allow-unsealed", action="store_true", help="show payloads lacking the four seals too")
+    c = sub.add_parser("cat-payload", help="write a payload's bytes to stdout (checks seals); the payload is "
+                       "PATH, --fd N, or else stdin (e.g. `sealbus cat-payload < /proc/PID/fd/N`)")  # fmt: skip
     c.add_argument("path", nargs="?", help="a file to open (e.g. /proc/PID/fd/N)")
-    c.add_argument("--fd", type=int, help="an inherited fd number")
+    c.add_argument("--fd", type=int, help="an inherited fd number (default 0: stdin)")
     c.add_argument("--allow-unsealed", action="store_true")
     args = p.parse_args(argv)
     if args.cmd == "send":
@@ -146,6 +190,4 @@ def main(argv: list[str]) -> int:
         return cmd_send(args)
     if args.cmd == "receive":
         return cmd_receive(args)
-    if args.fd is None and not args.path:
-        p.error("cat-payload needs a PATH or --fd")
     return cmd_cat(args)

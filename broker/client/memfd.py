@@ -52,35 +52,61 @@ def apply_seals(fd: int) -> None:
         raise
 
 
-def _fill(fd: int, data, progress=None) -> int:
+def _copy_fd(src: int, dst: int, progress=None) -> int:
+    """Copy the rest of ``src`` into ``dst`` inside the kernel where possible (no second copy here).
+
+    copy_file_range within a filesystem, sendfile across, splice from pipes (stdin), and a
+    bounded read/write loop for anything else.
+    """
     total = 0
+    for how in ("copy_file_range", "sendfile", "splice", "read"):
+        try:
+            while True:
+                if how == "copy_file_range":
+                    n = os.copy_file_range(src, dst, CHUNK * 16)
+                elif how == "sendfile":  # across filesystems, where copy_file_range says EXDEV
+                    n = os.sendfile(dst, src, None, CHUNK * 16)
+                elif how == "splice":
+                    n = os.splice(src, dst, CHUNK)
+                else:
+                    buf = os.read(src, CHUNK)
+                    n = len(buf)
+                    view = memoryview(buf)
+                    while view:
+                        view = view[os.write(dst, view) :]
+                if n == 0:
+                    return total
+                total += n
+                if progress:
+                    progress(total)
+        except OSError as e:
+            # not supported for this pair of files: try the next way, from where we are
+            if how == "read" or e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                                                errno.EBADF, errno.ESPIPE):  # fmt: skip
+                raise
+    return total
+
+
+def _fill(fd: int, data, progress=None) -> int:
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data).cast("B")
+        total = 0
         while total < len(view):
             total += os.write(fd, view[total : total + CHUNK])
             if progress:
                 progress(total)
         return total
     if isinstance(data, (str, os.PathLike)):
-        with open(data, "rb") as f:
-            return _fill(fd, f, progress)
+        with open(data, "rb", buffering=0) as f:
+            return _copy_fd(f.fileno(), fd, progress)
     if hasattr(data, "fileno"):
-        src = data.fileno()
-        size = os.fstat(src).st_size
-        # copy inside the kernel: no second copy in this process
-        while True:
-            try:
-                n = os.copy_file_range(src, fd, max(CHUNK, size - total) if size else CHUNK)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                n = os.sendfile(fd, src, None, CHUNK)
-            if n == 0:
-                return total
-            total += n
-            if progress:
-                progress(total)
-    for chunk in data:  # an iterator of bytes
+        if hasattr(data, "flush") and "r" not in getattr(data, "mode", "r"):
+            data.flush()
+        return _copy_fd(data.fileno(), fd, progress)
+    total = 0
+    for chunk in data:  # an iterator of bytes-like chunks, written as they come (never joined)
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload iterator yielded {type(chunk).__name__}, not bytes")
         total += _fill(fd, chunk)
         if progress:
             progress(total)
@@ -88,7 +114,12 @@ def _fill(fd: int, data, progress=None) -> int:
 
 
 def seal(data, name: str = "sealbus-payload", progress=None) -> int:
-    """A new memfd holding ``data`` (bytes, path, file object or iterator), sealed."""
+    """A new memfd holding ``data`` (bytes, memoryview, path, file object or iterator of bytes), sealed
+    with F_SEAL_SHRINK|GROW|WRITE|SEAL. The caller owns the returned fd (O_CLOEXEC).
+
+    A file object is read from its OS-level position: pass an unbuffered one
+    (or one nothing was read from yet) so buffered read-ahead is not skipped.
+    """
     fd = memfd_create(name)
     try:
         _fill(fd, data, progress)

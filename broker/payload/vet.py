@@ -29,7 +29,9 @@ _statx = getattr(_libc, "statx", None)
 
 
 class FdRefused(Exception):
-    def __init__(self, error_name: str, message: str, reason: str):
+    """A message's fd the bus will not forward; ``message`` names the fd argument and why."""
+
+    def __init__(self, error_name: str, message: str, reason: str = "other"):
         super().__init__(message)
         self.error_name = error_name
         self.message = message
@@ -49,6 +51,9 @@ class VetContext:
 
     listening: set = field(default_factory=set)  # (st_dev, st_ino) of the bus's own listening sockets
     is_payload_snapshot: object = None  # callable(st_dev, st_ino) -> bool, from the FUSE store
+    # pids whose unix sockets are the bus's own (a client's connection to the bus has the listener's
+    # pid as SO_PEERCRED); the launcher adds its pid when it listened on the broker's behalf
+    own_pids: set = field(default_factory=lambda: {os.getpid()})
 
 
 def fd_stat(fd: int):
@@ -73,21 +78,31 @@ def fd_stat(fd: int):
     return st.st_mode, st.st_size, st.st_dev, st.st_ino
 
 
-def _socket_queue(fd: int) -> int:
-    """Bytes waiting in a unix socket's receive queue (SIOCINQ)."""
-    try:
-        s = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return 0
-    try:
-        import termios
+_SO_DOMAIN = getattr(socket, "SO_DOMAIN", 39)
+_SIOCINQ = 0x541B  # == FIONREAD
 
-        buf = fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        return struct.unpack("i", buf)[0]
-    except OSError:
-        return 0
+
+def _unix_socket_state(fd: int) -> tuple[int, int] | None:
+    """(queued bytes, SO_PEERCRED pid) of an AF_UNIX socket; None for other families.
+
+    Only getsockopt/ioctl on the socket: nothing is received, so no fd in
+    flight is ever installed in the broker.
+    """
+    sock = socket.socket(fileno=os.dup(fd))  # a wrapper for getsockopt; closing it closes only the dup
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN) != socket.AF_UNIX:
+            return None
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCINQ, b"\0\0\0\0"))[0]
+        except OSError:  # EINVAL on a listening socket: its queue holds connections, not data
+            queued = 0
+        try:
+            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except OSError:
+            pid = 0
+        return queued, pid
     finally:
-        s.close()
+        sock.close()
 
 
 def vet_fd(fd: int, index: int, mode: str, ctx: VetContext) -> FdInfo:
@@ -109,10 +124,18 @@ def vet_fd(fd: int, index: int, mode: str, ctx: VetContext) -> FdInfo:
         raise FdRefused(E_REFUSED, f"{arg}: block devices are refused", "blockdev")
     if stat.S_ISSOCK(fmode):
         if (dev, ino) in ctx.listening:
-            raise FdRefused(E_REFUSED, f"{arg}: the bus's own listening socket is refused", "bus_socket")
-        if _socket_queue(fd) > 0:
-            raise FdRefused(E_REFUSED, f"{arg}: a socket with queued data is refused (it may carry "
-                            "fds in flight: SCM_RIGHTS loops pin kernel memory)", "socket_queue")  # fmt: skip
+            raise FdRefused(E_REFUSED, f"{arg}: the bus's own listening socket is refused (a receiver could "
+                            "accept() connections meant for the bus)", "bus_socket")  # fmt: skip
+        state = _unix_socket_state(fd)
+        if state is not None:
+            queued, peer_pid = state
+            if queued > 0:
+                raise FdRefused(E_REFUSED, f"{arg}: a unix socket with {queued} queued bytes is refused (the "
+                                "queue may hold fds in flight: SCM_RIGHTS loops through the bus)",
+                                "socket_queue")  # fmt: skip
+            if peer_pid in ctx.own_pids:
+                raise FdRefused(E_REFUSED, f"{arg}: a connection to this bus is refused (it would loop the "
+                                "bus's own sockets through itself)", "bus_connection")  # fmt: skip
     if mode == "none":
         raise FdRefused(E_REFUSED, f"{arg}: this bus does not carry file descriptors (fd mode none)", "mode_none")
     seals = get_seals(fd) if stat.S_ISREG(fmode) else None
@@ -138,6 +161,9 @@ def vet_fd(fd: int, index: int, mode: str, ctx: VetContext) -> FdInfo:
 
 
 def vet_fds(fds, mode: str, ctx: VetContext) -> list[FdInfo]:
+    """Vet every fd of one message (index = position in the message's fd array); the first refusal wins."""
+    if mode not in ("any", "sealed", "none"):
+        raise ValueError(f"unknown fd mode {mode!r}")
     return [vet_fd(fd, i, mode, ctx) for i, fd in enumerate(fds)]
 
 

@@ -1,0 +1,259 @@
+"""`sealbus policy audit`: what the built SELinux policy lets domains do to the bus.
+
+The policy module is only worth something if the whole policy it is linked
+into (the distribution's plus ours) keeps the invariants, so the audit asks
+the linked binary policy, not our sources: attribute rules from elsewhere
+(unconfined, file_type, ...) are where surprises come from. The policy is
+built without a running kernel: the module with the distribution's devel
+Makefile, then linked by `semodule` into a copy of the distribution's policy
+store under a temporary root (`semodule -p ROOT -n`).
+
+The answers are compared with policy/audit-expected.json; any difference is a
+failure, so a change in who may reach the bus has to be made on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY_SRC = REPO / "policy"
+EXPECTED = POLICY_SRC / "audit-expected.json"
+DEVEL_MAKEFILE = Path("/usr/share/selinux/devel/Makefile")
+STORE = "default"
+
+BUS_SOCKET_OWNERS = ("sealbus_t", "sealbus_launch_t")
+NETWORK_CLASSES = ("tcp_socket", "udp_socket", "sctp_socket", "rawip_socket")
+
+QUESTIONS = {
+    "connect_bus_socket": "domains that can connect to the bus socket (sealbus_var_run_t sock_file write + connectto)",
+    "open_payload_fs": "domains that can open files on the payload fs (sealbus_fs_t file open)",
+    "write_payload_fs": "domains that can write the payload fs (sealbus_fs_t file write/append)",
+    "transition_into_broker": "domains that can transition into sealbus_t",
+    "payload_flows_to_network": "direct information flows from sealbus_fs_t into network-capable domains",
+}
+
+
+class AuditError(RuntimeError):
+    """The policy could not be built or loaded."""
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def build_module(src: Path, out_dir: Path) -> Path:
+    """Compile sealbus.pp with the distribution's devel Makefile; returns its path.
+
+    Raises AuditError carrying the compiler output on failure."""
+    for name in ("sealbus.te", "sealbus.if", "sealbus.fc"):
+        shutil.copy2(src / name, out_dir / name)
+    proc = subprocess.run(
+        ["make", "-f", str(DEVEL_MAKEFILE), "sealbus.pp"],
+        cwd=out_dir, capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise AuditError(f"module build failed:\n{proc.stdout}{proc.stderr}")
+    return out_dir / "sealbus.pp"
+
+
+def link_policy(module_pp: Path, root: Path) -> Path:
+    """Link the module into a copy of the distribution's store under root; returns the binary policy."""
+    store = Path("/var/lib/selinux") / STORE
+    config = Path("/etc/selinux") / STORE
+    if not store.is_dir() or not config.is_dir():
+        raise AuditError(f"distribution policy store missing ({store}, {config}): install selinux-policy-default")
+    shutil.copytree(store, root / "var/lib/selinux" / STORE, symlinks=True)
+    shutil.copytree(config, root / "etc/selinux" / STORE, symlinks=True)
+    if Path("/etc/selinux/semanage.conf").exists():
+        shutil.copy2("/etc/selinux/semanage.conf", root / "etc/selinux/semanage.conf")
+    proc = subprocess.run(
+        ["semodule", "-p", str(root), "-s", STORE, "-n", "-i", str(module_pp)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise AuditError(f"semodule link failed:\n{proc.stdout}{proc.stderr}")
+    policies = sorted((root / "etc/selinux" / STORE / "policy").glob("policy.*"))
+    if not policies:
+        raise AuditError("semodule produced no binary policy")
+    return policies[-1]
+
+
+def build_policy(work: Path, src: Path = POLICY_SRC) -> Path:
+    """Module + distribution policy, linked; returns the binary policy path under work."""
+    mod_dir = work / "module"
+    mod_dir.mkdir(parents=True, exist_ok=True)
+    return link_policy(build_module(src, mod_dir), work / "root")
+
+
+# -- questions ------------------------------------------------------------------------------------
+
+
+def _expand(type_or_attr) -> set[str]:
+    try:
+        return {str(t) for t in type_or_attr.expand()}
+    except AttributeError:
+        return {str(type_or_attr)}
+
+
+def _label(rule) -> str:
+    """'' for unconditional rules, ' [bool]' for conditional ones (the boolean expression)."""
+    try:
+        return f" [{rule.conditional}]"
+    except Exception:  # setools raises RuleNotConditional
+        return ""
+
+
+def _sources(policy, target: str, tclass: str, perms: set[str]) -> set[str]:
+    from setools import TERuleQuery
+
+    query = TERuleQuery(policy, ruletype=["allow"], target=target, tclass=[tclass], perms=perms)
+    out: set[str] = set()
+    for rule in query.results():
+        suffix = _label(rule)
+        out |= {name + suffix for name in _expand(rule.source)}
+    return out
+
+
+def _strip(names: set[str]) -> dict[str, str]:
+    """name -> suffix (prefer the unconditional form when both exist)."""
+    res: dict[str, str] = {}
+    for entry in names:
+        name, _, cond = entry.partition(" [")
+        suffix = f" [{cond}" if cond else ""
+        if name not in res or not suffix:
+            res[name] = suffix
+    return res
+
+
+def connect_bus_socket(policy) -> list[str]:
+    writers = _strip(_sources(policy, "sealbus_var_run_t", "sock_file", {"write"}))
+    connectors: dict[str, str] = {}
+    for owner in BUS_SOCKET_OWNERS:
+        for name, suffix in _strip(_sources(policy, owner, "unix_stream_socket", {"connectto"})).items():
+            if name not in connectors or not suffix:
+                connectors[name] = suffix
+    both = writers.keys() & connectors.keys()
+    return sorted(name + (writers[name] or connectors[name]) for name in both)
+
+
+def payload_fs_access(policy, perms: set[str]) -> list[str]:
+    found = _strip(_sources(policy, "sealbus_fs_t", "file", perms))
+    return sorted(name + suffix for name, suffix in found.items())
+
+
+def transitions_into_broker(policy) -> list[str]:
+    from setools import DomainTransitionAnalysis
+
+    dta = DomainTransitionAnalysis(policy, reverse=True)
+    return sorted({str(step.source) for step in dta.transitions("sealbus_t")} - {"sealbus_t"})
+
+
+def network_capable(policy) -> set[str]:
+    """Domains allowed to create an IP socket of any kind."""
+    from setools import TERuleQuery
+
+    out: set[str] = set()
+    for tclass in NETWORK_CLASSES:
+        for rule in TERuleQuery(policy, ruletype=["allow"], tclass=[tclass], perms={"create"}).results():
+            out |= _expand(rule.source)
+    return out
+
+
+def payload_flows_to_network(policy) -> list[str]:
+    from setools import InfoFlowAnalysis, PermissionMap
+
+    ifa = InfoFlowAnalysis(policy, PermissionMap(), min_weight=1)
+    net = network_capable(policy)
+    return sorted({str(step.target) for step in ifa.infoflows("sealbus_fs_t", out=True)} & net)
+
+
+def audit(policy_path: Path) -> dict[str, list[str]]:
+    """Answer every question in QUESTIONS for the binary policy at policy_path."""
+    from setools import SELinuxPolicy
+
+    policy = SELinuxPolicy(str(policy_path))
+    return {
+        "connect_bus_socket": connect_bus_socket(policy),
+        "open_payload_fs": payload_fs_access(policy, {"open"}),
+        "write_payload_fs": payload_fs_access(policy, {"write", "append"}),
+        "transition_into_broker": transitions_into_broker(policy),
+        "payload_flows_to_network": payload_flows_to_network(policy),
+    }
+
+
+def compare(actual: dict[str, list[str]], expected: dict[str, list[str]]) -> dict[str, tuple[list[str], list[str]]]:
+    """question -> (unexpected, missing); only questions that differ."""
+    diff = {}
+    for key in QUESTIONS:
+        got, want = set(actual.get(key, [])), set(expected.get(key, []))
+        if got != want:
+            diff[key] = (sorted(got - want), sorted(want - got))
+    return diff
+
+
+def render(actual: dict[str, list[str]], diff: dict[str, tuple[list[str], list[str]]]) -> str:
+    lines = []
+    for key, question in QUESTIONS.items():
+        status = "DIFFERS" if key in diff else "ok"
+        lines.append(f"== {key}: {question} [{status}]")
+        lines.extend(f"   {name}" for name in actual[key]) if actual[key] else lines.append("   (none)")
+        if key in diff:
+            unexpected, missing = diff[key]
+            lines.extend(f"   + unexpected: {name}" for name in unexpected)
+            lines.extend(f"   - missing:    {name}" for name in missing)
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sealbus policy audit",
+        description=(
+            "Audit the SELinux policy with setools: who can connect to the bus socket, open or write the "
+            "payload filesystem, transition into the broker domain, and where payload data can flow to a "
+            "network-capable domain. Without --policy, builds policy/sealbus.pp and links it into a copy of "
+            "the distribution policy (no running kernel needed). Exits 1 if the answers differ from the "
+            "expected set."
+        ),
+    )
+    parser.add_argument("--policy", type=Path, help="binary policy to audit (e.g. /sys/fs/selinux/policy)")
+    parser.add_argument("--expected", type=Path, default=EXPECTED, help=f"expected answers (default {EXPECTED})")
+    parser.add_argument("--write-expected", action="store_true", help="record the current answers as expected")
+    parser.add_argument("--json", action="store_true", help="print the answers as JSON")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.policy:
+            actual = audit(args.policy)
+        else:
+            with tempfile.TemporaryDirectory(prefix="sealbus-audit-") as work:
+                actual = audit(build_policy(Path(work)))
+    except (AuditError, OSError) as e:
+        print(f"sealbus policy audit: {e}", file=sys.stderr)
+        return 2
+
+    if args.write_expected:
+        args.expected.write_text(json.dumps(actual, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {args.expected}")
+        return 0
+    try:
+        expected = json.loads(args.expected.read_text())
+    except (OSError, ValueError) as e:
+        print(f"sealbus policy audit: cannot read expected answers {args.expected}: {e}", file=sys.stderr)
+        return 2
+    diff = compare(actual, expected)
+    print(json.dumps(actual, indent=2, sort_keys=True) if args.json else render(actual, diff))
+    if diff:
+        print(f"sealbus policy audit: FAIL, {len(diff)} answer(s) differ from {args.expected}", file=sys.stderr)
+        return 1
+    print("sealbus policy audit: all answers match the expected set")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,221 @@
+"""Broker-side fd vetting on real fds: every refused kind, in every mode, with the fd index in the message."""
+
+import array
+import fcntl
+import os
+import socket
+
+import pytest
+
+from broker.client.memfd import memfd_create, seal
+from broker.payload.seals import (
+    F_ADD_SEALS,
+    F_SEAL_FUTURE_WRITE,
+    F_SEAL_GROW,
+    F_SEAL_SEAL,
+    F_SEAL_SHRINK,
+    F_SEAL_WRITE,
+    PAYLOAD_SEALS,
+    seal_names,
+)
+from broker.payload.vet import E_REFUSED, E_UNSEALED, FdRefused, PayloadStats, VetContext, fd_stat, vet_fds
+
+MODES = ("any", "sealed", "none")
+
+
+@pytest.fixture
+def fds():
+    """Collects fds a test opens and closes them afterwards."""
+    opened: list[int] = []
+    yield opened
+    for fd in opened:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def ctx(**kw) -> VetContext:
+    # own_pids empty: the test process makes socketpairs itself; a real broker lists its own pid
+    kw.setdefault("own_pids", set())
+    return VetContext(**kw)
+
+
+def memfd_with(fds, seals: int, data: bytes = b"payload") -> int:
+    fd = memfd_create("t")
+    fds.append(fd)
+    os.write(fd, data)
+    if seals:
+        fcntl.fcntl(fd, F_ADD_SEALS, seals)
+    return fd
+
+
+def refused(fdlist, mode, c=None) -> FdRefused:
+    with pytest.raises(FdRefused) as ei:
+        vet_fds(fdlist, mode, c or ctx())
+    return ei.value
+
+
+def test_fully_sealed_memfd_passes_every_mode_but_none(fds):
+    fd = memfd_with(fds, PAYLOAD_SEALS, b"x" * 1000)
+    for mode in ("any", "sealed"):
+        [info] = vet_fds([fd], mode, ctx())
+        assert (info.kind, info.size, info.seals & PAYLOAD_SEALS) == ("memfd", 1000, PAYLOAD_SEALS)
+    e = refused([fd], "none")
+    assert e.error_name == E_REFUSED and "fd #0" in e.message and "none" in e.message
+
+
+@pytest.mark.parametrize(
+    "seals",
+    [0, PAYLOAD_SEALS & ~F_SEAL_SHRINK, PAYLOAD_SEALS & ~F_SEAL_GROW, PAYLOAD_SEALS & ~F_SEAL_WRITE,
+     PAYLOAD_SEALS & ~F_SEAL_SEAL, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL],
+    ids=["unsealed", "no-shrink", "no-grow", "no-write", "no-seal", "future-write-instead-of-write"],
+)  # fmt: skip
+def test_sealed_mode_names_the_missing_seal(fds, seals):
+    fd = memfd_with(fds, seals)
+    good = memfd_with(fds, PAYLOAD_SEALS)
+    e = refused([good, fd], "sealed")
+    assert e.error_name == E_UNSEALED
+    assert "fd #1" in e.message  # the second fd argument is the culprit
+    assert f"missing seals {seal_names(PAYLOAD_SEALS & ~seals)} " in e.message, e.message
+    assert vet_fds([fd], "any", ctx())[0].kind == "memfd"  # `any` is dbus-daemon compatible
+
+
+def test_regular_writable_file(fds, tmp_path):
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    fds.append(fd)
+    e = refused([fd], "sealed")
+    assert e.error_name == E_UNSEALED and "file" in e.message
+    assert vet_fds([fd], "any", ctx())[0].kind == "file"
+
+
+def test_pipe(fds):
+    r, w = os.pipe()
+    fds += [r, w]
+    e = refused([r], "sealed")
+    assert e.error_name == E_REFUSED and "pipe" in e.message
+    assert vet_fds([r, w], "any", ctx())[0].kind == "pipe"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_directory_refused_in_every_mode(fds, tmp_path, mode):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fds.append(fd)
+    e = refused([fd], mode)
+    assert e.error_name == E_REFUSED and "director" in e.message and e.reason == "directory"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_o_path_refused_in_every_mode(fds, tmp_path, mode):
+    (tmp_path / "f").write_bytes(b"x")
+    fd = os.open(tmp_path / "f", os.O_PATH)
+    fds.append(fd)
+    assert refused([fd], mode).reason == "o_path"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bus_listening_socket_refused_in_every_mode(tmp_path, mode):
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(tmp_path / "bus"))
+    lsock.listen()
+    st = os.fstat(lsock.fileno())
+    c = ctx(listening={(st.st_dev, st.st_ino)})
+    e = refused([lsock.fileno()], mode, c)
+    assert e.error_name == E_REFUSED and e.reason == "bus_socket" and "listening" in e.message
+    # another listening socket is just a socket in `any` mode
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(tmp_path / "other"))
+    other.listen()
+    if mode == "any":
+        assert vet_fds([other.fileno()], mode, c)[0].kind == "socket"
+    lsock.close()
+    other.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unix_socket_with_queued_fds_refused_in_every_mode(fds, mode):
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    fds += [r, w]
+    # b's receive queue now holds an fd in flight
+    a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+    e = refused([b.fileno()], mode)
+    assert e.error_name == E_REFUSED and e.reason == "socket_queue" and "in flight" in e.message
+    # the vetter did not receive anything: the fd is still queued
+    _, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(4))
+    assert anc and anc[0][1] == socket.SCM_RIGHTS
+    for _level, _kind, raw in anc:
+        fds.extend(array.array("i", raw))
+    # with its queue drained, the same socket passes in `any` mode (dbus-daemon compatible)
+    if mode == "any":
+        assert vet_fds([b.fileno()], mode, ctx())[0].kind == "socket"
+    a.close()
+    b.close()
+
+
+def test_connection_to_the_bus_itself_refused():
+    a, b = socket.socketpair()  # SO_PEERCRED of either end: this process
+    e = refused([a.fileno()], "any", VetContext(own_pids={os.getpid()}))
+    assert e.reason == "bus_connection"
+    assert vet_fds([a.fileno()], "any", VetContext(own_pids={1}))[0].kind == "socket"
+    a.close()
+    b.close()
+
+
+def test_tcp_socket_with_queued_data_is_not_a_unix_socket():
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    cli.sendall(b"data")
+    conn.recv(0)
+    assert vet_fds([conn.fileno()], "any", ctx())[0].kind == "socket"  # cannot carry fds
+    for s in (srv, cli, conn):
+        s.close()
+
+
+def test_sealed_mode_accepts_payload_snapshots_only_read_only(fds, tmp_path):
+    p = tmp_path / "snap"
+    p.write_bytes(b"snapshot")
+    st = os.stat(p)
+    snaps = {(st.st_dev, st.st_ino)}
+    c = ctx(is_payload_snapshot=lambda dev, ino: (dev, ino) in snaps)
+    ro = os.open(p, os.O_RDONLY)
+    rw = os.open(p, os.O_RDWR)
+    fds += [ro, rw]
+    [info] = vet_fds([ro], "sealed", c)
+    assert (info.kind, info.size) == ("payload-snapshot", 8)
+    assert refused([rw], "sealed", c).error_name == E_UNSEALED
+    assert refused([ro], "sealed", ctx()).error_name == E_UNSEALED  # unknown to the store: just a file
+
+
+def test_fd_stat_matches_fstat(fds, tmp_path):
+    fd = memfd_with(fds, 0, b"abc")
+    st = os.fstat(fd)
+    assert fd_stat(fd) == (st.st_mode, 3, st.st_dev, st.st_ino)
+
+
+def test_vet_never_reads_payload_bytes(fds):
+    """Vetting a pipe leaves its contents where they were (no read, no peek)."""
+    r, w = os.pipe()
+    fds += [r, w]
+    os.write(w, b"secret")
+    vet_fds([r], "any", ctx())
+    assert os.read(r, 100) == b"secret"
+
+
+def test_unknown_mode_is_an_error(fds):
+    with pytest.raises(ValueError):
+        vet_fds([], "sometimes", ctx())
+
+
+def test_stats_counters(fds):
+    stats = PayloadStats()
+    sealed = seal(b"y" * 4096)
+    fds.append(sealed)
+    stats.record(vet_fds([sealed], "sealed", ctx()), copies=50)
+    stats.refused["unsealed"] += 1
+    d = stats.as_dict()
+    assert d["payloads_forwarded"] == 50
+    assert d["bytes_without_copy"] == 50 * 4096
+    assert d["sealed_payloads"] == 50
+    assert d["refused_unsealed"] == 1
