@@ -15,7 +15,6 @@ back in the same rep), because this machine is shared and noisy.
 """
 
 import argparse
-import datetime
 import json
 import os
 import shlex
@@ -81,7 +80,7 @@ def run(a) -> dict:
         why = sealbus_starts(a.sealbus_cmd)
         if why:
             log("sealbus does not start, measuring without it: " + why)
-            notes.append("sealbus was left out of this run: it did not start (`%s`)." % why.strip()[-200:])
+            notes.append(f"sealbus was left out of this run: it did not start (`{why.strip()[-200:]}`).")
             targets.remove("sealbus")
     cmd = [sys.executable, os.path.join(HERE, "run_bench.py"), "--no-limits-probe",
            *[t for t in targets if t != "sealbus"]]  # fmt: skip
@@ -129,9 +128,9 @@ def paired(res: dict, bid_a: str, ta: str, bid_b: str, tb: str, key: str) -> lis
 def fmt_ratio(rs: list) -> str:
     if not rs:
         return "—"
-    s = "x%.2f" % statistics.median(rs) if statistics.median(rs) < 100 else "x%.0f" % statistics.median(rs)
+    s = f"x{statistics.median(rs):.2f}" if statistics.median(rs) < 100 else f"x{statistics.median(rs):.0f}"
     if len(rs) > 1:
-        s += " [%.2f–%.2f]" % (min(rs), max(rs))
+        s += f" [{min(rs):.2f}\u2013{max(rs):.2f}]"
     return s
 
 
@@ -141,7 +140,7 @@ def fmt_cell(runs: list, key: str, f: str) -> str:
         return "n/a"
     cell = rb.fmt(statistics.median(vals), f) if vals else "—"
     if len(vals) > 1:
-        cell += " [%s–%s]" % (rb.fmt(min(vals), f), rb.fmt(max(vals), f))
+        cell += f" [{rb.fmt(min(vals), f)}\u2013{rb.fmt(max(vals), f)}]"
     bad = [r for r in runs if not r.get("_ok")]
     if bad:
         why = sorted({(r.get("_error") or "failed")[:80].replace("|", "/") for r in bad})
@@ -166,9 +165,9 @@ def headline(res: dict, targets: list) -> list:
 
     def row(what, goal, rs, ok):
         verdict = "—" if not rs else ("met" if ok(statistics.median(rs)) else "**not met**")
-        L.append("| %s | %s | %s | %s |" % (what, goal, fmt_ratio(rs), verdict))
+        L.append(f"| {what} | {goal} | {fmt_ratio(rs)} | {verdict} |")
 
-    L += ["| target | goal | measured (sealbus / reference, paired median [min–max]) | |", "|---|---|---|---|"]
+    L += ["| target | goal | measured (sealbus / reference, paired median [min\u2013max]) | |", "|---|---|---|---|"]
     for bid, key, what in (("ping_k1", "calls_per_s", "method-call round trips, 1 client"),
                            ("ping_k4", "calls_per_s", "method-call round trips, 4 clients"),
                            ("oneway", "msgs_per_s", "one-way messages"),
@@ -196,8 +195,8 @@ def render(d: dict) -> str:
     if meta.get("quick"):
         L += ["**Quick run** (`--quick`: 1 rep, scaled-down counts, subset of rows): for iterating, not for "
               "quoting.", ""]  # fmt: skip
-    L += ["Machine: %s; %s, %s GiB RAM, shared with other work (load average %s at start, %s at end). "
-          "Measured %s; sealbus %s; %s." % (meta.get("host"), meta.get("cpu"), meta.get("mem_gib"),
+    L += ["Machine: {}; {}, {} GiB RAM, shared with other work (load average {} at start, {} at end). "
+          "Measured {}; sealbus {}; {}.".format(meta.get("host"), meta.get("cpu"), meta.get("mem_gib"),
                                             meta.get("load_start"), meta.get("load_end"), meta.get("date"),
                                             meta.get("sealbus_rev"), ", ".join(meta.get("versions", {}).values())),
           ""]  # fmt: skip
@@ -212,8 +211,8 @@ def render(d: dict) -> str:
           "server; the broker order alternates per rep. No CPU pinning: broker, server and clients share the "
           "2 cores. dbus-daemon and dbus-broker get raised limits (session-like); sealbus runs as "
           "`sealbus run --address unix:path=…` (allow-all policy, fd mode `any`).",
-          "* **Cells**: median over reps, `[min–max]` over reps. **Ratios**: the median of per-rep ratios of two "
-          "brokers measured in the same rep, `[min–max]` of those ratios. For rates >1 is better; for "
+          "* **Cells**: median over reps, `[min\u2013max]` over reps. **Ratios**: the median of per-rep ratios of two "
+          "brokers measured in the same rep, `[min\u2013max]` of those ratios. For rates >1 is better; for "
           "times, latency and memory <1 is better.",
           "* **Ping**: K client processes, each one synchronous call at a time (or 16 outstanding for "
           "'pipelined'), for a fixed duration after a warm-up. **One-way**: `Sink(ay16)` with "
@@ -232,14 +231,14 @@ def render(d: dict) -> str:
           "64 MiB, the spec's array limit.", ""]  # fmt: skip
     L += ["## Results", "", "![throughput](benchmarks-throughput.png)", "",
           "![transit](benchmarks-transit.png)", ""]  # fmt: skip
-    hdr = "| benchmark | metric | " + " | ".join(targets) + "".join(" | %s/%s" % c for c in cols) + " |"
+    hdr = "| benchmark | metric | " + " | ".join(targets) + "".join(" | {}/{}".format(*c) for c in cols) + " |"
     L += [hdr, "|" + "---|" * (2 + len(targets) + len(cols))]
     for b in benches:
         for key, label, _hib, f in rb.metric_rows(b.id):
             cells = [fmt_cell(_runs(res, b.id, t), key, f) for t in targets]
             cells += [fmt_ratio(paired(res, b.id, x, b.id, y, key)) for x, y in cols]
-            L.append("| %s | %s | %s |" % (b.title, label, " | ".join(cells)))
-    L += ["", "Run: `%s`" % meta.get("command", "?"), ""]
+            L.append("| {} | {} | {} |".format(b.title, label, " | ".join(cells)))
+    L += ["", "Run: `{}`".format(meta.get("command", "?")), ""]
     return "\n".join(L)
 
 
@@ -268,12 +267,12 @@ def plot_transit(d: dict, path: str) -> None:
     for i, t in enumerate(x["label"] for x in d["targets"]):
         color = "C%d" % i
         for kind, sizes, style in (("ay", rb.LARGE_AY, "--o"), ("fd", rb.LARGE_FD, "-s")):
-            pts = [(rb.size_bytes(sz), _median(res, "large_%s_%s" % (kind, sz), t, "transit_med_ms"))
+            pts = [(rb.size_bytes(sz), _median(res, f"large_{kind}_{sz}", t, "transit_med_ms"))
                    for sz, _ in sizes]  # fmt: skip
             pts = [p for p in pts if p[1]]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color,
-                        label="%s, %s" % (t, "ay (bytes)" if kind == "ay" else "sealed memfd"))  # fmt: skip
+                        label="{}, {}".format(t, "ay (bytes)" if kind == "ay" else "sealed memfd"))  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ticks = [KiB, 64 * KiB, MiB, 16 * MiB, 64 * MiB, 256 * MiB, GiB]
@@ -304,7 +303,7 @@ def plot_throughput(d: dict, path: str) -> None:
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
         for bar, y in zip(bars, ys, strict=True):
-            ax.annotate("{:,.0f}".format(y), (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom",
+            ax.annotate(f"{y:,.0f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom",
                         fontsize=7)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -316,10 +315,10 @@ def write_outputs(d: dict, md_path: str) -> None:
     stem = os.path.splitext(os.path.basename(md_path))[0]
     plot_transit(d, os.path.join(docs, stem + "-transit.png"))
     plot_throughput(d, os.path.join(docs, stem + "-throughput.png"))
-    text = render(d).replace("(benchmarks-", "(%s-" % stem)
+    text = render(d).replace("(benchmarks-", f"({stem}-")
     with open(md_path, "w") as f:
         f.write(text)
-    log("wrote %s and %s-{transit,throughput}.png" % (md_path, os.path.join(docs, stem)))
+    log(f"wrote {md_path} and {os.path.join(docs, stem)}-{{transit,throughput}}.png")
 
 
 def main(argv: list[str] | None = None) -> int:

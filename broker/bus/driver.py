@@ -365,7 +365,7 @@ class Driver:
 
     def m_Claim(self, peer, h, cookie):
         payload = self.bus.payload
-        if payload is None or not hasattr(payload, "claim"):
+        if payload is None or getattr(payload, "store", None) is None:
             raise BusError("org.sealbus.Error.PayloadFsUnavailable",
                            "this bus does not serve a payload filesystem (start it with --payload-fs)")  # fmt: skip
         payload.start_claim(self.bus, peer, h.serial, cookie)

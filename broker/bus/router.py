@@ -483,6 +483,20 @@ class Bus:
         raw = wm.error_message(self.next_serial(), reply_to, target.unique_name, name, text)
         self.send_from_bus(target, raw)
 
+    def send_reply_fds(self, target: Peer, reply_to: int, signature: str, body: tuple, fds: list[int]) -> None:
+        """A driver reply carrying fds (which the bus owns and closes once sent)."""
+        raw = wm.build_message(wm.METHOD_RETURN, self.next_serial(), reply_serial=reply_to,
+                               destination=target.unique_name, sender=DBUS_NAME, signature=signature,
+                               body=body, flags=wm.NO_REPLY_EXPECTED, unix_fds=len(fds))  # fmt: skip
+        fdref = FdRef(fds)
+        try:
+            if self.monitors:
+                self._to_monitors(None, wm.HeaderView(memoryview(raw)), fdref, [raw])
+            if not target.dying:
+                self._push(target, [raw], len(raw), fdref, None)
+        finally:
+            fdref.decref()
+
     def send_reply(self, target: Peer, reply_to: int, signature: str = "", body=()) -> None:
         raw = wm.method_return(self.next_serial(), reply_to, target.unique_name, signature, body)
         self.send_from_bus(target, raw)

@@ -21,6 +21,35 @@ class PayloadService:
     def stats_dict(self) -> dict[str, int]:
         return self.stats.as_dict()
 
+    def start_claim(self, bus, peer, serial: int, cookie: str) -> None:
+        """org.sealbus.Payload1.Claim: answered later, the snapshot is opened off the loop."""
+        if self.store is None:
+            bus.send_error(peer, serial, "org.sealbus.Error.PayloadFsUnavailable",
+                           "this bus does not serve a payload filesystem (start it with --payload-fs)")  # fmt: skip
+            return
+        if not peer.unix_fds:
+            bus.send_error(peer, serial, "org.freedesktop.DBus.Error.NotSupported",
+                           "Claim returns an fd: negotiate Unix fd passing first")  # fmt: skip
+            return
+        bus.spawn(self._claim, bus, peer, serial, cookie)
+
+    async def _claim(self, bus, peer, serial: int, cookie: str) -> None:
+        from .claim import claim
+        from .store import ClaimError
+
+        try:
+            fd, size = await claim(self.store, peer.creds.uid, cookie)
+        except ClaimError as e:
+            log.warning("claim refused for %s: %s", peer.describe(), e.message)
+            if not peer.dying:
+                bus.send_error(peer, serial, e.error_name, e.message)
+        else:
+            if peer.dying:
+                os.close(fd)
+            else:
+                bus.send_reply_fds(peer, serial, "ht", (0, size), [fd])
+        bus.server.flush_dirty()
+
 
 def install_fd_vetting(bus, settings) -> None:
     mode = settings.fd_mode
@@ -50,8 +79,17 @@ def note_listening_sockets(bus, socks) -> None:
 
 
 async def start_payload_fs(bus, settings, nursery, fuse_fd=None) -> None:
-    try:
-        from ..io.fuse import serve_payload_fs  # the FUSE payload filesystem
-    except ImportError:
-        raise RuntimeError("the FUSE payload filesystem is not available in this build") from None
-    await nursery.start(serve_payload_fs, bus, settings, fuse_fd)
+    """Serve the FUSE payload filesystem in the bus's trio loop and enable Claim."""
+    import functools
+
+    from ..io.fuse import serve_payload_fs
+    from .store import Limits, PayloadStore
+
+    if not settings.payload_fs:
+        raise RuntimeError("a payload fs fd was given but no mount point (payload_fs)")
+    store = PayloadStore(limits=Limits.from_settings(settings))
+    svc = bus.payload
+    svc.store = store
+    svc.ctx.is_payload_snapshot = store.is_snapshot
+    await nursery.start(functools.partial(serve_payload_fs, store, settings.payload_fs, fuse_fd=fuse_fd))
+    log.info("payload filesystem served at %s", settings.payload_fs)

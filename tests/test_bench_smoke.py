@@ -1,0 +1,67 @@
+"""Smoke test of the benchmark driver (`make bench`), NOT a timed test.
+
+It runs one tiny round-trip benchmark and one sealed-memfd transfer end to end
+through dbench against dbus-daemon and sealbus, and checks that every run
+completed, was measured, and was rendered. No speed is asserted: this machine
+is shared and the numbers mean nothing at this size.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DBENCH = os.path.join(ROOT, "benchmarks", "dbench", "dbench")
+TARGETS = ("dbus-daemon", "sealbus")
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(DBENCH), reason="dbench not built (scripts/setup.sh builds it)"),
+    pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="dbus-daemon not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    md, raw = out / "benchmarks.md", out / "raw.json"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "ping_k1_d16,large_fd_1M",
+           "--targets", ",".join(TARGETS), "--md", str(md), "--json", str(raw)]  # fmt: skip
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out, md, json.loads(raw.read_text()), p.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_run_completes_against(quick_run, target):
+    _, _, d, log = quick_run
+    assert target in [t["label"] for t in d["targets"]], "left out: " + log[-1000:]
+    runs = {r["bench"]: r["runs"] for r in d["results"] if r["target"] == target}
+    assert set(runs) == {"ping_k1_d16", "large_fd_1M"}
+    ping, = runs["ping_k1_d16"]
+    assert ping["_ok"], ping
+    assert ping["calls"] > 0 and ping["errors"] == 0
+    fd, = runs["large_fd_1M"]
+    assert fd["_ok"], fd  # every transfer arrived sealed, with the right checksum
+    assert fd["transport"] == "memfd" and fd["size"] == 1 << 20
+    # transit is receiver's view time minus sender's ready time: positive, and
+    # no longer than the whole call it is part of
+    assert 0 < fd["transit_med_ms"] <= fd["e2e_med_ms"]
+
+
+@pytest.mark.timeout(120)
+def test_report_and_plots_are_written_and_rerender_identically(quick_run):
+    out, md, _, _ = quick_run
+    text = md.read_text()
+    assert "| Ping(ay16) K=1 pipelined depth 16 | calls/s |" in text
+    assert "sealbus/dbus-daemon" in text
+    for png in ("benchmarks-transit.png", "benchmarks-throughput.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = out / "again.md"
+    subprocess.run([sys.executable, "-m", "benchmarks.run", "--render", str(out / "raw.json"), "--md", str(again)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)  # fmt: skip
+    assert again.read_text() == text.replace("benchmarks-", "again-")
