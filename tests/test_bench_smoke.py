@@ -42,10 +42,10 @@ def test_every_run_completes_against(quick_run, target):
     assert target in [t["label"] for t in d["targets"]], "left out: " + log[-1000:]
     runs = {r["bench"]: r["runs"] for r in d["results"] if r["target"] == target}
     assert set(runs) == {"ping_k1_d16", "large_fd_1M"}
-    ping, = runs["ping_k1_d16"]
+    (ping,) = runs["ping_k1_d16"]
     assert ping["_ok"], ping
     assert ping["calls"] > 0 and ping["errors"] == 0
-    fd, = runs["large_fd_1M"]
+    (fd,) = runs["large_fd_1M"]
     assert fd["_ok"], fd  # every transfer arrived sealed, with the right checksum
     assert fd["transport"] == "memfd" and fd["size"] == 1 << 20
     # transit is receiver's view time minus sender's ready time: positive, and

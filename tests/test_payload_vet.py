@@ -18,7 +18,16 @@ from broker.payload.seals import (
     PAYLOAD_SEALS,
     seal_names,
 )
-from broker.payload.vet import E_REFUSED, E_UNSEALED, FdRefused, PayloadStats, VetContext, fd_stat, vet_fds
+from broker.payload.vet import (
+    E_REFUSED,
+    E_UNSEALED,
+    FdRefused,
+    PayloadStats,
+    VetContext,
+    close_may_block,
+    fd_stat,
+    vet_fds,
+)
 
 MODES = ("any", "sealed", "none")
 
@@ -219,3 +228,35 @@ def test_stats_counters(fds):
     assert d["bytes_without_copy"] == 50 * 4096
     assert d["sealed_payloads"] == 50
     assert d["refused_unsealed"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_close_may_block(fds, tmp_path, hostile_fuse):
+    fuse_fd = os.open(hostile_fuse / "f", os.O_RDONLY)  # never closed by us: it would hang until teardown
+    assert close_may_block(fuse_fd)
+    assert vet_fds([fuse_fd], "any", ctx())[0].kind == "file"  # vetting itself never blocks on FUSE
+    assert refused([fuse_fd], "sealed").error_name == E_UNSEALED
+    r, w = os.pipe()
+    fds += [r, w, memfd_with(fds, PAYLOAD_SEALS)]
+    a, b = socket.socketpair()
+    tcp = socket.create_server(("127.0.0.1", 0))
+    assert not close_may_block(fds[-1])
+    assert not close_may_block(r)
+    assert not close_may_block(a.fileno())
+    assert close_may_block(tcp.fileno())  # SO_LINGER can make close() wait
+    fds.append(os.open("/dev/null", os.O_RDONLY))
+    assert close_may_block(fds[-1])
+    for s in (a, b, tcp):
+        s.close()
+
+
+@pytest.fixture
+def hostile_fuse(tmp_path):
+    """A FUSE mount whose server never answers FLUSH (so close() of its file blocks until teardown)."""
+    from tests import hostile_fuse as hf
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting FUSE needs root here")
+    (tmp_path / "hostile").mkdir()
+    with hf.mount(tmp_path / "hostile") as mnt:
+        yield mnt

@@ -166,11 +166,20 @@ def network_capable(policy) -> set[str]:
 
 
 def payload_flows_to_network(policy) -> list[str]:
+    """Direct flows under the booleans' default states; ones that need a boolean flipped get ' [conditional]'."""
     from setools import InfoFlowAnalysis, PermissionMap
 
-    ifa = InfoFlowAnalysis(policy, PermissionMap(), min_weight=1)
+    perm_map = PermissionMap()
     net = network_capable(policy)
-    return sorted({str(step.target) for step in ifa.infoflows("sealbus_fs_t", out=True)} & net)
+    defaults = {str(b): bool(b.state) for b in policy.bools()}
+
+    def targets(booleans):
+        ifa = InfoFlowAnalysis(policy, perm_map, min_weight=1, booleans=booleans)
+        return {str(step.target) for step in ifa.infoflows("sealbus_fs_t", out=True)} & net
+
+    always = targets(defaults)
+    conditional = targets(None) - always
+    return sorted(always | {name + " [conditional]" for name in conditional})
 
 
 def audit(policy_path: Path) -> dict[str, list[str]]:

@@ -190,3 +190,36 @@ class PayloadStats:
         for k, v in self.refused.items():
             out[f"refused_{k}"] = v
         return out
+
+
+def close_may_block(fd: int) -> bool:
+    """Whether close() of this fd may wait on somebody else, so the broker must not do it on its loop.
+
+    A file on a FUSE mount sends FUSE_FLUSH on every close() and waits for the
+    answer: a client serving its own mount can pass such a file and never
+    answer, stalling the whole bus (refusing the message does not help, the
+    broker already holds its copy). Block and character devices may sync or
+    drain on release (a tty waits up to 30 s), and a TCP socket with SO_LINGER
+    waits for its unsent data. What never blocks: memfds and other shmem files
+    (they have seals), pipes, unix sockets, anonymous-inode fds (eventfd,
+    epoll, pidfd...: st_dev of the anon-inode fs, mode 0). Only statx/fcntl/
+    getsockopt on the fd, none of which reaches a FUSE server.
+    """
+    try:
+        fmode, _size, _dev, _ino = fd_stat(fd)
+    except OSError:
+        return False  # not an open fd: closing it cannot block
+    if stat.S_ISFIFO(fmode) or stat.S_ISDIR(fmode) or stat.S_IFMT(fmode) == 0:
+        return False
+    if stat.S_ISREG(fmode):
+        return get_seals(fd) is None  # shmem (memfd, tmpfs) answers F_GET_SEALS; other files may be FUSE
+    if stat.S_ISSOCK(fmode):
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return True
+        try:
+            return sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN) != socket.AF_UNIX
+        finally:
+            sock.close()
+    return True  # block and character devices, anything unknown
