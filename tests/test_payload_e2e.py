@@ -339,9 +339,6 @@ def test_cli_send_receive_cat(sealed_bus, tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="the broker closes received fds on its event loop; close() of a file on a "
-                   "FUSE mount waits for FLUSH. Needs io/connection.py close_fds to close fds for which "
-                   "broker.payload.vet.close_may_block() is true in a worker thread (lead)")  # fmt: skip
 @pytest.mark.parametrize("mode", ["any", "sealed"])
 def test_fd_from_hostile_fuse_mount_does_not_stall_the_bus(sealbus_factory, hostile_fuse, mode):
     bus = sealbus_factory("--fd-mode", mode)

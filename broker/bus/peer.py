@@ -5,7 +5,6 @@ The outbox is plain data (buffers + fds). The I/O shell installs ``wake``
 to disconnect the peer); nothing here performs I/O.
 """
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -39,11 +38,9 @@ class FdRef:
     def decref(self) -> None:
         self.refs -= 1
         if self.refs == 0:
-            for fd in self.fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            from ..payload.closer import closer  # a FUSE file's close may block: not on the loop
+
+            closer.close_all(self.fds)
             self.fds = []
 
 

@@ -165,8 +165,8 @@ class Bus:
     def dispatch(self, peer: Peer, msg) -> None:
         h, fds = msg
         if peer.dying:
-            for fd in fds:
-                os.close(fd)
+            if fds:
+                FdRef(fds).decref()
             return
         peer.stats["in_messages"] += 1
         peer.stats["in_bytes"] += len(h.raw)

@@ -16,6 +16,7 @@ import socket
 import trio
 
 from ..bus.peer import Peer
+from ..payload.closer import closer
 from ..wire.errors import WireError
 from ..wire.framer import Framer
 from ..wire.sasl import SaslServer
@@ -41,13 +42,8 @@ def fds_from_ancdata(ancdata) -> list[int]:
 
 
 def close_fds(fds) -> None:
-    import os
-
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    """Close received fds; kinds whose close may block (FUSE files...) go to worker threads."""
+    closer.close_all(fds)
 
 
 class Connection:
