@@ -409,7 +409,7 @@ class Bench:
 
 
 LARGE_AY = (("1K", 50), ("64K", 30), ("1M", 20), ("16M", 5), ("64M", 3))
-LARGE_FD = (("1K", 50), ("64K", 30), ("1M", 20), ("16M", 5), ("64M", 3), ("256M", 3), ("1G", 2))
+LARGE_FD = (("1K", 50), ("64K", 30), ("1M", 20), ("16M", 5), ("64M", 3), ("256M", 3), ("1G", 3))
 
 
 def size_label(sz):
@@ -725,7 +725,7 @@ def main():
     ap.add_argument("--pid", action="append", default=[], metavar="LABEL=PID",
                     help="broker pid for RSS/CPU of an external ADDRESS target (default: SO_PEERCRED pid and its children)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", help="comma-separated benchmark id prefixes (ping,oneway,fanout,large,idle)")
+    ap.add_argument("--only", help="comma-separated benchmark id prefixes (ping,oneway,fanout,large,idle); ID$ = exactly ID")
     ap.add_argument("--skip", help="comma-separated benchmark id prefixes to skip")
     ap.add_argument("--scale", type=float, default=1.0, help="scale message counts and durations (e.g. 0.1 for a slow broker)")
     ap.add_argument("--quick", action="store_true", help="--reps 1 --scale 0.25, no limits probe")
@@ -773,12 +773,13 @@ def main():
         ap.error("duplicate target labels")
 
     benches = make_benches(a.scale)
+    def picked(bid, pats):  # "ID$" matches exactly, anything else is a prefix
+        return any(bid == p[:-1] if p.endswith("$") else bid.startswith(p) for p in pats.split(","))
+
     if a.only:
-        pre = a.only.split(",")
-        benches = [b for b in benches if any(b.id.startswith(p) for p in pre)]
+        benches = [b for b in benches if picked(b.id, a.only)]
     if a.skip:
-        pre = a.skip.split(",")
-        benches = [b for b in benches if not any(b.id.startswith(p) for p in pre)]
+        benches = [b for b in benches if not picked(b.id, a.skip)]
 
     ncpu = os.cpu_count() or 1
     pin_broker = ["taskset", "-c", "0"] if a.pin else []
