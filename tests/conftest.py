@@ -1,4 +1,22 @@
-"""Shared fixtures: real buses (sealbus, dbus-daemon) on real sockets."""
+"""Shared fixtures and helpers for every test file.
+
+Live buses (real processes, real sockets under a 0755 temp dir so other uids reach them):
+  ``sealbus``          `sealbus run --address unix:path=...`; a :class:`Bus` (address, path, proc, pid,
+                       log_path, fd_count(), rss_kib()); stopped with SIGTERM afterwards.
+  ``sealbus_factory``  ``make(*extra_args, name=...)`` for buses with options (e.g. ``--config F``).
+  ``dbus_daemon``      the reference dbus-daemon (--session config) for differential tests.
+Other users (root only; skips otherwise):
+  ``test_users``       [sealbus-test1, sealbus-test2] pwd entries, created with useradd if missing;
+                       ``run_as(user, argv)`` / ``popen_as(user, argv, groups=...)`` run a real process as them.
+Clients:
+  :class:`RawClient`   a bare-socket client: chosen AUTH uid, optional Hello, raw bytes and fds,
+                       replies parsed by jeepney; ``closed_by_peer()`` to await a disconnect.
+  :class:`LineWatcher` waits for a line in a subprocess's stdout (monitors) instead of sleeping.
+  ``bus_is_alive(bus)``  a fresh client can still connect and Ping the driver.
+Sans-IO core:
+  ``core`` fixture + :class:`CoreClient`  an in-memory ``broker.bus.router.Bus`` and peers that
+                       dispatch real wire messages and read their outboxes (exact ordering checks).
+"""
 
 import os
 import pwd
@@ -17,10 +35,14 @@ TEST_USERS = ("sealbus-test1", "sealbus-test2")
 
 
 class Bus:
-    def __init__(self, proc, address, path):
+    """A running bus process: ``address`` (unix:path=...), ``path`` of its socket,
+    ``proc``, and ``log_path`` (its stderr, for asserting on log lines)."""
+
+    def __init__(self, proc, address, path, log_path=None):
         self.proc = proc
         self.address = address
         self.path = path
+        self.log_path = log_path
 
     @property
     def pid(self) -> int:
@@ -62,7 +84,7 @@ def start_sealbus(tmp_path, *args, name="bus") -> Bus:
     if not address:
         proc.wait(timeout=10)
         raise RuntimeError("sealbus did not start: " + (tmp_path / f"{name}.log").read_text())
-    return Bus(proc, address, path)
+    return Bus(proc, address, path, tmp_path / f"{name}.log")
 
 
 def start_dbus_daemon(tmp_path, config: str | None = None, name="dd") -> Bus:
@@ -376,3 +398,61 @@ def bus_is_alive(bus) -> bool:
                                                              interface="org.freedesktop.DBus.Peer"), "Ping"),
                                  timeout=10)  # fmt: skip
         return r.header.message_type.name == "method_return"
+
+
+class LineWatcher:
+    """Collects a subprocess's stdout lines in a thread so a test can wait for a
+    line (an event) instead of sleeping."""
+
+    def __init__(self, proc):
+        import threading
+
+        self.proc = proc
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self.cond:
+            return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 15) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: needle in "".join(self.lines) or self.proc.poll() is not None,
+                                      timeout) and needle in "".join(self.lines)  # fmt: skip
+
+    def wait_ready(self, poke, needle: str, timeout: float = 15) -> bool:
+        """Call ``poke()`` until ``needle`` shows up: for monitors, whose readiness has no other signal."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            poke()
+            with self.cond:
+                if self.cond.wait_for(lambda: needle in "".join(self.lines), 0.2):
+                    return True
+        return False
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def popen_as(user: pwd.struct_passwd, argv, groups=(), **kw) -> subprocess.Popen:
+    """Start a process as another user, with the given supplementary groups."""
+
+    def demote():
+        os.setgroups(list(groups))
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+
+    return subprocess.Popen(argv, preexec_fn=demote, **kw)

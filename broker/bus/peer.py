@@ -77,6 +77,7 @@ class Peer:
     monitor_rules: list = field(default_factory=list)
     outbox: deque = field(default_factory=deque)
     out_bytes: int = 0
+    out_fds: int = 0  # fds queued in the outbox (max_outgoing_unix_fds)
     replies_pending: int = 0  # calls this peer made that still await a reply
     closed: bool = False  # disconnected from the bus
     dying: bool = False  # being disconnected: takes and sends nothing more
@@ -96,14 +97,17 @@ class Peer:
         self.outbox.append(item)
         self.out_bytes += item.nbytes
         self.account.outgoing_bytes += item.nbytes
-        if item.fdref is not None and item.owner is not None:
-            item.owner.inflight_fds += len(item.fdref.fds)
+        if item.fdref is not None:
+            self.out_fds += len(item.fdref.fds)
+            if item.owner is not None:
+                item.owner.inflight_fds += len(item.fdref.fds)
 
     def item_done(self, item: OutItem) -> None:
         """Called by the I/O shell when ``item`` was written (or dropped)."""
         self.out_bytes -= item.nbytes
         self.account.outgoing_bytes -= item.nbytes
         if item.fdref is not None:
+            self.out_fds -= len(item.fdref.fds)
             if item.owner is not None:
                 item.owner.inflight_fds -= len(item.fdref.fds)
             item.fdref.decref()

@@ -329,6 +329,8 @@ class Bus:
             return f"outgoing queue of {target.unique_name} is full (max_outgoing_bytes)"
         if target.account.outgoing_bytes + nbytes > lim.max_outgoing_bytes_per_user:
             return f"outgoing queues of uid {target.creds.uid} are full (max_outgoing_bytes_per_user)"
+        if fdref is not None and target.out_fds + len(fdref.fds) > lim.max_outgoing_unix_fds:
+            return f"{target.unique_name} has too many fds queued (max_outgoing_unix_fds)"
         if fdref is not None and sender is not None:
             if sender.account.inflight_fds + len(fdref.fds) > lim.max_inflight_fds_per_user:
                 return f"uid {sender.creds.uid} has too many fds in flight (max_inflight_fds_per_user)"
