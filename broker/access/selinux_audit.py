@@ -70,8 +70,11 @@ def link_policy(module_pp: Path, root: Path) -> Path:
         raise AuditError(f"distribution policy store missing ({store}, {config}): install selinux-policy-default")
     shutil.copytree(store, root / "var/lib/selinux" / STORE, symlinks=True)
     shutil.copytree(config, root / "etc/selinux" / STORE, symlinks=True)
-    if Path("/etc/selinux/semanage.conf").exists():
-        shutil.copy2("/etc/selinux/semanage.conf", root / "etc/selinux/semanage.conf")
+    # expand-check=1: check every neverallow against the whole linked policy
+    # (distributions ship 0), so the invariants are proven, not just written.
+    conf = Path("/etc/selinux/semanage.conf")
+    lines = [ln for ln in (conf.read_text().splitlines() if conf.exists() else []) if "expand-check" not in ln]
+    (root / "etc/selinux/semanage.conf").write_text("\n".join([*lines, "expand-check = 1", ""]))
     proc = subprocess.run(
         ["semodule", "-p", str(root), "-s", STORE, "-n", "-i", str(module_pp)],
         capture_output=True, text=True, check=False,

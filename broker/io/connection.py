@@ -187,6 +187,8 @@ class Connection:
         except OSError as e:
             self._on_kill(f"read error: {e.strerror}")
             return
+        finally:
+            buf.release()  # our view of the free space must not pin the buffer
         fds = fds_from_ancdata(anc) if anc else ()
         if flags & socket.MSG_CTRUNC:
             close_fds(fds)
