@@ -81,7 +81,30 @@ def read_machine_id() -> str:
     return ""
 
 
+def raise_fd_limit(limits) -> int:
+    """Raise RLIMIT_NOFILE to its hard limit and keep fd quotas below it.
+
+    Running out of fds would stop the bus from accepting anyone: no single
+    user may pin more than a quarter of them in queues, and a client can
+    never make the broker exceed the limit by itself.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    budget = max(64, soft // 4)
+    limits.max_inflight_fds_per_user = min(limits.max_inflight_fds_per_user, budget)
+    limits.max_outgoing_unix_fds = min(limits.max_outgoing_unix_fds, budget)
+    return soft
+
+
 def make_bus(settings: BusSettings) -> Bus:
+    raise_fd_limit(settings.limits)
     bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
     bus.policy = settings.policy
     from ..payload.bus_glue import install_fd_vetting
