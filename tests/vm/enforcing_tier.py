@@ -121,14 +121,15 @@ def case_socket(start: float) -> None:
 
 def case_payload_fs(start: float) -> None:
     """The payload fs label, applied by the context= mount option from sealbus_launch_t."""
-    mnt = PROBE_DIR / "fs"
+    # Outside the sealbus_var_run_t dir, so a denial is about the payload fs itself.
+    mnt = Path("/mnt/sealbus-payload")
     mnt.mkdir(exist_ok=True)
     proc = sh(str(HELPER), "mount", str(mnt))
     record("launcher domain mounts with context=sealbus_fs_t", proc.returncode == 0, proc.stderr.strip() or "mounted")
     if proc.returncode != 0:
         return
     try:
-        label = sh("stat", "-c", "%C", str(mnt)).stdout.strip()
+        label = sh(str(HELPER), "label", str(mnt)).stdout.strip()
         record("payload fs root carries sealbus_fs_t", "sealbus_fs_t" in label, label)
         rc, out = probe("sealbus_demo_client_t", "write-payload", str(mnt))
         record("demo_client creates/writes a payload on sealbus_fs_t", rc == 0, out)
@@ -141,8 +142,11 @@ def case_payload_fs(start: float) -> None:
         record("demo_denied payload fs: AVC in audit log", bool(avcs), avcs[0][-220:] if avcs else "no AVC")
         rc, out = probe("sealbus_demo_service_t", "write-payload", str(mnt))
         record("demo_service (read-only interface) cannot create", rc == 1 and "EACCES" in out, out)
+        rc, out = probe("sealbus_demo_denied_t", "read", str(mnt / "anything"))
+        record("demo_denied: EACCES opening a file on the payload fs", rc == 1 and "EACCES" in out, out)
     finally:
-        sh("umount", str(mnt))
+        proc = sh(str(HELPER), "umount", str(mnt))
+        record("launcher domain unmounts the payload fs", proc.returncode == 0, proc.stderr.strip() or "unmounted")
 
 
 def start_real_bus(runtime: Path) -> tuple[subprocess.Popen | None, str]:
@@ -160,7 +164,8 @@ def start_real_bus(runtime: Path) -> tuple[subprocess.Popen | None, str]:
             return proc, line
     proc.kill()
     _, err = proc.communicate(timeout=10)
-    return None, f"sealbus run --system did not start: rc={proc.returncode} {err.strip()[-300:]}"
+    last = err.strip().splitlines()[-1] if err.strip() else "no stderr"
+    return None, f"sealbus run --system (via {LAUNCHER}) did not start: rc={proc.returncode}: {last}"
 
 
 def children(pid: int) -> list[int]:
@@ -220,7 +225,7 @@ def case_dbus_class() -> None:
 def table(results: list[Case]) -> str:
     w = max(len(c.name) for c in results)
     lines = [f"{'case':<{w}}  status  detail", f"{'-' * w}  ------  ------"]
-    lines += [f"{c.name:<{w}}  {c.status:<6}  {c.detail[:160]}" for c in results]
+    lines += [f"{c.name:<{w}}  {c.status:<6}  {' '.join(c.detail.split())[-160:]}" for c in results]
     counts = {s: sum(c.status == s for c in results) for s in ("PASS", "FAIL", "XFAIL")}
     lines.append(f"== {counts['PASS']} passed, {counts['FAIL']} failed, {counts['XFAIL']} xfail")
     return "\n".join(lines)

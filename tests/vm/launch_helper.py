@@ -8,6 +8,8 @@ launcher is not finished:
   listen PATH   bind a listening AF_UNIX socket at PATH and accept forever
   mount DIR     mount a tmpfs with context=sealbus_fs_t at DIR (the payload
                 fs label, applied the way the launcher applies it to FUSE)
+  label DIR     print DIR's SELinux label (only the launcher may look)
+  umount DIR    unmount it again (only the launcher may)
 """
 
 import ctypes
@@ -38,6 +40,19 @@ def mount(directory: str) -> int:
     return 0
 
 
+def label(directory: str) -> int:
+    print(os.getxattr(directory, "security.selinux").decode().rstrip("\0"))
+    return 0
+
+
+def umount(directory: str) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(directory.encode(), 0) != 0:
+        print("ERR", os.strerror(ctypes.get_errno()), file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
     action, arg = sys.argv[1], sys.argv[2]
-    sys.exit(listen(arg) if action == "listen" else mount(arg))
+    sys.exit({"listen": listen, "mount": mount, "label": label, "umount": umount}[action](arg))
