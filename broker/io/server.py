@@ -149,7 +149,8 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
 def apply_control(bus: Bus, msg: dict) -> None:
     """A message from the launcher: currently only a policy reload."""
     if msg.get("type") == "reload" and "policy" in msg:
+        from ..access.mediator import BusPolicy
         from ..access.policy import Policy
 
-        bus.policy = Policy.from_json(msg["policy"]) if msg["policy"] else None
+        bus.policy = BusPolicy(Policy.from_json(msg["policy"])) if msg["policy"] else None
         log.info("policy reloaded by the launcher")

@@ -1,0 +1,88 @@
+"""The broker process of `sealbus run --system` (entry point: /usr/libexec/sealbus/sealbus-broker).
+
+Started by the launcher with the listening socket and a control socketpair as
+inherited fds. It imports everything it needs, reads its settings from the
+launcher, sandboxes itself (broker.launch.sandbox), and only then serves.
+"""
+
+import argparse
+
+# Import everything first: after the sandbox, nothing may be loaded from disk.
+import gc  # noqa: F401
+import importlib
+import json  # noqa: F401
+import logging
+import mmap  # noqa: F401
+import os
+import pkgutil
+import resource  # noqa: F401
+import socket
+import sys
+import termios  # noqa: F401
+
+import pyseccomp  # noqa: F401  (uses ctypes.util.find_library, which runs ldconfig)
+import trio
+
+import broker
+import broker.io.fuse
+from broker.access.mediator import BusPolicy
+from broker.access.policy import Policy
+from broker.bus.limits import Limits
+from broker.bus.settings import BusSettings
+from broker.cli import setup_logging
+from broker.io.server import apply_control, serve
+from broker.launch import control, sandbox
+
+log = logging.getLogger("sealbus.broker")
+
+# Every module of the broker package, so that no lazy import needs the filesystem later
+# (Landlock allows no file access; a late import would fail).
+_SKIP = ("broker.launch.launcher", "broker.access.selinux_audit", "broker.client")
+for _m in pkgutil.walk_packages(broker.__path__, "broker."):
+    if not _m.name.startswith(_SKIP):
+        importlib.import_module(_m.name)
+
+
+def settings_from_message(msg: dict) -> BusSettings:
+    s = BusSettings(bus_type=msg.get("bus_type", "system"))
+    lim = Limits()
+    lim.update(msg.get("limits", {}))
+    s.limits = lim
+    s.fd_mode = msg.get("fd_mode", "any")
+    s.policy = BusPolicy(Policy.from_json(msg["policy"])) if msg.get("policy") else None
+    s.machine_id = msg.get("machine_id", "")
+    return s
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="sealbus-broker", description="sealbus broker process (started by the launcher)")
+    p.add_argument("--listen-fd", type=int, required=True)
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    setup_logging(a.log_level)
+    ctl = socket.socket(fileno=a.control_fd)
+    listen_sock = socket.socket(fileno=a.listen_fd)
+    msg = control.recv_msg(ctl)
+    settings = settings_from_message(msg)
+    sandbox.drop_privileges(msg["uid"], msg["gid"])
+    landlock_on = sandbox.apply_landlock(msg.get("landlock") == "required")
+    seccomp_on = sandbox.apply_seccomp(msg.get("seccomp") == "required")
+    log.info("broker sandboxed: uid=%d gid=%d landlock=%s seccomp=%s", os.getuid(), os.getgid(),
+             landlock_on, seccomp_on)  # fmt: skip
+
+    async def run():
+        async with trio.open_nursery() as n:
+            bus = await n.start(serve, settings, [listen_sock])
+            n.start_soon(control.control_loop, ctl, lambda m: apply_control(bus, m))
+            control.send_msg(ctl, {"type": "ready", "pid": os.getpid()})
+
+    try:
+        trio.run(run)
+    except SystemExit as e:
+        log.info("stopping: %s", e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""`sealbus run --system`: root launcher, broker as the bus user with nothing left to lose."""
+
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from jeepney import message_bus
+from jeepney.io.blocking import open_dbus_connection
+
+from .conftest import SEALBUS, run_as
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the privilege-separated system bus needs root")
+
+PERMISSIVE = """<busconfig><type>system</type>
+  <policy context="default"><allow user="*"/><allow send_destination="*" eavesdrop="true"/>
+  <allow eavesdrop="true"/><allow own="*"/>{extra}</policy></busconfig>"""
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+class SystemBus:
+    def __init__(self, extra_policy: str = ""):
+        self.runtime = Path(tempfile.mkdtemp(prefix="sealbus-rt-"))
+        os.chmod(self.runtime, 0o755)
+        self.config = self.runtime.parent / (self.runtime.name + ".conf")
+        self.config.write_text(PERMISSIVE.format(extra=extra_policy))
+        self.log = open(str(self.runtime) + ".log", "w+")
+        self.proc = subprocess.Popen([SEALBUS, "run", "--system", "--runtime-dir", str(self.runtime),
+                                      "--config", str(self.config)],
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)  # fmt: skip
+        self.address = self.proc.stdout.readline().strip()
+        assert self.address.startswith("unix:path="), self.logtext()
+        self.socket = Path(self.address.split("=", 1)[1])
+        kids = children(self.proc.pid)
+        assert len(kids) == 1, kids
+        self.broker_pid = kids[0]
+
+    def logtext(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+@pytest.fixture
+def system_bus():
+    bus = SystemBus()
+    yield bus
+    bus.stop()
+
+
+def test_broker_runs_as_bus_user_without_privileges(system_bus):
+    st = status(system_bus.broker_pid)
+    user = pwd.getpwnam("sealbus")
+    assert st["Uid"].split() == [str(user.pw_uid)] * 4
+    assert st["Gid"].split() == [str(user.pw_gid)] * 4
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(st[cap], 16) == 0, (cap, st[cap])
+    assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"
+    assert st["Groups"] == ""
+
+
+def test_clients_of_several_uids_talk(system_bus, test_users):
+    owner = open_dbus_connection(system_bus.address)
+    assert owner.send_and_get_reply(message_bus.RequestName("org.sealbus.Sys")).body[0] == 1
+    script = ("from jeepney.io.blocking import open_dbus_connection\nfrom jeepney import message_bus\n"
+              f"c = open_dbus_connection({system_bus.address!r})\n"
+              "print(c.send_and_get_reply(message_bus.GetNameOwner('org.sealbus.Sys')).body[0])")  # fmt: skip
+    for u in test_users:
+        out = run_as(u, [sys.executable, "-c", script])
+        assert out.stdout.strip() == owner.unique_name, out.stderr
+    # the broker reports each client's real uid
+    c = open_dbus_connection(system_bus.address)
+    assert c.send_and_get_reply(message_bus.GetConnectionUnixUser(owner.unique_name)).body[0] == 0
+
+
+def test_sighup_reload_keeps_connections_and_applies_rules(system_bus):
+    c = open_dbus_connection(system_bus.address)
+    assert c.send_and_get_reply(message_bus.RequestName("org.sealbus.Before")).body[0] == 1
+    system_bus.config.write_text(PERMISSIVE.format(extra='<deny own="org.sealbus.Forbidden"/>'))
+    system_bus.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "configuration reloaded" not in system_bus.logtext() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    reply = c.send_and_get_reply(message_bus.RequestName("org.sealbus.Forbidden"))
+    assert reply.header.message_type.name == "error" and "AccessDenied" in str(reply.header.fields)
+    # the same connection is still up and owns what it owned
+    assert c.send_and_get_reply(message_bus.GetNameOwner("org.sealbus.Before")).body[0] == c.unique_name
+
+
+def test_killed_broker_is_reported_and_cleaned_up():
+    bus = SystemBus()
+    c = open_dbus_connection(bus.address)
+    os.kill(bus.broker_pid, signal.SIGKILL)
+    assert bus.proc.wait(timeout=15) == 1
+    assert "exited unexpectedly" in bus.logtext()
+    assert not bus.socket.exists()
+    with pytest.raises((ConnectionError, OSError, EOFError)):
+        c.send_and_get_reply(message_bus.ListNames(), timeout=5)
+
+
+def test_sigterm_stops_and_removes_socket():
+    bus = SystemBus()
+    assert bus.socket.exists()
+    assert bus.stop() == 0
+    assert not bus.socket.exists()
+    assert not Path(f"/proc/{bus.broker_pid}").exists()
+
+
+# -- the sandbox itself, exercised in a child process through the same code ------------------
+
+SANDBOXED = """
+import os, sys, errno
+import pyseccomp
+from broker.launch import sandbox
+import pwd
+u = pwd.getpwnam("sealbus")
+sandbox.drop_privileges(u.pw_uid, u.pw_gid)
+assert sandbox.apply_landlock(True) and sandbox.apply_seccomp(True)
+what = sys.argv[1]
+if what == "files":
+    for path, flags in (("/etc/shadow", os.O_RDONLY), ("/etc/passwd", os.O_RDONLY),
+                        (sys.argv[2] + "/new", os.O_WRONLY | os.O_CREAT)):
+        try:
+            os.open(path, flags, 0o600)
+            print("OPENED", path)
+        except PermissionError:
+            print("denied", path)
+    try:
+        os.setresuid(0, 0, 0)
+        print("BECAME ROOT")
+    except PermissionError:
+        print("setresuid denied")
+elif what == "execve":
+    os.execv("/bin/true", ["true"])
+elif what == "ptrace":
+    import ctypes
+    ctypes.CDLL(None).ptrace(0, 0, 0, 0)
+print("still alive")
+"""
+
+
+def sandboxed(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SANDBOXED, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_sandbox_denies_files_and_root(tmp_path):
+    os.chmod(tmp_path, 0o777)
+    out = sandboxed("files", str(tmp_path))
+    assert out.stdout.split("\n")[:3] == ["denied /etc/shadow", "denied /etc/passwd", f"denied {tmp_path}/new"]
+    # setresuid is not on the seccomp allowlist: trying it kills the process (SIGSYS)
+    assert out.returncode == -signal.SIGSYS and "BECAME ROOT" not in out.stdout, (out.returncode, out.stdout)
+
+
+@pytest.mark.parametrize("call", ["execve", "ptrace"])
+def test_forbidden_syscall_kills(call):
+    out = sandboxed(call)
+    assert out.returncode == -signal.SIGSYS, (out.returncode, out.stdout, out.stderr)
+    assert "still alive" not in out.stdout
