@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the launcher, over the control channel
     ctl = socket.socket(fileno=a.control_fd)
     listen_sock = socket.socket(fileno=a.listen_fd)
     msg = control.recv_msg(ctl)
