@@ -1,0 +1,39 @@
+#!/bin/sh
+# `make install`: systemd units, sysusers/tmpfiles, and the two entry points
+# (/usr/libexec/sealbus/sealbus-launcher -> sealbus_launch_exec_t,
+#  /usr/libexec/sealbus/sealbus-broker  -> sealbus_exec_t).
+set -eu
+cd "$(dirname "$0")/.."
+SRC=$(pwd)
+PY="$SRC/.venv/bin/python"
+install -d /usr/libexec/sealbus /etc/systemd/system /usr/lib/sysusers.d /usr/lib/tmpfiles.d
+cat > /usr/libexec/sealbus/sealbus-launcher <<EOS
+#!$PY -IB
+import sys
+sys.path.insert(0, "$SRC")
+from broker.cli import main
+sys.exit(main(["run", "--system", *sys.argv[1:]]))
+EOS
+cat > /usr/libexec/sealbus/sealbus-broker <<EOS
+#!$PY -IB
+import runpy, sys
+sys.path.insert(0, "$SRC")
+runpy.run_module("broker.launch.broker", run_name="__main__")
+EOS
+chmod 0755 /usr/libexec/sealbus/sealbus-launcher /usr/libexec/sealbus/sealbus-broker
+install -m 0644 systemd/sealbus.service systemd/sealbus.socket /etc/systemd/system/
+install -m 0644 systemd/sysusers.conf /usr/lib/sysusers.d/sealbus.conf
+install -m 0644 systemd/tmpfiles.conf /usr/lib/tmpfiles.d/sealbus.conf
+if command -v systemd-sysusers >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemd-sysusers /usr/lib/sysusers.d/sealbus.conf
+    systemd-tmpfiles --create /usr/lib/tmpfiles.d/sealbus.conf
+    systemctl daemon-reload
+else
+    id sealbus >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sealbus
+fi
+if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled; then
+    make -C policy -f /usr/share/selinux/devel/Makefile sealbus.pp && semodule -i policy/sealbus.pp
+    chcon -t sealbus_launch_exec_t /usr/libexec/sealbus/sealbus-launcher
+    chcon -t sealbus_exec_t /usr/libexec/sealbus/sealbus-broker
+fi
+echo "installed: systemctl enable --now sealbus.socket sealbus.service"
