@@ -19,7 +19,7 @@ import sys
 
 from ..access.config import load_config
 from ..bus.limits import Limits
-from ..io.address import listen
+from ..io.address import listen, systemd_listeners
 from . import control
 
 log = logging.getLogger("sealbus.launcher")
@@ -108,8 +108,12 @@ def main_system(args) -> int:
     os.makedirs(runtime, mode=0o755, exist_ok=True)
     os.chown(runtime, user.pw_uid, user.pw_gid)
     os.chmod(runtime, 0o755)
-    address = args.address or f"unix:path={os.path.join(runtime, 'system_bus_socket')}"
-    listener = listen(address, socket_mode=0o666)
+    activated = systemd_listeners()  # sealbus.socket, when socket-activated
+    if activated:
+        listener = activated[0]
+    else:
+        address = args.address or f"unix:path={os.path.join(runtime, 'system_bus_socket')}"
+        listener = listen(address, socket_mode=0o666)
     ctl_launcher, ctl_broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     cmd = broker_command(args.log_level)
     check_selinux_domain(cmd)
