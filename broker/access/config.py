@@ -194,6 +194,7 @@ class _Parser:
         elif tag == "includedir":
             self._no_attrs(el, file)
             d = self._resolve(file, self._text(el, file))
+            # a missing directory is not an error (as dbus-daemon)
             for p in sorted(glob.glob(os.path.join(glob.escape(d), "*.conf"))):
                 self.parse_file(p)
         elif tag == "limit":

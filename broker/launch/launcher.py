@@ -26,7 +26,7 @@ log = logging.getLogger("sealbus.launcher")
 
 BUS_USER = "sealbus"
 BROKER_ENTRY = "/usr/libexec/sealbus/sealbus-broker"
-DEFAULT_CONFIG = "/usr/share/dbus-1/system.conf"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "system.conf")
 BROKER_DOMAIN = "sealbus_t"
 
 
