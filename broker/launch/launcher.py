@@ -106,8 +106,8 @@ def main_system(args) -> int:
     user = ensure_bus_user()
     runtime = args.runtime_dir or "/run/sealbus"
     os.makedirs(runtime, mode=0o755, exist_ok=True)
+    os.chmod(runtime, 0o755)  # before chown: afterwards it would need CAP_FSETID
     os.chown(runtime, user.pw_uid, user.pw_gid)
-    os.chmod(runtime, 0o755)
     activated = systemd_listeners()  # sealbus.socket, when socket-activated
     if activated:
         listener = activated[0]
