@@ -2,6 +2,7 @@
 and a differential test against dbus-daemon itself on the same configs."""
 
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ def cfg(policy: str, extra: str = ""):
     '<policy context="default"><allow send_destinaton="x"/></policy>',
     '<policy context="default"><allow send_destination_prefx="x"/></policy>',
     '<policy context="sometimes"><allow own="*"/></policy>',
+    '<policy context="default"><deny send_destination="a.b" send_member="X"/></policy>',
+    '<policy context="default"><allow receive_member="X" receive_type="signal"/></policy>',
     '<policy context="default" user="root"><allow own="*"/></policy>',
     '<policy context="default"><allow send_interface="a.b" receive_sender="c.d"/></policy>',
     '<policy context="default"><allow own="*" user="root"/></policy>',
@@ -128,36 +131,54 @@ def test_check_reports_problems(tmp_path):
 # -- differential: the same config, the same scripted actions, dbus-daemon vs sealbus ----------
 
 SCRIPT = r"""
-import sys
+import signal, sys
 from jeepney import DBusAddress, new_method_call, message_bus, MessageType
 from jeepney.io.blocking import open_dbus_connection
 addr, = sys.argv[1:]
 out = []
+
+def hung(*a):
+    raise TimeoutError
+
+signal.signal(signal.SIGALRM, hung)
+signal.alarm(3)
 try:
     c = open_dbus_connection(addr)
+except TimeoutError:
+    print("connect:hung"); sys.exit(0)
 except Exception:
     print("connect:deny"); sys.exit(0)
+signal.alarm(0)
 out.append("connect:allow")
+
+def ask(msg):
+    try:
+        r = c.send_and_get_reply(msg, timeout=3)
+    except TimeoutError:
+        return "noreply"
+    if r.header.message_type == MessageType.method_return:
+        return "allow"
+    return "deny" if "AccessDenied" in str(r.header.fields) else "error"
+
 for name in ("org.sb.Free", "org.sb.Root", "org.sb.pre.X", "org.sb.Other"):
-    r = c.send_and_get_reply(message_bus.RequestName(name, 4))
-    out.append(f"own {name}:" + ("allow" if r.header.message_type == MessageType.method_return else "deny"))
+    out.append(f"own {name}:" + ask(message_bus.RequestName(name, 4)))
 for dest, iface, member in (("org.sb.Svc", "org.sb.Public", "Get"), ("org.sb.Svc", "org.sb.Admin", "Reboot"),
                             ("org.sb.Svc", "org.sb.Public", "Secret"), ("org.freedesktop.DBus", "org.freedesktop.DBus", "ListNames"),
                             ("org.freedesktop.DBus", "org.freedesktop.DBus", "UpdateActivationEnvironment")):
     body = ({},) if member == "UpdateActivationEnvironment" else ()
     sig = "a{ss}" if body else ""
-    r = c.send_and_get_reply(new_method_call(DBusAddress("/", bus_name=dest, interface=iface), member, sig, body), timeout=5)
-    denied = r.header.message_type == MessageType.error and "AccessDenied" in str(r.header.fields)
-    out.append(f"send {iface}.{member}:" + ("deny" if denied else "allow"))
+    out.append(f"send {iface}.{member}:" + ask(new_method_call(DBusAddress("/", bus_name=dest, interface=iface), member, sig, body)))
 print(" ".join(out))
 """
 
 SERVICE = r"""
-import sys
+import signal, sys
 from jeepney import message_bus, new_method_return, MessageType
 from jeepney.io.blocking import open_dbus_connection
+signal.alarm(5)
 c = open_dbus_connection(sys.argv[1])
 c.send_and_get_reply(message_bus.RequestName("org.sb.Svc"))
+signal.alarm(0)
 print("ready", flush=True)
 while True:
     m = c.receive()
@@ -165,6 +186,7 @@ while True:
         c.send(new_method_return(m))
 """
 
+_DEFAULT_RECEIVE = '<allow receive_sender="*"/>'
 CONFIGS = {
     "allow-all": '<policy context="default"><allow user="*"/><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy>',
     "system-like": (
@@ -176,15 +198,26 @@ CONFIGS = {
         '<deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus" send_member="UpdateActivationEnvironment"/>'
         '<allow own="org.sb.Free"/><allow own_prefix="org.sb.pre"/>'
         '<allow send_destination="org.sb.Svc" send_interface="org.sb.Public"/>'
-        '<deny send_destination="org.sb.Svc" send_member="Secret"/></policy>'
+        '<deny send_destination="org.sb.Svc" send_interface="org.sb.Public" send_member="Secret"/></policy>'
         '<policy user="root"><allow own="org.sb.Root"/><allow own="org.sb.Svc"/>'
         '<allow send_destination="org.sb.Svc"/></policy>'),
+    # no receive rule at all: dbus-daemon denies even the bus driver's reply to Hello
+    "no-receive-rules": (
+        '<policy context="default"><allow user="*"/><allow send_destination="*"/><allow own="*"/></policy>'),
     "group-and-mandatory": (
-        '<policy context="default"><allow user="*"/><allow send_destination="*"/><allow own="*"/></policy>'
+        f'<policy context="default"><allow user="*"/><allow send_destination="*"/><allow own="*"/>{_DEFAULT_RECEIVE}</policy>'
         '<policy group="root"><deny own="org.sb.Free"/></policy>'
         '<policy context="mandatory"><deny send_interface="org.sb.Admin"/><deny own="org.sb.Other"/></policy>'),
-    "deny-connect": '<policy context="default"><allow send_destination="*"/><allow own="*"/><deny user="sealbus-test2"/><allow user="root"/><allow user="sealbus-test1"/></policy>',
+    "deny-connect": (
+        f'<policy context="default"><allow send_destination="*"/><allow own="*"/>{_DEFAULT_RECEIVE}'
+        '<deny user="sealbus-test2"/><allow user="root"/><allow user="sealbus-test1"/></policy>'),
 }  # fmt: skip
+
+
+def _first_line(proc, seconds: float) -> str:
+    """The first line a child prints, or "" if it prints nothing in time (never blocks the test)."""
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    return proc.stdout.readline() if ready else ""
 
 
 def outcomes(daemon_cmd, config_text, users, tmp) -> dict:
@@ -195,31 +228,33 @@ def outcomes(daemon_cmd, config_text, users, tmp) -> dict:
     conf.write_text(f"<busconfig><type>system</type><listen>unix:path={sock}</listen><auth>EXTERNAL</auth>"
                     f"{config_text}</busconfig>")  # fmt: skip
     os.chmod(conf, 0o644)
+    errlog = open(Path(tmp) / f"{Path(daemon_cmd[0]).name}.stderr", "w+")
     bus = subprocess.Popen([*daemon_cmd, f"--config-file={conf}", "--nofork", "--print-address=1"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-    addr = bus.stdout.readline().strip().split(",guid=")[0]
-    svc = subprocess.Popen([sys.executable, "-c", SERVICE, addr], stdout=subprocess.PIPE, text=True)
-    svc.stdout.readline()
+                           stdout=subprocess.PIPE, stderr=errlog, text=True)  # fmt: skip
+    svc = None
     try:
-        res = {}
+        addr = _first_line(bus, 30).strip().split(",guid=")[0]
+        if not addr:
+            errlog.seek(0)
+            pytest.fail(f"{daemon_cmd} did not start: {errlog.read()[-2000:]}")
+        svc = subprocess.Popen([sys.executable, "-c", SERVICE, addr], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        res = {"service": "ready" if _first_line(svc, 15).strip() == "ready" else "not-ready"}
         for u in users:
-            r = run_as(u, [sys.executable, "-c", SCRIPT, addr]) if u is not None else \
-                subprocess.run([sys.executable, "-c", SCRIPT, addr], capture_output=True, text=True, timeout=60)  # fmt: skip
+            r = run_as(u, [sys.executable, "-c", SCRIPT, addr], timeout=90) if u is not None else \
+                subprocess.run([sys.executable, "-c", SCRIPT, addr], capture_output=True, text=True, timeout=90)  # fmt: skip
             res[u.pw_name if u else "root"] = r.stdout.strip() or r.stderr[-300:]
         return res
     finally:
-        svc.kill()
+        if svc is not None:
+            svc.kill()
+            svc.wait()
         bus.terminate()
         bus.wait(timeout=10)
+        errlog.close()
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason="1 of 57 decisions differs from dbus-daemon under the "
-                                             "allow-all config; not yet diagnosed (see issue 8 note)", strict=False))
-    if n == "allow-all" else
-    pytest.param(n, marks=pytest.mark.xfail(reason="hangs: a uid denied at connect is not refused the way "
-                                             "the client expects (issue 8 gap)", run=False))
-    if n == "deny-connect" else n for n in sorted(CONFIGS)])  # fmt: skip
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_differential_against_dbus_daemon(name, test_users, tmp_path):
     users = [None, *test_users]
     theirs = outcomes(["dbus-daemon"], CONFIGS[name], users, tmp_path)

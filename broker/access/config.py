@@ -311,6 +311,10 @@ class _Parser:
                     raise self.err(file, line, f"{a} must be a non-negative integer") from None
         if "own" in keys and "own_prefix" in keys:
             raise self.err(file, line, "own and own_prefix cannot be combined")
+        for d in ("send", "receive"):  # as dbus-daemon: a member alone would also match interface-less messages
+            if f"{d}_member" in keys and not keys & {f"{d}_interface", f"{d}_path"}:
+                raise self.err(file, line, f"{d}_member needs {d}_interface or {d}_path (not every message "
+                                           "has an interface)")  # fmt: skip
         return Rule(r.tag == "allow", dict(r.attrib), file, line)
 
     def _sealbus(self, el, file: str) -> None:

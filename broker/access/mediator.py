@@ -56,18 +56,32 @@ class BusPolicy:
             return self.selinux.check_send(sender, target)
         return None
 
+    def mediate_from_bus(self, h, target) -> str | None:
+        """Receive check for a message the bus driver itself sends (as dbus-daemon: replies count as
+        requested, and a denied message is dropped, not answered)."""
+        if self.fast:
+            return None
+        msg = MsgInfo(h.type, h.path, h.interface, h.member, h.error_name, h.destination, None, 0)
+        requested = h.type in (2, 3)
+        d = self.policy.check_receive(target.creds, msg, None, requested)
+        if not d.allowed:
+            return self._denied("receive", d, msg, None, target, requested)
+        return None
+
     def _denied(self, what, d, msg: MsgInfo, sender, target, requested_reply) -> str:
         tname = target.unique_name if target is not None else "org.freedesktop.DBus"
         tdesc = target.describe() if target is not None else "the bus driver"
+        sname = sender.unique_name if sender is not None else "org.freedesktop.DBus"
+        sdesc = sender.describe() if sender is not None else "the bus driver"
         rule = d.rule.where if d.rule else "no rule allows it"
         text = (
             f"Rejected {what} message, {len(d.matched)} matched rules; type=\"{_TYPES.get(msg.type)}\", "
-            f"sender=\"{sender.unique_name}\" interface=\"{msg.interface or '(unset)'}\" "
+            f"sender=\"{sname}\" interface=\"{msg.interface or '(unset)'}\" "
             f"member=\"{msg.member or '(unset)'}\" error name=\"{msg.error_name or '(unset)'}\" "
             f"requested_reply=\"{int(requested_reply)}\" destination=\"{msg.destination or tname}\" "
             f"(decided by {rule})"
         )
-        log.warning("denied %s from %s to %s: %s", what, sender.describe(), tdesc, text)
+        log.warning("denied %s from %s to %s: %s", what, sdesc, tdesc, text)
         return text
 
 

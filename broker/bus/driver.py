@@ -40,6 +40,8 @@ METHODS = {
     I_PROPS: {"Get": ("ss", "v"), "GetAll": ("s", "a{sv}"), "Set": ("ssv", "")},
     I_PAYLOAD: {"Claim": ("s", "ht")},
 }  # fmt: skip
+# newer and privileged methods dbus-daemon answers only at the canonical path, never at "/"
+CANONICAL_ONLY = {"UpdateActivationEnvironment", "BecomeMonitor", *METHODS[I_STATS]}
 SIGNALS = {"NameOwnerChanged": "sss", "NameLost": "s", "NameAcquired": "s"}
 FEATURES = ["HeaderFiltering"]
 INTERFACES = [I_MONITORING, I_STATS, I_PAYLOAD]
@@ -101,6 +103,9 @@ class Driver:
                 raise BusError("UnknownMethod", f"{DBUS_NAME} does not understand message {iface}.{member}")
             if iface not in (I_PEER, I_INTROSPECT) and h.path not in (DBUS_PATH, "/"):
                 raise BusError("AccessDenied", f"{iface} is only available at {DBUS_PATH}")
+            if member in CANONICAL_ONLY and h.path != DBUS_PATH:
+                raise BusError("AccessDenied",
+                               f"Method '{member}' is only available at the canonical object path '{DBUS_PATH}'")  # fmt: skip
             if h.signature != spec[0]:
                 raise BusError("InvalidArgs",
                                f"Call to {member} has wrong args ({h.signature}, expected {spec[0]})")  # fmt: skip

@@ -386,9 +386,12 @@ class Bus:
                 done.add(target)
                 if fdref is not None and not target.unix_fds:
                     continue
-                if self.policy is not None and peer is not None:
-                    eaves = h.destination is not None and h.destination != target.unique_name
-                    if self.policy_send(peer, h, target, False, fdref, eaves) is not None:
+                if self.policy is not None:
+                    if peer is None:
+                        if self.policy.mediate_from_bus(h, target) is not None:
+                            continue
+                    elif self.policy_send(peer, h, target, False, fdref,
+                                          h.destination is not None and h.destination != target.unique_name) is not None:
                         continue
                 if bufs is None:
                     sender = peer.unique_name if peer is not None else DBUS_NAME
@@ -476,6 +479,8 @@ class Bus:
             self._to_monitors(None, h, None, bufs)
         if target.dying:
             return
+        if self.policy is not None and self.policy.mediate_from_bus(h, target) is not None:
+            return
         if self._cannot_queue(None, target, len(raw), None) is not None:
             self.kill(target, "outgoing queue full")
             return
@@ -491,9 +496,12 @@ class Bus:
                                destination=target.unique_name, sender=DBUS_NAME, signature=signature,
                                body=body, flags=wm.NO_REPLY_EXPECTED, unix_fds=len(fds))  # fmt: skip
         fdref = FdRef(fds)
+        h = wm.HeaderView(memoryview(raw))
         try:
             if self.monitors:
-                self._to_monitors(None, wm.HeaderView(memoryview(raw)), fdref, [raw])
+                self._to_monitors(None, h, fdref, [raw])
+            if self.policy is not None and self.policy.mediate_from_bus(h, target) is not None:
+                return
             if not target.dying:
                 self._push(target, [raw], len(raw), fdref, None)
         finally:
