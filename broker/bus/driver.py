@@ -104,8 +104,8 @@ class Driver:
             if iface not in (I_PEER, I_INTROSPECT) and h.path not in (DBUS_PATH, "/"):
                 raise BusError("AccessDenied", f"{iface} is only available at {DBUS_PATH}")
             if member in CANONICAL_ONLY and h.path != DBUS_PATH:
-                raise BusError("AccessDenied",
-                               f"Method '{member}' is only available at the canonical object path '{DBUS_PATH}'")  # fmt: skip
+                where = f"the canonical object path '{DBUS_PATH}'"
+                raise BusError("AccessDenied", f"Method '{member}' is only available at {where}")
             if h.signature != spec[0]:
                 raise BusError("InvalidArgs",
                                f"Call to {member} has wrong args ({h.signature}, expected {spec[0]})")  # fmt: skip

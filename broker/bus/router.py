@@ -390,9 +390,10 @@ class Bus:
                     if peer is None:
                         if self.policy.mediate_from_bus(h, target) is not None:
                             continue
-                    elif self.policy_send(peer, h, target, False, fdref,
-                                          h.destination is not None and h.destination != target.unique_name) is not None:
-                        continue
+                    else:
+                        eaves = h.destination is not None and h.destination != target.unique_name
+                        if self.policy_send(peer, h, target, False, fdref, eaves) is not None:
+                            continue
                 if bufs is None:
                     sender = peer.unique_name if peer is not None else DBUS_NAME
                     bufs = [h.forward_header(sender), h.body]
