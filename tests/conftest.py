@@ -174,11 +174,12 @@ class CoreClient:
     Why: the routing/driver logic is sans-IO, so ordering and reply-tracking
     rules can be checked exactly, without sockets or timing."""
 
-    def __init__(self, core, uid: int = 1000, pid: int = 4242, gids=(1000,), hello: bool = True):
+    def __init__(self, core, uid: int = 1000, pid: int = 4242, gids=(1000,), hello: bool = True,
+                 label: str | None = None):  # fmt: skip
         from broker.bus.peer import Creds
 
         self.core = core
-        self.peer = core.connect(Creds(uid, tuple(gids), pid, None))
+        self.peer = core.connect(Creds(uid, tuple(gids), pid, label))
         self.serial = 0
         if hello:
             self.call("Hello")

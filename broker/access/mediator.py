@@ -23,17 +23,24 @@ def _names(peer) -> set[str] | None:
 
 
 class BusPolicy:
-    def __init__(self, policy: Policy, selinux=None):
+    """The XML policy (None: it allows everything) plus SELinux mediation (None when SELinux is off)."""
+
+    def __init__(self, policy: Policy | None, selinux=None):
         self.policy = policy
-        self.selinux = selinux  # broker.access.selinux mediation, or None
-        self.fast = policy.allows_all_messages and selinux is None
+        self.selinux = selinux  # broker.access.selinux.SELinuxMediator, or None
+        self.xml_allows_all = policy is None or policy.allows_all_messages
+        self.fast = self.xml_allows_all and selinux is None
+
+    def with_xml(self, policy: Policy | None) -> "BusPolicy":
+        """The same SELinux mediation over a reloaded XML policy."""
+        return BusPolicy(policy, self.selinux)
 
     def check_connect(self, creds):
-        return self.policy.check_connect(creds)
+        return self.policy is None or self.policy.check_connect(creds)
 
     def mediate_own(self, bus, peer, name: str) -> str | None:
-        d = self.policy.check_own(peer.creds, name)
-        if not d.allowed:
+        d = self.policy.check_own(peer.creds, name) if self.policy is not None else None
+        if d is not None and not d.allowed:
             where = f" (rule {d.rule.where})" if d.rule else " (no rule allows it)"
             return f'Connection "{peer.unique_name}" is not allowed to own the service "{name}"{where}'
         if self.selinux is not None:
@@ -43,6 +50,15 @@ class BusPolicy:
     def mediate_send(self, bus, sender, h, target, requested_reply: bool, fdref, eavesdrop: bool = False):
         if self.fast:
             return None
+        if not self.xml_allows_all:
+            err = self._xml_send(sender, h, target, requested_reply, fdref, eavesdrop)
+            if err is not None:
+                return err
+        if self.selinux is not None:
+            return self.selinux.check_send(sender, target, h)
+        return None
+
+    def _xml_send(self, sender, h, target, requested_reply: bool, fdref, eavesdrop: bool):
         msg = MsgInfo(h.type, h.path, h.interface, h.member, h.error_name, h.destination,
                       sender.unique_name, len(fdref.fds) if fdref is not None else 0)  # fmt: skip
         d = self.policy.check_send(sender.creds, msg, _names(target), requested_reply, eavesdrop)
@@ -52,14 +68,12 @@ class BusPolicy:
                 return self._denied("receive", d2, msg, sender, target, requested_reply)
         if not d.allowed:
             return self._denied("send", d, msg, sender, target, requested_reply)
-        if self.selinux is not None:
-            return self.selinux.check_send(sender, target)
         return None
 
     def mediate_from_bus(self, h, target) -> str | None:
         """Receive check for a message the bus driver itself sends (as dbus-daemon: replies count as
         requested, and a denied message is dropped, not answered)."""
-        if self.fast:
+        if self.xml_allows_all:
             return None
         msg = MsgInfo(h.type, h.path, h.interface, h.member, h.error_name, h.destination, None, 0)
         requested = h.type in (2, 3)

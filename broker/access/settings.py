@@ -2,9 +2,11 @@
 
 from ..bus.limits import Limits
 from ..bus.settings import BusSettings
+from ..launch.audit import AuditWriter
 from ..wire.message import DEFAULT_MAX_MESSAGE_SIZE
 from .config import load_config
 from .mediator import BusPolicy
+from .selinux import make_mediator
 
 
 def settings_from_config(cfg) -> BusSettings:
@@ -25,6 +27,7 @@ def settings_from_config(cfg) -> BusSettings:
     if sb.payload_max_bytes_per_user is not None:
         s.payload_max_bytes_per_user = sb.payload_max_bytes_per_user
     s.auth = tuple(cfg.auth) or ("EXTERNAL",)
+    s.selinux = make_mediator(cfg.selinux_associations, AuditWriter())
     s.extra["config"] = cfg
     return s
 

@@ -12,6 +12,7 @@ class BusSettings:
     limits: Limits = field(default_factory=session_limits)
     fd_mode: str = "any"  # any | sealed | none
     policy: object = None  # None: allow everything (the embedded session default)
+    selinux: object = None  # broker.access.selinux.SELinuxMediator when SELinux is enabled
     payload_fs: str | None = None  # mount point of the FUSE payload filesystem
     payload_timeout_ms: int = 30000
     payload_max_bytes_per_user: int = 256 * 1024 * 1024

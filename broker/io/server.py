@@ -107,6 +107,12 @@ def make_bus(settings: BusSettings) -> Bus:
     raise_fd_limit(settings.limits)
     bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
     bus.policy = settings.policy
+    if settings.selinux is not None:
+        from ..access.mediator import BusPolicy
+
+        xml = settings.policy.policy if settings.policy is not None else None
+        bus.policy = BusPolicy(xml, settings.selinux)
+        log.info("SELinux mediation on (bus label %s)", settings.selinux.bus_label)
     from ..payload.bus_glue import install_fd_vetting
 
     install_fd_vetting(bus, settings)
@@ -152,5 +158,9 @@ def apply_control(bus: Bus, msg: dict) -> None:
         from ..access.mediator import BusPolicy
         from ..access.policy import Policy
 
-        bus.policy = BusPolicy(Policy.from_json(msg["policy"])) if msg["policy"] else None
+        xml = Policy.from_json(msg["policy"]) if msg["policy"] else None
+        if bus.policy is not None and bus.policy.selinux is not None:
+            bus.policy = bus.policy.with_xml(xml)
+        else:
+            bus.policy = BusPolicy(xml) if xml is not None else None
         log.info("policy reloaded by the launcher")

@@ -27,6 +27,7 @@ import broker
 import broker.io.fuse
 from broker.access.mediator import BusPolicy
 from broker.access.policy import Policy
+from broker.access.selinux import make_mediator
 from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
 from broker.cli import setup_logging
@@ -41,6 +42,20 @@ _SKIP = ("broker.launch.launcher", "broker.access.selinux_audit", "broker.client
 for _m in pkgutil.walk_packages(broker.__path__, "broker."):
     if not _m.name.startswith(_SKIP):
         importlib.import_module(_m.name)
+
+
+def selinux_mediator(msg: dict, ctl):
+    """SELinux mediation when the launcher says SELinux is enabled; denials go back to it for auditing."""
+    if not msg.get("selinux"):
+        return None
+
+    def to_launcher(text: str) -> None:
+        control.send_msg(ctl, {"type": "audit", "text": text})
+
+    mediator = make_mediator(msg.get("selinux_associations") or {}, to_launcher)
+    if mediator is None:
+        raise SystemExit("the launcher saw SELinux enabled but the broker does not: refusing to run unmediated")
+    return mediator
 
 
 def settings_from_message(msg: dict) -> BusSettings:
@@ -68,8 +83,9 @@ def main(argv=None) -> int:
     listen_sock = socket.socket(fileno=a.listen_fd)
     msg = control.recv_msg(ctl)
     settings = settings_from_message(msg)
+    settings.selinux = selinux_mediator(msg, ctl)  # the AVC opens selinuxfs: before the sandbox
     sandbox.drop_privileges(msg["uid"], msg["gid"])
-    landlock_on = sandbox.apply_landlock(msg.get("landlock") == "required")
+    landlock_on = sandbox.apply_landlock(msg.get("landlock") == "required", selinuxfs=settings.selinux is not None)
     seccomp_on = sandbox.apply_seccomp(msg.get("seccomp") == "required")
     log.info("broker sandboxed: uid=%d gid=%d landlock=%s seccomp=%s", os.getuid(), os.getgid(),
              landlock_on, seccomp_on)  # fmt: skip

@@ -40,25 +40,43 @@ def recv_msg(sock) -> dict:
     return json.loads(_recv_exact(sock, n))
 
 
+class Inbox:
+    """Incremental reader for a non-blocking control socket: whole messages out, partial ones kept."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def read(self) -> list[dict]:
+        """Messages that are complete now; raises EOFError when the peer closed the channel."""
+        try:
+            chunk = self.sock.recv(65536)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            raise EOFError("control channel closed")
+        self.buf += chunk
+        out = []
+        while len(self.buf) >= 4:
+            (n,) = _LEN.unpack_from(self.buf)
+            if n > MAX_MESSAGE:
+                raise EOFError("control message too large")
+            if len(self.buf) < 4 + n:
+                break
+            out.append(json.loads(bytes(self.buf[4 : 4 + n])))
+            del self.buf[: 4 + n]
+        return out
+
+
 async def control_loop(sock, on_message) -> None:
     """Read messages from the launcher until it closes the channel (then stop the bus)."""
     sock.setblocking(False)
-    buf = bytearray()
+    inbox = Inbox(sock)
     while True:
+        await trio.lowlevel.wait_readable(sock)
         try:
-            chunk = sock.recv(65536)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        if not chunk:
-            raise SystemExit("launcher went away")
-        buf += chunk
-        while len(buf) >= 4:
-            (n,) = _LEN.unpack_from(buf)
-            if n > MAX_MESSAGE:
-                raise SystemExit("control message too large")
-            if len(buf) < 4 + n:
-                break
-            msg = json.loads(bytes(buf[4 : 4 + n]))
-            del buf[: 4 + n]
+            msgs = inbox.read()
+        except EOFError as e:
+            raise SystemExit(f"launcher went away: {e}") from None
+        for msg in msgs:
             on_message(msg)

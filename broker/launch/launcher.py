@@ -18,9 +18,11 @@ import subprocess
 import sys
 
 from ..access.config import load_config
+from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
 from ..bus.limits import Limits
 from ..io.address import listen, systemd_listeners
 from . import control
+from .audit import AuditWriter
 
 log = logging.getLogger("sealbus.launcher")
 
@@ -72,6 +74,7 @@ def broker_settings(cfg, user: pwd.struct_passwd) -> dict:
         "uid": user.pw_uid, "gid": user.pw_gid,
         "landlock": cfg.sealbus.landlock, "seccomp": cfg.sealbus.seccomp,
         "machine_id": _machine_id(),
+        "selinux": selinux_enabled(), "selinux_associations": cfg.selinux_associations,
     }  # fmt: skip
 
 
@@ -152,6 +155,8 @@ def main_system(args) -> int:
 
 
 def supervise(proc, ctl, config_path: str, user, stop: dict) -> int:
+    audit, limiter = AuditWriter(), AuditLimiter()
+    inbox = control.Inbox(ctl)
     while True:
         if stop["sig"] == signal.SIGHUP:
             stop["sig"] = None
@@ -171,6 +176,17 @@ def supervise(proc, ctl, config_path: str, user, stop: dict) -> int:
             log.error("the broker (pid %d) exited unexpectedly with status %s", proc.pid, rc)
             return 1
         try:
-            select.select([], [], [], 0.2)
+            readable, _, _ = select.select([ctl], [], [], 0.2)
         except InterruptedError:
-            pass
+            continue
+        if readable:
+            try:
+                msgs = inbox.read()
+            except EOFError:
+                msgs = []  # the broker is gone: proc.poll() reports it on the next round
+            for msg in msgs:
+                # a broker SELinux denial (we hold CAP_AUDIT_WRITE); a compromised broker must not be able
+                # to forge other kinds of records or flood the audit log
+                text = str(msg.get("text", ""))
+                if msg.get("type") == "audit" and USER_AVC_FORM.fullmatch(text) and limiter.take():
+                    audit(text)

@@ -53,12 +53,22 @@ def drop_privileges(uid: int, gid: int) -> None:
         raise SandboxError("still not the bus user")
 
 
-def apply_landlock(required: bool) -> bool:
-    """A ruleset that handles every filesystem right and allows none."""
+# With SELinux enabled the broker asks the kernel for dbus-class decisions
+# (libselinux's AVC writes queries to selinuxfs "access" and reads "status",
+# "enforce" and "class/"): the one path it may use, read/write, no creation.
+SELINUXFS = "/sys/fs/selinux"
+
+
+def apply_landlock(required: bool, selinuxfs: bool = False) -> bool:
+    """A ruleset that handles every filesystem right and allows none (but selinuxfs when mediating)."""
     try:
         import landlock
+        from landlock.plumbing import FSAccess
 
-        landlock.Ruleset().apply()
+        rs = landlock.Ruleset()
+        if selinuxfs:
+            rs.allow(SELINUXFS, rules=FSAccess.READ_FILE | FSAccess.WRITE_FILE | FSAccess.READ_DIR)
+        rs.apply()
         return True
     except Exception as e:
         if required:
