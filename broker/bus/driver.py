@@ -69,6 +69,8 @@ def _introspection_xml() -> str:
                 out.append("    </signal>")
             out.append('    <property name="Features" type="as" access="read"/>')
             out.append('    <property name="Interfaces" type="as" access="read"/>')
+        if iface == I_PAYLOAD:
+            out.append('    <property name="MountPoint" type="s" access="read"/>')
         out.append("  </interface>")
     out.append("</node>")
     return "\n".join(out) + "\n"
@@ -317,6 +319,9 @@ class Driver:
         return (INTROSPECTION,)
 
     def _props(self, iface):
+        if iface == I_PAYLOAD:  # where clients find the payload fs of *this* bus ("" when it serves none)
+            payload = self.bus.payload
+            return {"MountPoint": Variant("s", getattr(payload, "mount", None) or "")}
         if iface not in (I_DBUS, ""):
             raise BusError("UnknownInterface", f"no properties on interface {iface!r}")
         return {"Features": Variant("as", FEATURES), "Interfaces": Variant("as", INTERFACES)}

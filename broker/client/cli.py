@@ -10,7 +10,8 @@ from jeepney import DBusAddress, MatchRule, MessageType, message_bus, new_method
 from jeepney.io.blocking import open_dbus_connection
 
 from ..payload.seals import get_seals, seal_names
-from .memfd import PayloadError, check_sealed, open_payload, seal
+from .memfd import PayloadError, open_payload
+from .payload import make_payload, memfd_sealing_works, open_trusted, trusted_kind
 
 
 def _progress(total_size: int, force: bool = False):
@@ -28,29 +29,24 @@ def _progress(total_size: int, force: bool = False):
     return show
 
 
-def make_payload_fd(path: str, via: str, conn=None, progress: bool = False, mount: str | None = None) -> int:
-    """The fd to send: a sealed memfd, or (``via="fuse"``) a payload-fs snapshot claimed over ``conn``."""
-    if via == "fuse":
-        # The FUSE fallback lives in fuse_payload.py (payload-fs file sealed by xattr, then Claim gives a
-        # read-only snapshot fd). Imported lazily: memfd users never load it, and it needs the mount.
-        from . import fuse_payload
-
-        with open(path, "rb") as f:
-            fd, _size = fuse_payload.payload_fd(conn, f.read(), mount)
-        return fd
+def make_payload_fd(path: str, via: str, conn=None, progress: bool = False, mount: str | None = None):
+    """(fd, transport): a sealed memfd, or where sealing is unavailable (or ``via="fuse"``) a payload-fs
+    snapshot claimed over ``conn``."""
+    if via == "fuse" or not memfd_sealing_works():
+        return make_payload(path, conn, via="fuse", mount=mount)
     with open(path, "rb", buffering=0) as f:
-        return seal(f, progress=_progress(os.fstat(f.fileno()).st_size, progress))
+        return make_payload(f, conn, via=via, progress=_progress(os.fstat(f.fileno()).st_size, progress))
 
 
 def cmd_send(args) -> int:
     conn = open_dbus_connection(args.address, enable_fds=True)
     fd = -1
     try:
-        fd = make_payload_fd(args.payload, args.via, conn, args.progress, args.payload_fs)
+        fd, transport = make_payload_fd(args.payload, args.via, conn, args.progress, args.payload_fs)
         st = os.fstat(fd)
         size = st.st_size
         # the receivers' fds refer to this very inode: nothing is copied on the way
-        print(f"payload: size={size} dev={st.st_dev} ino={st.st_ino}", flush=True)
+        print(f"payload: size={size} dev={st.st_dev} ino={st.st_ino} via={transport}", flush=True)
         if args.signal:
             msg = new_signal(DBusAddress(args.path, interface=args.interface), args.member, "h", (fd,))
             conn.send(msg)
@@ -73,9 +69,14 @@ def cmd_send(args) -> int:
 def describe_payload(fd: int, allow_unsealed: bool = False) -> str:
     st = os.fstat(fd)
     seals = get_seals(fd)
-    view = open_payload(fd, allow_unsealed=allow_unsealed)
+    try:
+        view, kind = open_trusted(fd)
+    except PayloadError:
+        if not allow_unsealed:
+            raise
+        view, kind = open_payload(fd, allow_unsealed=True), "untrusted"
     digest = hashlib.sha256(view).hexdigest()
-    return (f"size={st.st_size} seals={seal_names(seals) if seals is not None else 'n/a'} "
+    return (f"size={st.st_size} kind={kind} seals={seal_names(seals) if seals is not None else 'n/a'} "
             f"sha256={digest} dev={st.st_dev} ino={st.st_ino}")  # fmt: skip
 
 
@@ -136,7 +137,7 @@ def cmd_cat(args) -> int:
         fd = args.fd if args.fd is not None else 0  # default: the payload fd is our stdin
     try:
         if not args.allow_unsealed:
-            check_sealed(fd)
+            trusted_kind(fd)
         view = open_payload(fd, allow_unsealed=True)
         out = sys.stdout.buffer
         for i in range(0, len(view), 1 << 20):
@@ -164,8 +165,9 @@ def main(argv: list[str]) -> int:
     s.add_argument("--member", required=True)
     s.add_argument("--payload", required=True, metavar="FILE")
     s.add_argument("--signal", action="store_true", help="broadcast a signal instead of calling a method")
-    s.add_argument("--via", choices=["memfd", "fuse"], default="memfd",
-                   help="memfd (default) or the FUSE payload filesystem fallback")  # fmt: skip
+    s.add_argument("--via", choices=["auto", "memfd", "fuse"], default="auto",
+                   help="auto (default): a sealed memfd where the kernel can seal one, else the FUSE payload "
+                        "filesystem; memfd or fuse to force one")  # fmt: skip
     s.add_argument("--payload-fs", metavar="DIR", help="with --via fuse: where the payload fs is mounted "
                    "(default: found in /proc/self/mountinfo)")  # fmt: skip
     s.add_argument("--timeout", type=float, default=60)

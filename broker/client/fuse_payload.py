@@ -31,18 +31,22 @@ def find_mount(candidates=None) -> str | None:
     return None
 
 
-def _sealbus_mounts() -> set[str]:
-    out = set()
+def mountinfo_entries() -> list[tuple[str, str, str]]:
+    """(major:minor, fstype, mount point) of every mount this process sees."""
+    out = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             for line in f:
                 pre, _, post = line.partition(" - ")
-                fstype = post.split(" ", 1)[0]
-                if fstype == "fuse.sealbus":
-                    out.add(pre.split(" ")[4].replace("\\040", " "))
+                fields = pre.split(" ")
+                out.append((fields[2], post.split(" ", 1)[0], fields[4].replace("\\040", " ")))
     except OSError:
         pass
     return out
+
+
+def _sealbus_mounts() -> set[str]:
+    return {mnt for _dev, fstype, mnt in mountinfo_entries() if fstype == "fuse.sealbus"}
 
 
 def create_sealed(mount: str, data: bytes, *, use_mmap: bool = True) -> tuple[int, str]:

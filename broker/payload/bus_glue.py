@@ -17,6 +17,7 @@ class PayloadService:
         self.stats = PayloadStats()
         self.ctx = VetContext()
         self.store = None  # the FUSE payload store, when served
+        self.mount: str | None = None  # and where it is mounted (the MountPoint property)
 
     def stats_dict(self) -> dict[str, int]:
         return self.stats.as_dict()
@@ -90,6 +91,7 @@ async def start_payload_fs(bus, settings, nursery, fuse_fd=None) -> None:
     store = PayloadStore(limits=Limits.from_settings(settings))
     svc = bus.payload
     svc.store = store
+    svc.mount = settings.payload_fs
     svc.ctx.is_payload_snapshot = store.is_snapshot
     await nursery.start(functools.partial(serve_payload_fs, store, settings.payload_fs, fuse_fd=fuse_fd))
     log.info("payload filesystem served at %s", settings.payload_fs)
