@@ -84,16 +84,18 @@ def test_forcing_fuse_works_where_memfd_would(fs_bus, tmp_path):
     assert "via=fuse" in sent.stdout, sent.stderr
 
 
-def test_receiver_refuses_a_writable_file(tmp_path):
+def test_receiver_trusts_snapshots_only_from_its_bus_payload_fs(tmp_path):
     from broker.client.memfd import PayloadError
     from broker.client.payload import trusted_kind
 
     f = tmp_path / "plain"
     f.write_bytes(b"x")
+    f.chmod(0o400)  # read-only looking, but not on the payload fs the bus announced: anyone could change it
     fd = os.open(f, os.O_RDONLY)
     try:
         with pytest.raises(PayloadError, match="cannot trust"):
             trusted_kind(fd)
+        assert trusted_kind(fd, {os.fstat(fd).st_dev}) == "payload-snapshot"  # only the bus's device is trusted
     finally:
         os.close(fd)
 

@@ -11,7 +11,7 @@ from jeepney.io.blocking import open_dbus_connection
 
 from ..payload.seals import get_seals, seal_names
 from .memfd import PayloadError, open_payload
-from .payload import make_payload, memfd_sealing_works, open_trusted, trusted_kind
+from .payload import make_payload, memfd_sealing_works, open_trusted, snapshot_devices, trusted_kind
 
 
 def _progress(total_size: int, force: bool = False):
@@ -66,11 +66,11 @@ def cmd_send(args) -> int:
             os.close(fd)
 
 
-def describe_payload(fd: int, allow_unsealed: bool = False) -> str:
+def describe_payload(fd: int, allow_unsealed: bool = False, snapshot_devs=frozenset()) -> str:
     st = os.fstat(fd)
     seals = get_seals(fd)
     try:
-        view, kind = open_trusted(fd)
+        view, kind = open_trusted(fd, snapshot_devs)
     except PayloadError:
         if not allow_unsealed:
             raise
@@ -106,6 +106,7 @@ def cmd_receive(args) -> int:
             return 1
     if args.signal_interface:
         conn.send_and_get_reply(message_bus.AddMatch(MatchRule(type="signal", interface=args.signal_interface)))
+    snapshot_devs = snapshot_devices(conn)
     print(f"listening as {conn.unique_name}", flush=True)
     seen = 0
     while args.count == 0 or seen < args.count:
@@ -117,7 +118,7 @@ def cmd_receive(args) -> int:
         for f in fds:
             raw = f.to_raw_fd()
             try:
-                print(f"payload {seen}: {describe_payload(raw, args.allow_unsealed)}", flush=True)
+                print(f"payload {seen}: {describe_payload(raw, args.allow_unsealed, snapshot_devs)}", flush=True)
                 if args.out:
                     print(f"payload {seen}: saved to {save_payload(raw, args.out, seen)}", flush=True)
             except PayloadError as e:

@@ -4,8 +4,8 @@ Senders call ``make_payload``: a sealed memfd where this kernel can seal one,
 the FUSE payload filesystem (a broker-made read-only snapshot) otherwise, so
 application code does not care which system it runs on. Receivers call
 ``trusted_kind`` (or ``open_trusted``): a memfd carrying the four seals, or a
-snapshot on a mounted sealbus payload fs (owned by the broker, no write bits;
-the broker made it from its own copy and only it could change it).
+read-only file on the payload fs *their bus* announces (the broker made that
+snapshot from its own copy and only it could change it).
 """
 
 import errno
@@ -86,25 +86,35 @@ def _as_bytes(source) -> bytes:
     return source.read()
 
 
-def _payload_fs_devices() -> set[int]:
-    from .fuse_payload import mountinfo_entries
+def snapshot_devices(conn) -> set[int]:
+    """The device of the payload fs the bus on ``conn`` serves: the only place snapshots are trusted from.
 
-    return {os.makedev(*map(int, dev.split(":"))) for dev, fstype, _ in mountinfo_entries() if fstype == "fuse.sealbus"}
+    Asking the bus (not scanning mounts) matters: any user can mount a FUSE fs of type fuse.sealbus
+    with fusermount3 and hand out read-only-looking files whose contents it changes at will.
+    """
+    from .fuse_payload import _sealbus_mounts
+
+    out = set()
+    for mnt in _announced_mount(conn):
+        if os.path.realpath(mnt) in _sealbus_mounts():
+            out.add(os.stat(mnt).st_dev)
+    return out
 
 
-def trusted_kind(fd: int) -> str:
-    """"sealed-memfd" or "payload-snapshot"; PayloadError for anything that could still change."""
+def trusted_kind(fd: int, snapshot_devs: set[int] = frozenset()) -> str:
+    """"sealed-memfd", or "payload-snapshot" (on a device from ``snapshot_devices``); PayloadError for
+    anything that could still change."""
     if get_seals(fd) is not None:
         check_sealed(fd)
         return "sealed-memfd"
     st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode) and st.st_dev in _payload_fs_devices():
+    if stat.S_ISREG(st.st_mode) and st.st_dev in snapshot_devs:
         if st.st_mode & 0o222 or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
             raise PayloadError("a payload-fs file that is still writable: not a broker snapshot")
         return "payload-snapshot"
     raise PayloadError("neither a sealed memfd nor a payload-fs snapshot; cannot trust it not to change")
 
 
-def open_trusted(fd: int) -> tuple[memoryview, str]:
-    kind = trusted_kind(fd)
+def open_trusted(fd: int, snapshot_devs: set[int] = frozenset()) -> tuple[memoryview, str]:
+    kind = trusted_kind(fd, snapshot_devs)
     return open_payload(fd, allow_unsealed=True), kind
