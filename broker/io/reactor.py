@@ -6,10 +6,19 @@ it fires, every ready connection is served in the same pass (read, route,
 flush), which batches work across peers as well as within one peer. Other
 trio tasks (accepting, authentication, the FUSE server, timers) still run:
 the reactor yields after every few passes.
+
+Lingering: after a pass, when no other trio task is runnable, the reactor
+waits in its own epoll for a short while (LINGER) before handing the wait
+back to trio. A request/reply exchange then costs one epoll_wait per hop
+instead of trio's re-arm, wait and task switch; the wait sleeps in the
+kernel (no spinning). Trio gets the loop back at least every YIELD_EVERY
+seconds, so accepts, the FUSE server, the launcher channel and timers are
+late by at most that much under load.
 """
 
 import logging
 import select
+import time
 
 import trio
 
@@ -18,6 +27,8 @@ log = logging.getLogger("sealbus.io")
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_CLOSE = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 PASSES_BEFORE_YIELD = 4
+LINGER = 0.0005  # seconds the reactor keeps waiting itself when trio has nothing else to run
+YIELD_EVERY = 0.002  # most time the reactor keeps the loop before trio runs its other tasks
 
 
 class Reactor:
@@ -69,15 +80,16 @@ class Reactor:
         ep = self.ep
         conns = self.conns
         passes = 0
+        clock = time.monotonic
+        stats = trio.lowlevel.current_statistics
         try:
             while True:
                 # Trio tells us when the epoll fd is readable; then one
                 # non-blocking poll hands us every ready connection at once.
                 await trio.lowlevel.wait_readable(ep.fileno())
-                while True:
-                    events = ep.poll(0, 512)
-                    if not events:
-                        break
+                give_back = clock() + YIELD_EVERY
+                events = ep.poll(0, 512)
+                while events:
                     for fd, ev in events:
                         conn = conns.get(fd)
                         if conn is None or conn.dying:
@@ -94,12 +106,15 @@ class Reactor:
                             self.closing.append(conn)
                     self.server.flush_dirty()
                     self.finish_closing()
-                    if len(events) < 512:
-                        break  # most likely idle now; the next wait tells us otherwise
                     passes += 1
-                    if passes >= PASSES_BEFORE_YIELD:
+                    if passes >= PASSES_BEFORE_YIELD and clock() >= give_back:
                         passes = 0
                         await trio.lowlevel.checkpoint()
+                        give_back = clock() + YIELD_EVERY
+                    if clock() < give_back and not stats().tasks_runnable:
+                        events = ep.poll(LINGER, 512)  # wait here a little: the reply is usually on its way
+                    else:
+                        events = ep.poll(0, 512)
                 self.finish_closing()
         finally:
             for conn in list(conns.values()):
