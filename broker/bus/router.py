@@ -47,6 +47,23 @@ class BusError(Exception):
         self.text = text
 
 
+class _LazyBody:
+    """A message body unmarshalled at most once, and only if some arg/path rule needs it."""
+
+    __slots__ = ("h", "value")
+
+    def __init__(self, h):
+        self.h, self.value = h, None
+
+    def get(self):
+        if self.value is None:
+            try:
+                self.value = self.h.unmarshal_body() if self.h.signature else ()
+            except WireError:
+                self.value = False  # malformed: no arg rule can match
+        return self.value
+
+
 class Bus:
     def __init__(self, limits: Limits | None = None, *, guid: str | None = None, machine_id: str = ""):
         self.limits = limits or Limits()
@@ -359,7 +376,7 @@ class Bus:
         wild = self.match_index.get(None, ())
         if not cands and not wild:
             return
-        body = None
+        body = _LazyBody(h)
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
         done = set()
         if skip is not None:
@@ -373,16 +390,8 @@ class Bus:
                     continue
                 if h.destination is not None and not rule.eavesdrop and h.destination != target.unique_name:
                     continue
-                if not rule.matches_header(h, self.owner_unique_name, sender_name):
+                if not self._rule_hits(rule, h, sender_name, body):
                     continue
-                if rule.needs_body:
-                    if body is None:
-                        try:
-                            body = h.unmarshal_body() if h.signature else ()
-                        except WireError:
-                            body = False
-                    if body is False or not rule.matches_args(body, h.signature):
-                        continue
                 done.add(target)
                 if fdref is not None and not target.unix_fds:
                     continue
@@ -404,29 +413,22 @@ class Bus:
                     continue
                 self._push(target, bufs, nbytes, fdref, peer)
 
+    def _rule_hits(self, rule, h, sender_name: str, body: "_LazyBody") -> bool:
+        if not rule.matches_header(h, self.owner_unique_name, sender_name):
+            return False
+        if not rule.needs_body:
+            return True
+        args = body.get()
+        return args is not False and rule.matches_args(args, h.signature)
+
     def _to_monitors(self, peer, h, fdref, bufs=None) -> None:
         if not self.monitors:
             return
-        body = None
+        body = _LazyBody(h)
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
         for mon in list(self.monitors):
-            if mon.monitor_rules:
-                ok = False
-                for rule in mon.monitor_rules:
-                    if not rule.matches_header(h, self.owner_unique_name, sender_name):
-                        continue
-                    if rule.needs_body:
-                        if body is None:
-                            try:
-                                body = h.unmarshal_body() if h.signature else ()
-                            except WireError:
-                                body = False
-                        if body is False or not rule.matches_args(body, h.signature):
-                            continue
-                    ok = True
-                    break
-                if not ok:
-                    continue
+            if mon.monitor_rules and not any(self._rule_hits(r, h, sender_name, body) for r in mon.monitor_rules):
+                continue
             if bufs is None:
                 sender = peer.unique_name if peer is not None else DBUS_NAME
                 bufs = [h.forward_header(sender), h.body]
