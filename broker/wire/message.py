@@ -113,6 +113,16 @@ def message_size(prefix, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> int:
     return total
 
 
+def _aligned_u32(raw, pos: int, end: int, u32) -> tuple[int, int]:
+    """A header field's UINT32 (or string length) after its zero padding: (value, position after it)."""
+    apos = pos + ((-pos) & 3)
+    if any(raw[pos:apos]):
+        raise HeaderError("non-zero padding in header field")
+    if apos + 4 > end:
+        raise TruncatedError("header field ends early")
+    return u32.unpack_from(raw, apos)[0], apos + 4
+
+
 class HeaderView:
     """Parsed header of one complete message held in ``raw`` (not copied)."""
 
@@ -199,14 +209,7 @@ class HeaderView:
             pos += 4
             t = FIELD_TYPES[code]
             if t == "u":
-                apos = pos + ((-pos) & 3)
-                if any(raw[pos:apos]):
-                    raise HeaderError("non-zero padding in header field")
-                pos = apos
-                if pos + 4 > end:
-                    raise TruncatedError("header field ends early")
-                (v,) = u32.unpack_from(raw, pos)
-                pos += 4
+                v, pos = _aligned_u32(raw, pos, end, u32)
                 if code == F_REPLY_SERIAL:
                     if v == 0:
                         raise HeaderError("REPLY_SERIAL must not be zero")
@@ -220,14 +223,7 @@ class HeaderView:
                 n = raw[pos]
                 pos += 1
             else:
-                apos = pos + ((-pos) & 3)
-                if any(raw[pos:apos]):
-                    raise HeaderError("non-zero padding in header field")
-                pos = apos
-                if pos + 4 > end:
-                    raise TruncatedError("header field ends early")
-                (n,) = u32.unpack_from(raw, pos)
-                pos += 4
+                n, pos = _aligned_u32(raw, pos, end, u32)
             if pos + n + 1 > end:
                 raise TruncatedError("header string runs past the header")
             if raw[pos + n] != 0:
