@@ -59,9 +59,22 @@ def drop_privileges(uid: int, gid: int) -> None:
 SELINUXFS = "/sys/fs/selinux"
 
 
+def _best_effort(what: str, without: str, required: bool, install) -> bool:
+    """Install one sandbox layer; where the kernel lacks it, fail if required, else warn loudly."""
+    try:
+        install()
+        return True
+    except Exception as e:
+        if required:
+            raise SandboxError(f"{what} is required by the config but unavailable: {e}") from None
+        log.warning("!!! %s unavailable (%s): the broker runs WITHOUT %s", what, e, without)
+        return False
+
+
 def apply_landlock(required: bool, selinuxfs: bool = False) -> bool:
     """A ruleset that handles every filesystem right and allows none (but selinuxfs when mediating)."""
-    try:
+
+    def install():
         import landlock
         from landlock.plumbing import FSAccess
 
@@ -69,12 +82,8 @@ def apply_landlock(required: bool, selinuxfs: bool = False) -> bool:
         if selinuxfs:
             rs.allow(SELINUXFS, rules=FSAccess.READ_FILE | FSAccess.WRITE_FILE | FSAccess.READ_DIR)
         rs.apply()
-        return True
-    except Exception as e:
-        if required:
-            raise SandboxError(f"Landlock is required by the config but unavailable: {e}") from None
-        log.warning("!!! Landlock unavailable (%s): the broker runs WITHOUT a filesystem sandbox", e)
-        return False
+
+    return _best_effort("Landlock", "a filesystem sandbox", required, install)
 
 
 # Everything the broker uses after the filter is installed: the trio loop
@@ -103,7 +112,7 @@ openat open readlinkat unlinkat getdents64
 
 
 def apply_seccomp(required: bool, extra: tuple[str, ...] = ()) -> bool:
-    try:
+    def install():
         import pyseccomp as sc
 
         f = sc.SyscallFilter(defaction=sc.KILL_PROCESS)
@@ -116,9 +125,5 @@ def apply_seccomp(required: bool, extra: tuple[str, ...] = ()) -> bool:
         f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
         f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # its flags are behind a pointer: make glibc use clone
         f.load()
-        return True
-    except Exception as e:
-        if required:
-            raise SandboxError(f"seccomp is required by the config but unavailable: {e}") from None
-        log.warning("!!! seccomp unavailable (%s): the broker runs WITHOUT a syscall filter", e)
-        return False
+
+    return _best_effort("seccomp", "a syscall filter", required, install)
