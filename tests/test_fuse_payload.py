@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from broker.io.fuse import serve_payload_fs
+from broker.launch.payload_mount import mount_payload_fs
 from broker.payload.claim import claim
 from broker.payload.store import (
     E_COOKIE_EXPIRED,
@@ -123,10 +124,7 @@ async def mounted(limits: Limits | None = None, *, via: str = "fd", backing_dir_
     wd = Watchdog()
     fuse_fd = None
     if via == "fd":
-        fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        opts = f"fd={fuse_fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
-        if _libc.mount(b"sealbus", mnt.encode(), b"fuse.sealbus", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts.encode()):
-            raise OSError(ctypes.get_errno(), "mount")
+        fuse_fd = mount_payload_fs(mnt, 0, 0)  # what the launcher does
     done = trio.Event()
     try:
         async with trio.open_nursery() as nursery:

@@ -6,6 +6,7 @@ launcher, sandboxes itself (broker.launch.sandbox), and only then serves.
 """
 
 import argparse
+import functools
 
 # Import everything first: after the sandbox, nothing may be loaded from disk.
 import gc  # noqa: F401
@@ -66,6 +67,11 @@ def settings_from_message(msg: dict) -> BusSettings:
     s.fd_mode = msg.get("fd_mode", "any")
     s.policy = BusPolicy(Policy.from_json(msg["policy"])) if msg.get("policy") else None
     s.machine_id = msg.get("machine_id", "")
+    s.payload_fs = msg.get("payload_fs")  # mounted by the launcher; we serve it through --fuse-fd
+    if msg.get("payload_timeout_ms"):
+        s.payload_timeout_ms = int(msg["payload_timeout_ms"])
+    if msg.get("payload_max_bytes_per_user"):
+        s.payload_max_bytes_per_user = int(msg["payload_max_bytes_per_user"])
     return s
 
 
@@ -73,6 +79,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sealbus-broker", description="sealbus broker process (started by the launcher)")
     p.add_argument("--listen-fd", type=int, required=True)
     p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--fuse-fd", type=int, help="/dev/fuse fd of the payload fs the launcher mounted")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
@@ -85,14 +92,20 @@ def main(argv=None) -> int:
     settings = settings_from_message(msg)
     settings.selinux = selinux_mediator(msg, ctl)  # the AVC opens selinuxfs: before the sandbox
     sandbox.drop_privileges(msg["uid"], msg["gid"])
-    landlock_on = sandbox.apply_landlock(msg.get("landlock") == "required", selinuxfs=settings.selinux is not None)
+    if settings.payload_fs and a.fuse_fd is None:
+        raise SystemExit("the launcher named a payload fs but passed no --fuse-fd")
+    landlock_on = sandbox.apply_landlock(msg.get("landlock") == "required", selinuxfs=settings.selinux is not None,
+                                         payload_fs=settings.payload_fs)  # fmt: skip
     seccomp_on = sandbox.apply_seccomp(msg.get("seccomp") == "required")
     log.info("broker sandboxed: uid=%d gid=%d landlock=%s seccomp=%s", os.getuid(), os.getgid(),
              landlock_on, seccomp_on)  # fmt: skip
 
     async def run():
         async with trio.open_nursery() as n:
-            bus = await n.start(serve, settings, [listen_sock])
+            bus = await n.start(functools.partial(serve, settings, [listen_sock], fuse_fd=a.fuse_fd))
+            # the launcher called listen(): accepted sockets carry its pid as their peer, so a client passing
+            # its own bus connection through the bus is recognised by that pid too
+            bus.payload.ctx.own_pids.add(os.getppid())
             n.start_soon(control.control_loop, ctl, lambda m: apply_control(bus, m))
             control.send_msg(ctl, {"type": "ready", "pid": os.getpid()})
 

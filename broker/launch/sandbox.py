@@ -71,8 +71,10 @@ def _best_effort(what: str, without: str, required: bool, install) -> bool:
         return False
 
 
-def apply_landlock(required: bool, selinuxfs: bool = False) -> bool:
-    """A ruleset that handles every filesystem right and allows none (but selinuxfs when mediating)."""
+def apply_landlock(required: bool, selinuxfs: bool = False, payload_fs: str | None = None) -> bool:
+    """A ruleset that handles every filesystem right and allows none, except: selinuxfs when mediating,
+    and opening + unlinking its own snapshot files beneath the payload fs's parent directory (the rule
+    is set on the parent: looking up the mount itself would wait for the FUSE server, which is us)."""
 
     def install():
         import landlock
@@ -81,6 +83,8 @@ def apply_landlock(required: bool, selinuxfs: bool = False) -> bool:
         rs = landlock.Ruleset()
         if selinuxfs:
             rs.allow(SELINUXFS, rules=FSAccess.READ_FILE | FSAccess.WRITE_FILE | FSAccess.READ_DIR)
+        if payload_fs:
+            rs.allow(os.path.dirname(os.path.abspath(payload_fs)), rules=FSAccess.READ_FILE | FSAccess.REMOVE_FILE)
         rs.apply()
 
     return _best_effort("Landlock", "a filesystem sandbox", required, install)

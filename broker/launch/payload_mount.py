@@ -1,0 +1,47 @@
+"""The launcher's side of the payload filesystem: open /dev/fuse and mount(2) it.
+
+Root mounts, the sandboxed broker serves (through the inherited /dev/fuse fd):
+the broker never needs CAP_SYS_ADMIN, and the mount options that make the fs
+safe for other users are chosen here, where privilege is. ``context=`` labels
+the whole mount ``sealbus_fs_t`` when SELinux is enabled, so confinement does
+not depend on where it is mounted.
+"""
+
+import ctypes
+import errno
+import os
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MNT_DETACH = 2
+FS_CONTEXT = "system_u:object_r:sealbus_fs_t:s0"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount_options(fuse_fd: int, uid: int, gid: int, selinux_context: str | None = None) -> str:
+    opts = f"fd={fuse_fd},rootmode=40000,user_id={uid},group_id={gid},allow_other,default_permissions"
+    if selinux_context:
+        opts += f",context={selinux_context}"
+    return opts
+
+
+def mount_payload_fs(mountpoint: str, uid: int, gid: int, selinux_context: str | None = None) -> int:
+    """Mount a fresh payload fs at mountpoint (created 0755 if missing); returns the /dev/fuse fd to hand
+    to the broker. nosuid, nodev, noexec: nothing on it can raise privilege or run."""
+    os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+    if os.path.ismount(mountpoint):
+        unmount_payload_fs(mountpoint)  # a stale mount from a crashed broker: nobody serves it any more
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    opts = mount_options(fd, uid, gid, selinux_context)
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if _libc.mount(b"sealbus", mountpoint.encode(), b"fuse.sealbus", flags, opts.encode()) != 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, f"mount of the payload fs at {mountpoint}: {os.strerror(e)}")
+    return fd
+
+
+def unmount_payload_fs(mountpoint: str) -> None:
+    if _libc.umount2(mountpoint.encode(), MNT_DETACH) != 0:
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+            raise OSError(e, f"unmount of {mountpoint}: {os.strerror(e)}")
