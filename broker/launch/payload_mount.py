@@ -45,3 +45,13 @@ def unmount_payload_fs(mountpoint: str) -> None:
         e = ctypes.get_errno()
         if e not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
             raise OSError(e, f"unmount of {mountpoint}: {os.strerror(e)}")
+
+
+def launcher_payload_fs(configured: str | None, runtime_dir: str, uid: int, gid: int,
+                        selinux_on: bool) -> tuple[str | None, int | None]:  # fmt: skip
+    """(mount point, /dev/fuse fd) of the system bus's payload fs: the configured mount, else
+    <runtime dir>/fs where the kernel has FUSE; (None, None) without FUSE."""
+    mount = configured or (os.path.join(runtime_dir, "fs") if os.path.exists("/dev/fuse") else None)
+    if mount is None:
+        return None, None
+    return mount, mount_payload_fs(mount, uid, gid, FS_CONTEXT if selinux_on else None)
