@@ -106,6 +106,38 @@ def test_clients_of_several_uids_talk(system_bus, test_users):
     assert c.send_and_get_reply(message_bus.GetConnectionUnixUser(owner.unique_name)).body[0] == 0
 
 
+FUSE_DANCE = """
+import hashlib, os, sys
+from jeepney import DBusAddress, new_method_call
+from jeepney.io.blocking import open_dbus_connection
+from broker.client.payload import make_payload, snapshot_devices, trusted_kind
+c = open_dbus_connection(sys.argv[1], enable_fds=True)
+data = os.urandom(200_000)
+fd, via = make_payload(data, c, via="fuse")
+st = os.fstat(fd)
+got = os.pread(fd, len(data) + 1, 0)
+try:
+    os.write(fd, b"x")
+    writable = True
+except OSError:
+    writable = False
+print(via, trusted_kind(fd, snapshot_devices(c)), got == data, oct(st.st_mode & 0o777), writable)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+def test_sandboxed_broker_serves_the_launchers_payload_fs(system_bus, test_users):
+    """The launcher mounts <runtime>/fs; the broker (no caps, Landlock, seccomp) serves it and Claim works
+    for an unprivileged client: the whole FUSE dance through the real system bus."""
+    mount = system_bus.runtime / "fs"
+    assert any(line.split()[1] == str(mount) and line.split()[2] == "fuse.sealbus"
+               for line in Path("/proc/mounts").read_text().splitlines())  # fmt: skip
+    out = run_as(test_users[0], [sys.executable, "-c", FUSE_DANCE, system_bus.address], timeout=60)
+    assert out.stdout.split() == ["fuse", "payload-snapshot", "True", "0o400", "False"], out.stderr
+    assert system_bus.stop() == 0
+    assert not any(str(mount) in line for line in Path("/proc/mounts").read_text().splitlines())  # unmounted
+
+
 def test_sighup_reload_keeps_connections_and_applies_rules(system_bus):
     c = open_dbus_connection(system_bus.address)
     assert c.send_and_get_reply(message_bus.RequestName("org.sealbus.Before")).body[0] == 1

@@ -10,6 +10,7 @@ not depend on where it is mounted.
 import ctypes
 import errno
 import os
+import subprocess
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MNT_DETACH = 2
@@ -38,6 +39,39 @@ def mount_payload_fs(mountpoint: str, uid: int, gid: int, selinux_context: str |
         os.close(fd)
         raise OSError(e, f"mount of the payload fs at {mountpoint}: {os.strerror(e)}")
     return fd
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def abort_payload_fs(mountpoint: str) -> bool:
+    """End every request still waiting on the payload fs's server (fusectl abort).
+
+    A broker that dies while one of its own threads waits on its own mount
+    cannot finish exiting (the wait is for itself); aborting the connection
+    releases it. The device comes from mountinfo: stat() of the mount would
+    itself wait for the dead server.
+    """
+    real = os.path.realpath(mountpoint)
+    minor = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split(" ")
+                if fields[4].replace("\\040", " ") == real and " fuse.sealbus " in line:
+                    minor = fields[2].split(":")[1]
+    except OSError:
+        return False
+    if minor is None:
+        return False
+    if not os.path.isdir(os.path.join(FUSECTL, minor)):
+        subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True, check=False)
+    try:
+        with open(os.path.join(FUSECTL, minor, "abort"), "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
 
 
 def unmount_payload_fs(mountpoint: str) -> None:

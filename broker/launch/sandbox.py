@@ -111,7 +111,7 @@ getuid geteuid getgid getegid getgroups getresuid getresgid prctl capget
 set_tid_address arch_prctl exit exit_group restart_syscall
 getrlimit prlimit64 getcwd uname sysinfo
 splice tee memfd_create ftruncate fallocate
-openat open readlinkat unlinkat getdents64
+openat open readlinkat unlink unlinkat getdents64
 """.split()
 
 
