@@ -16,13 +16,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from ..access.config import load_config
 from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
 from ..bus.limits import Limits
 from ..io.address import listen, systemd_listeners
-from . import control
+from . import control, sandbox
 from .audit import AuditWriter
+from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
 
 log = logging.getLogger("sealbus.launcher")
 
@@ -49,19 +51,41 @@ def broker_command(log_level: str) -> list[str]:
 
 
 def check_selinux_domain(cmd: list[str]) -> None:
-    """In enforcing mode, refuse to start a broker that would not run in sealbus_t."""
+    """In enforcing mode, refuse to start a broker that would not run in sealbus_t.
+
+    Reads /sys/fs/selinux/enforce and asks /sys/fs/selinux/create (the policy grants
+    sealbus_launch_t both); a refusal here is a broken policy, reported as such, not a
+    bare EACCES: nsswitch domains dontaudit selinuxfs, so the kernel logs nothing."""
     try:
         import selinux
     except ImportError:
         return
-    if selinux.is_selinux_enabled() != 1 or selinux.security_getenforce() != 1:
+    if selinux.is_selinux_enabled() != 1:
         return
-    _, me = selinux.getcon()
-    _, exec_ctx = selinux.getfilecon(cmd[0])
-    _, new = selinux.security_compute_create(me, exec_ctx, selinux.string_to_security_class("process"))
+    try:
+        if selinux.security_getenforce() != 1:
+            return
+        _, me = selinux.getcon()
+        _, exec_ctx = selinux.getfilecon(cmd[0])
+        _, new = selinux.security_compute_create(me, exec_ctx, selinux.string_to_security_class("process"))
+    except OSError as e:
+        raise SystemExit(f"sealbus: enforcing mode, and the launcher cannot ask the kernel which domain "
+                         f"{cmd[0]} would run in ({e}): is the sealbus policy module loaded?") from None  # fmt: skip
     if new.split(":")[2] != BROKER_DOMAIN:
         raise SystemExit(f"sealbus: enforcing mode, and the broker would run in {new}, not {BROKER_DOMAIN}: "
                          f"install the policy module and {BROKER_ENTRY} (labelled sealbus_exec_t)")  # fmt: skip
+
+
+def become_bus_user(uid: int, gid: int):
+    """The broker child's last step before exec (a preexec_fn): drop root for good, here, in the
+    launcher's domain. The broker's own domain (sealbus_t) holds no capability at all, not even the
+    setuid/setgid/setpcap needed to drop them, so the broker must start as the bus user; the
+    exec then enters sealbus_t with no_new_privs already set (policy: process2 nnp_transition)."""
+
+    def drop() -> None:
+        sandbox.drop_privileges(uid, gid)
+
+    return drop
 
 
 def broker_settings(cfg, user: pwd.struct_passwd) -> dict:
@@ -75,6 +99,8 @@ def broker_settings(cfg, user: pwd.struct_passwd) -> dict:
         "landlock": cfg.sealbus.landlock, "seccomp": cfg.sealbus.seccomp,
         "machine_id": _machine_id(),
         "selinux": selinux_enabled(), "selinux_associations": cfg.selinux_associations,
+        "payload_timeout_ms": cfg.sealbus.payload_timeout_ms,
+        "payload_max_bytes_per_user": cfg.sealbus.payload_max_bytes_per_user,
     }  # fmt: skip
 
 
@@ -122,8 +148,20 @@ def main_system(args) -> int:
     check_selinux_domain(cmd)
     fds = (listener.sock.fileno(), ctl_broker.fileno())
     cmd += ["--listen-fd", str(fds[0]), "--control-fd", str(fds[1])]
-    proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
+    try:
+        payload_mount, fuse_fd = launcher_payload_fs(cfg.sealbus.payload_fs, runtime, user.pw_uid, user.pw_gid,
+                                                     selinux_enabled())  # fmt: skip
+    except OSError as e:
+        log.error("payload fs not served: %s", e)  # the bus itself still runs: memfd payloads need no mount
+        payload_mount, fuse_fd = None, None
+    if fuse_fd is not None:
+        fds += (fuse_fd,)
+        cmd += ["--fuse-fd", str(fuse_fd)]
+    proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,
+                            preexec_fn=become_bus_user(user.pw_uid, user.pw_gid))
     ctl_broker.close()
+    if fuse_fd is not None:
+        os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
     stop = {"sig": None}
 
     def on_signal(signum, frame):
@@ -132,29 +170,66 @@ def main_system(args) -> int:
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
     try:
-        control.send_msg(ctl_launcher, broker_settings(cfg, user))
-        ready = control.recv_msg(ctl_launcher)
+        control.send_msg(ctl_launcher, {**broker_settings(cfg, user), "payload_fs": payload_mount})
+        ready = wait_ready(proc, ctl_launcher, payload_mount)
         if ready.get("type") != "ready":
             raise RuntimeError(f"unexpected message from the broker: {ready}")
         log.info("broker pid %d ready on %s", proc.pid, listener.address)
         print(listener.address, flush=True)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=broker pid {proc.pid}")
-        return supervise(proc, ctl_launcher, config_path, user, stop)
+        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount)
     except (EOFError, OSError, RuntimeError) as e:
         log.error("broker failed to start: %s", e)
         return 1
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_broker(proc, payload_mount)
         ctl_launcher.close()
         listener.close()
+        if payload_mount is not None:
+            unmount_payload_fs(payload_mount)
 
 
-def supervise(proc, ctl, config_path: str, user, stop: dict) -> int:
+def broker_exiting(proc) -> bool:
+    """Gone, or on its way out (its memory released: /proc/PID/cmdline reads empty)."""
+    if proc.poll() is not None:
+        return True
+    try:
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            return not f.read(1)
+    except OSError:
+        return True
+
+
+def wait_ready(proc, ctl, payload_mount: str | None, timeout: float = 60.0) -> dict:
+    """The broker's first message, or RuntimeError if it dies or stays silent."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([ctl], [], [], 0.5)
+        if readable:
+            return control.recv_msg(ctl)
+        if broker_exiting(proc):
+            if payload_mount is not None:
+                abort_payload_fs(payload_mount)  # it may be waiting on its own mount to finish dying
+            raise RuntimeError(f"the broker exited during start-up (status {proc.wait(timeout=10)})")
+    raise RuntimeError(f"the broker did not report ready within {timeout:.0f} s")
+
+
+def stop_broker(proc, payload_mount: str | None) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            if payload_mount is not None:
+                abort_payload_fs(payload_mount)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str | None = None) -> int:
     audit, limiter = AuditWriter(), AuditLimiter()
     inbox = control.Inbox(ctl)
     while True:
@@ -168,11 +243,12 @@ def supervise(proc, ctl, config_path: str, user, stop: dict) -> int:
                 log.error("reload failed, keeping the old policy: %s", e)
         elif stop["sig"] is not None:
             log.info("stopping on %s", signal.Signals(stop["sig"]).name)
-            proc.terminate()
-            proc.wait(timeout=10)
+            stop_broker(proc, payload_mount)
             return 0
-        rc = proc.poll()
-        if rc is not None:
+        if broker_exiting(proc):
+            if payload_mount is not None:
+                abort_payload_fs(payload_mount)  # lets a broker stuck on its own mount finish dying
+            rc = proc.wait(timeout=30)
             log.error("the broker (pid %d) exited unexpectedly with status %s", proc.pid, rc)
             return 1
         try:
