@@ -67,6 +67,8 @@ def test_audit_answers_hold_the_invariants(answers):
     connect = set(answers["connect_bus_socket"])
     assert "sealbus_demo_client_t" in connect
     assert "sealbus_demo_denied_t" not in connect
+    assert "sealbus_demo_stranger_t" in connect  # connects; the bus's dbus-class checks stop it
+    assert "sealbus_demo_stranger_t" not in {o.split(" ")[0] for o in answers["open_payload_fs"]}
     writers = set(answers["write_payload_fs"])
     assert "sealbus_t" not in writers  # the broker never writes the payload fs
     assert "sealbus_demo_service_t" not in writers  # read-only interface
@@ -100,3 +102,45 @@ def test_neverallow_violation_is_rejected(tmp_path):
                    check=True)
     with pytest.raises(selinux_audit.AuditError, match="neverallow"):
         selinux_audit.link_policy(mod / "sealbus.pp", tmp_path / "root")
+
+
+def _allowed(policy, source: str, target: str, tclass: str) -> set[str]:
+    """The permissions the linked policy allows source on target:tclass (attributes expanded)."""
+    from setools import TERuleQuery
+
+    q = TERuleQuery(policy, ruletype=["allow"], source=source, target=target, tclass=[tclass])
+    return {str(p) for rule in q.results() for p in rule.perms}
+
+
+def test_dbus_class_rules_of_the_demo_domains(built):
+    """What the enforcing tier's dbus-class cases rely on: the service owns names (unassociated ones
+    against sealbus_t, associated ones against sealbus_demo_name_t), client and service talk, the
+    stranger may reach the bus driver but no peer and own nothing, and a client may not own names."""
+    _, _, policy = built
+    assert "acquire_svc" in _allowed(policy, "sealbus_demo_service_t", "sealbus_t", "dbus")
+    assert "acquire_svc" in _allowed(policy, "sealbus_demo_service_t", "sealbus_demo_name_t", "dbus")
+    assert "send_msg" in _allowed(policy, "sealbus_demo_client_t", "sealbus_demo_service_t", "dbus")
+    assert "send_msg" in _allowed(policy, "sealbus_demo_service_t", "sealbus_demo_client_t", "dbus")
+    for domain in ("sealbus_demo_client_t", "sealbus_demo_service_t", "sealbus_demo_stranger_t"):
+        assert "send_msg" in _allowed(policy, domain, "sealbus_t", "dbus"), domain
+    for target in ("sealbus_demo_service_t", "sealbus_demo_client_t", "sealbus_demo_stranger_t"):
+        assert _allowed(policy, "sealbus_demo_stranger_t", target, "dbus") == set(), target
+    assert _allowed(policy, "sealbus_demo_client_t", "sealbus_demo_client_t", "dbus") == set()
+    for domain in ("sealbus_demo_client_t", "sealbus_demo_stranger_t"):
+        for target in ("sealbus_t", "sealbus_demo_name_t"):
+            assert "acquire_svc" not in _allowed(policy, domain, target, "dbus"), (domain, target)
+
+
+def test_launcher_can_start_the_broker_under_enforcement(built):
+    """The launcher asks selinuxfs before starting the broker (enforce, create: nsswitch domains
+    dontaudit selinuxfs, so a missing rule was a bare EACCES with no AVC), enters sealbus_t with
+    no_new_privs set, and writes the broker's USER_AVC records; the broker holds no capability."""
+    _, _, policy = built
+    assert {"read", "write", "open"} <= _allowed(policy, "sealbus_launch_t", "security_t", "file")
+    assert "compute_create" in _allowed(policy, "sealbus_launch_t", "security_t", "security")
+    assert "nnp_transition" in _allowed(policy, "sealbus_launch_t", "sealbus_t", "process2")
+    assert "audit_write" in _allowed(policy, "sealbus_launch_t", "sealbus_launch_t", "capability")
+    assert "nlmsg_relay" in _allowed(policy, "sealbus_launch_t", "sealbus_launch_t", "netlink_audit_socket")
+    assert _allowed(policy, "sealbus_t", "sealbus_t", "capability") == set()
+    assert {"compute_av"} <= _allowed(policy, "sealbus_t", "security_t", "security")
+    assert {"open", "read", "write", "map"} <= _allowed(policy, "sealbus_t", "security_t", "file")

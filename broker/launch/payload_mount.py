@@ -14,6 +14,7 @@ import subprocess
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MNT_DETACH = 2
+KDBUS_DIR = "/sys/fs/kdbus"
 FS_CONTEXT = "system_u:object_r:sealbus_fs_t:s0"
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -83,9 +84,9 @@ def unmount_payload_fs(mountpoint: str) -> None:
 
 def launcher_payload_fs(configured: str | None, runtime_dir: str, uid: int, gid: int,
                         selinux_on: bool) -> tuple[str | None, int | None]:  # fmt: skip
-    """(mount point, /dev/fuse fd) of the system bus's payload fs: the configured mount, else
-    <runtime dir>/fs where the kernel has FUSE; (None, None) without FUSE."""
-    mount = configured or (os.path.join(runtime_dir, "fs") if os.path.exists("/dev/fuse") else None)
-    if mount is None:
+    """(mount point, /dev/fuse fd) of the system bus's payload fs: the configured mount, else the
+    email's /sys/fs/kdbus where that directory exists, else <runtime dir>/fs; (None, None) without FUSE."""
+    if not os.path.exists("/dev/fuse"):
         return None, None
+    mount = configured or (KDBUS_DIR if os.path.isdir(KDBUS_DIR) else os.path.join(runtime_dir, "fs"))
     return mount, mount_payload_fs(mount, uid, gid, FS_CONTEXT if selinux_on else None)

@@ -1,13 +1,17 @@
 """One action, run by the enforcing tier inside a demo domain (runcon -t ...).
 
 Prints 'OK <detail>' and exits 0, or 'ERR <errno name>' and exits 1, so the
-tier can tell an SELinux EACCES from any other failure. Stdlib only: it must
-start in a domain that can read nothing but the interpreter and this file."""
+tier can tell an SELinux EACCES from any other failure. The file actions are
+stdlib only; the D-Bus actions (own, call, serve) use jeepney from the venv
+(usr_t, which every demo domain may read) and print 'DBUSERR <error name>
+<text>' and exit 2 when the bus answers with an error.
+"""
 
 import errno
 import os
 import socket
 import sys
+import time
 
 
 def connect(path: str) -> str:
@@ -53,18 +57,106 @@ def seal_payload(mount: str) -> str:
         os.close(fd)
 
 
+# -- D-Bus actions ------------------------------------------------------------------------------
+
+DBUS_TIMEOUT = 60  # a TCG guest is slow
+DEMO_PATH = "/org/sealbus/Demo"
+DEMO_IFACE = "org.sealbus.Demo"
+
+
+class DBusError(Exception):
+    def __init__(self, name: str, text: str):
+        super().__init__(f"{name} {text}")
+
+
+def _bus(address: str):
+    from jeepney.io.blocking import open_dbus_connection
+
+    return open_dbus_connection(address, auth_timeout=DBUS_TIMEOUT)  # says Hello
+
+
+def _unwrap(reply):
+    from jeepney import HeaderFields, MessageType
+
+    if reply.header.message_type == MessageType.error:
+        name = reply.header.fields.get(HeaderFields.error_name, "?")
+        raise DBusError(name, str(reply.body[0]) if reply.body else "")
+    return reply.body
+
+
+def _request_name(conn, name: str) -> str:
+    from jeepney.bus_messages import message_bus
+
+    (code,) = _unwrap(conn.send_and_get_reply(message_bus.RequestName(name, 4), timeout=DBUS_TIMEOUT))
+    if code != 1:  # DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER (flags: DO_NOT_QUEUE)
+        raise DBusError("RequestNameReply", f"{name}: reply {code}, not primary owner")
+    return f"{conn.unique_name} owns {name}"
+
+
+def own(address: str, name: str) -> str:
+    with _bus(address) as conn:
+        return _request_name(conn, name)
+
+
+def call(address: str, dest: str) -> str:
+    from jeepney import DBusAddress, new_method_call
+
+    with _bus(address) as conn:
+        msg = new_method_call(DBusAddress(DEMO_PATH, bus_name=dest, interface=DEMO_IFACE), "Ping", "s",
+                              (conn.unique_name,))
+        body = _unwrap(conn.send_and_get_reply(msg, timeout=DBUS_TIMEOUT))
+        return f"{conn.unique_name} -> {dest}: {body[0]}"
+
+
+def serve(address: str, names: str) -> str:
+    """Own each name (comma separated; one line each: 'OWN name OK|DBUSERR ...'), print 'READY unique',
+    then answer every method call (printing 'CALL sender member') until stdin closes."""
+    import select
+
+    from jeepney import HeaderFields, MessageType, new_method_return
+
+    with _bus(address) as conn:
+        for name in names.split(","):
+            try:
+                print("OWN", name, "OK", _request_name(conn, name), flush=True)
+            except DBusError as e:
+                print("OWN", name, "DBUSERR", e, flush=True)
+        print("READY", conn.unique_name, flush=True)
+        try:
+            me = open("/proc/self/attr/current").read().strip("\0\n")
+        except OSError:
+            me = f"pid {os.getpid()}"  # no LSM label (a host without SELinux)
+        deadline = time.monotonic() + DBUS_TIMEOUT * 5
+        while time.monotonic() < deadline:
+            if select.select([sys.stdin], [], [], 0)[0]:
+                return "stopped"  # the tier closed our stdin
+            try:
+                msg = conn.receive(timeout=0.5)
+            except TimeoutError:
+                continue
+            if msg.header.message_type == MessageType.method_call:
+                fields = msg.header.fields
+                print("CALL", fields.get(HeaderFields.sender, "?"), fields.get(HeaderFields.member, "?"),
+                      flush=True)
+                conn.send_message(new_method_return(msg, "s", (f"pong from {me}",)))
+        return "timed out"
+
+
 ACTIONS = {"connect": connect, "write-payload": write_payload, "read": read_file, "list": list_dir,
-           "seal-payload": seal_payload}
+           "seal-payload": seal_payload, "own": own, "call": call, "serve": serve}
 
 
 def main() -> int:
-    action, arg = sys.argv[1], sys.argv[2]
+    action, args = sys.argv[1], sys.argv[2:]
     try:
-        print("OK", ACTIONS[action](arg))
+        print("OK", ACTIONS[action](*args), flush=True)
         return 0
     except OSError as e:
         print("ERR", errno.errorcode.get(e.errno, str(e.errno)), e.strerror)
         return 1
+    except DBusError as e:
+        print("DBUSERR", e)
+        return 2
 
 
 if __name__ == "__main__":
