@@ -26,6 +26,7 @@ log = logging.getLogger("sealbus.io")
 MAX_FDS_PER_READ = 253  # SCM_MAX_FD
 ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
 MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic costs microseconds per read
 MAX_IOV = 512
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 _DISCONNECT_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ETOOMANYREFS}
@@ -190,7 +191,7 @@ class Connection:
         finally:
             buf.release()  # our view of the free space must not pin the buffer
         fds = fds_from_ancdata(anc) if anc else ()
-        if flags & socket.MSG_CTRUNC:
+        if flags & MSG_CTRUNC:
             close_fds(fds)
             self.bus.kill(peer, "control data truncated (too many fds in one read)")
             return

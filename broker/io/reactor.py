@@ -7,8 +7,7 @@ flush), which batches work across peers as well as within one peer. Other
 trio tasks (accepting, authentication, the FUSE server, timers) still run:
 the reactor yields after every few passes.
 
-Lingering: after a pass, when no other trio task is runnable, the reactor
-waits in its own epoll for a short while (LINGER) before handing the wait
+Lingering: after a pass the reactor waits in its own epoll for a short while (LINGER) before handing the wait
 back to trio. A request/reply exchange then costs one epoll_wait per hop
 instead of trio's re-arm, wait and task switch; the wait sleeps in the
 kernel (no spinning). Trio gets the loop back at least every YIELD_EVERY
@@ -27,7 +26,7 @@ log = logging.getLogger("sealbus.io")
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_CLOSE = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 PASSES_BEFORE_YIELD = 4
-LINGER = 0.0005  # seconds the reactor keeps waiting itself when trio has nothing else to run
+LINGER = 0.0005  # seconds the reactor keeps waiting in its own epoll after a pass
 YIELD_EVERY = 0.002  # most time the reactor keeps the loop before trio runs its other tasks
 
 
@@ -81,7 +80,6 @@ class Reactor:
         conns = self.conns
         passes = 0
         clock = time.monotonic
-        stats = trio.lowlevel.current_statistics
         try:
             while True:
                 # Trio tells us when the epoll fd is readable; then one
@@ -111,7 +109,7 @@ class Reactor:
                         passes = 0
                         await trio.lowlevel.checkpoint()
                         give_back = clock() + YIELD_EVERY
-                    if clock() < give_back and not stats().tasks_runnable:
+                    if clock() < give_back:
                         events = ep.poll(LINGER, 512)  # wait here a little: the reply is usually on its way
                     else:
                         events = ep.poll(0, 512)
