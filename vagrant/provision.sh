@@ -52,6 +52,10 @@ step "build and load the policy module"
 rm -rf /tmp/sealbus-policy && cp -r "$PREFIX/src/policy" /tmp/sealbus-policy
 ( cd /tmp/sealbus-policy && make -f /usr/share/selinux/devel/Makefile sealbus.pp ) || exit 1
 semodule -i /tmp/sealbus-policy/sealbus.pp || exit 1
+if [ "${SEALBUS_VM_DIAG:-0}" != 0 ]; then
+  echo "diagnostics: dontaudit rules off (semodule -DB): hidden denials reach the audit log"
+  semodule -DB || exit 1
+fi
 restorecon -R /usr/libexec/sealbus "$PREFIX"
 mkdir -p /run/sealbus && restorecon -R /run/sealbus
 # The test helper stands in for the launcher's privileged steps: same domain.

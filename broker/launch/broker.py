@@ -5,6 +5,10 @@ inherited fds. It imports everything it needs, reads its settings from the
 launcher, sandboxes itself (broker.launch.sandbox), and only then serves.
 """
 
+# isort: off
+import broker.launch.sonames  # first: library lookups without running ldconfig
+
+# isort: on
 import argparse
 import functools
 
@@ -21,7 +25,7 @@ import socket
 import sys
 import termios  # noqa: F401
 
-import pyseccomp  # noqa: F401  (uses ctypes.util.find_library, which runs ldconfig)
+import pyseccomp  # noqa: F401  (looks up libseccomp: see broker.launch.sonames)
 import trio
 
 import broker

@@ -157,8 +157,9 @@ def main_system(args) -> int:
     if fuse_fd is not None:
         fds += (fuse_fd,)
         cmd += ["--fuse-fd", str(fuse_fd)]
+    # preexec_fn: the launcher has no threads; the drop must happen here, in sealbus_launch_t
     proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,
-                            preexec_fn=become_bus_user(user.pw_uid, user.pw_gid))
+                            preexec_fn=become_bus_user(user.pw_uid, user.pw_gid))  # noqa: PLW1509
     ctl_broker.close()
     if fuse_fd is not None:
         os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out

@@ -66,7 +66,10 @@ def abort_payload_fs(mountpoint: str) -> bool:
     if minor is None:
         return False
     if not os.path.isdir(os.path.join(FUSECTL, minor)):
-        subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True, check=False)
+        try:
+            subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True, check=False)
+        except OSError:
+            return False  # (systemd mounts fusectl at boot; here we may not run mount at all)
     try:
         with open(os.path.join(FUSECTL, minor, "abort"), "w") as f:
             f.write("1")

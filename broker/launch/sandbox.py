@@ -1,10 +1,14 @@
 """Dropping everything the broker does not need, in an order that cannot be undone.
 
-As root, before any client data is touched: lock the securebits, clear the
-ambient, bounding and inheritable capability sets, switch to the bus user
+``drop_privileges`` runs as root in the launcher's child just before it
+executes the broker (sealbus_t may hold no capability, so the broker could not
+do it itself under SELinux): lock the securebits, clear the ambient, bounding
+and inheritable capability sets, switch to the bus user
 (setgroups/setresgid/setresuid), clear permitted and effective, set
-no_new_privs, the parent-death signal and non-dumpable, then Landlock with no
-filesystem access at all and a seccomp allowlist that kills on anything else.
+no_new_privs. The broker then repeats the unprivileged part (no_new_privs,
+the parent-death signal, non-dumpable; exec resets both) and, before any
+client data is touched, applies Landlock (no filesystem access but the
+documented exceptions) and a seccomp allowlist that kills on anything else.
 """
 
 import ctypes

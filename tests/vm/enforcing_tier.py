@@ -25,7 +25,17 @@ HELPER = Path("/usr/libexec/sealbus/sealbus-test-launch-helper")
 LAUNCHER = Path("/usr/libexec/sealbus/sealbus-launcher")
 PROBE_DIR = Path("/run/sealbus-probe")
 BUS_DIR = Path("/run/sealbus")
-ISSUE_BROKER_MEDIATION = 8
+# The real bus's config: the default system bus config plus what the dbus-class
+# cases need (an XML policy that lets the demo names be owned and called, so that
+# SELinux alone decides, and two names associated with sealbus_demo_name_t).
+TIER_CONFIG = Path("/etc/sealbus/vm-tier.conf")
+SYSTEM_CONF = HERE.parents[1] / "broker" / "launch" / "system.conf"
+NAME_CONTEXT = "system_u:object_r:sealbus_demo_name_t:s0"
+SERVICE_NAME = "org.sealbus.Demo.Service"  # no association: acquire_svc against the bus's label (sealbus_t)
+OWNED_NAME = "org.sealbus.Demo.Owned"  # associated with sealbus_demo_name_t, owned by the service
+GUARDED_NAME = "org.sealbus.Demo.Guarded"  # associated with sealbus_demo_name_t, nobody may take it but the service
+FREE_NAME = "org.sealbus.Demo.Free"  # no association, nobody owns it
+RESULTS_DIR = Path("/var/tmp")  # --out's directory: the launcher's log lands next to the results
 
 
 @dataclass
@@ -50,9 +60,13 @@ def sh(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
 
 
-def probe(domain: str, action: str, arg: str) -> tuple[int, str]:
-    # -I: no user site (no search of $HOME); stdin from us, not init's /dev/null fd.
-    proc = sh("runcon", "-t", domain, "--", PYTHON, "-I", str(HERE / "probe.py"), action, arg)
+def probe_cmd(domain: str, action: str, *args: str) -> list[str]:
+    # -I: no user site (no search of $HOME)
+    return ["runcon", "-t", domain, "--", PYTHON, "-I", str(HERE / "probe.py"), action, *args]
+
+
+def probe(domain: str, action: str, *args: str) -> tuple[int, str]:
+    proc = sh(*probe_cmd(domain, action, *args), timeout=120)
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
 
@@ -73,6 +87,32 @@ def avc_denied(scontext_type: str, since: float) -> list[str]:
         if stamp >= since - 1:
             lines.append(line)
     return lines
+
+
+def user_avcs(perm: str, since: float) -> list[dict[str, str]]:
+    """USER_AVC dbus records for perm logged after `since`, as {field: value} (plus 'line')."""
+    out = []
+    for line in Path("/var/log/audit/audit.log").read_text(errors="replace").splitlines():
+        if not line.startswith("type=USER_AVC") or f"{{ {perm} }}" not in line or "tclass=dbus" not in line:
+            continue
+        try:
+            stamp = float(line.split("msg=audit(")[1].split(":")[0])
+        except (IndexError, ValueError):
+            stamp = since
+        if stamp < since - 1:
+            continue
+        fields = {"line": line}
+        for word in line.replace("'", " ").split():
+            key, eq, value = word.partition("=")
+            if eq and key not in fields:
+                fields[key] = value.strip('"')
+        out.append(fields)
+    return out
+
+
+def type_of(context: str) -> str:
+    parts = context.split(":")
+    return parts[2] if len(parts) > 2 else context
 
 
 def wait_for(predicate, timeout: float) -> bool:
@@ -149,23 +189,74 @@ def case_payload_fs(start: float) -> None:
         record("launcher domain unmounts the payload fs", proc.returncode == 0, proc.stderr.strip() or "unmounted")
 
 
-def start_real_bus(runtime: Path) -> tuple[subprocess.Popen | None, str]:
-    """The real launcher through its entry point; (process, address or failure reason)."""
-    proc = subprocess.Popen([str(LAUNCHER), "--runtime-dir", str(runtime)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def write_tier_config() -> Path:
+    TIER_CONFIG.parent.mkdir(exist_ok=True)
+    TIER_CONFIG.write_text(f"""<busconfig>
+  <include>{SYSTEM_CONF}</include>
+  <policy context="default">
+    <allow own_prefix="org.sealbus.Demo"/>
+    <allow send_destination_prefix="org.sealbus.Demo"/>
+  </policy>
+  <selinux>
+    <associate own="{OWNED_NAME}" context="{NAME_CONTEXT}"/>
+    <associate own="{GUARDED_NAME}" context="{NAME_CONTEXT}"/>
+  </selinux>
+</busconfig>
+""")
+    sh("restorecon", "-R", str(TIER_CONFIG.parent))
+    return TIER_CONFIG
+
+
+class LauncherLog:
+    """The launcher's (and through it the broker's) stderr, drained from a pipe into
+    RESULTS_DIR/launcher.log: a pipe, because sealbus_t may write an init script's pipe
+    but not its files; drained, so a chatty broker never blocks on a full pipe."""
+
+    def __init__(self, stream):
+        import threading
+
+        self.path = RESULTS_DIR / "launcher.log"
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _drain(self, stream) -> None:
+        with open(self.path, "a") as out:
+            for line in stream:
+                self.lines.append(line.rstrip("\n"))
+                out.write(line)
+                out.flush()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def failure(self) -> str:
+        """The last exception (with the line that raised it) or, failing that, the last lines."""
+        lines = [ln for ln in self.lines if ln.strip()]
+        for i in range(len(lines) - 1, -1, -1):
+            if lines[i].lstrip(" |").startswith("File "):
+                return " / ".join(ln.strip(" |") for ln in lines[i:i + 4])
+        return " / ".join(lines[-3:]) or "no stderr"
+
+
+def start_real_bus(runtime: Path, config: Path) -> tuple[subprocess.Popen | None, str, LauncherLog]:
+    """The real launcher through its entry point; (process, address or failure reason, its log)."""
     import selectors
 
+    proc = subprocess.Popen([str(LAUNCHER), "--runtime-dir", str(runtime), "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    log = LauncherLog(proc.stderr)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
-    if sel.select(timeout=90) and proc.poll() is None:
+    if sel.select(timeout=120) and proc.poll() is None:
         line = proc.stdout.readline().strip()
         if line.startswith("unix:"):
-            return proc, line
+            return proc, line, log
     proc.kill()
-    _, err = proc.communicate(timeout=10)
-    last = err.strip().splitlines()[-1] if err.strip() else "no stderr"
-    return None, f"sealbus run --system (via {LAUNCHER}) did not start: rc={proc.returncode}: {last}"
+    proc.wait(timeout=10)
+    log.thread.join(timeout=5)
+    return None, f"{LAUNCHER} did not start: rc={proc.returncode}: {log.failure()}", log
 
 
 def children(pid: int) -> list[int]:
@@ -180,46 +271,159 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
 def case_real_bus(start: float) -> None:
     names = ["launcher runs in sealbus_launch_t", "broker runs in sealbus_t",
              "demo_client connects to the real bus", "demo_denied: EACCES on the real bus socket",
              "demo_client seals a payload on the real payload fs", "demo_denied: EACCES on the real payload fs"]
-    proc, why = start_real_bus(BUS_DIR)
+    proc, why, log = start_real_bus(BUS_DIR, write_tier_config())
     if proc is None:
         for name in names:
-            xfail(name, why)
+            record(name, False, why)
+        case_dbus_class(None, start, log)
         return
     try:
         record(names[0], ":sealbus_launch_t:" in context_of(proc.pid), context_of(proc.pid))
         kids = children(proc.pid)
         ctxs = [context_of(k) for k in kids]
         record(names[1], any(":sealbus_t:" in c for c in ctxs), "; ".join(ctxs) or "no child process")
+        brokers = [k for k, c in zip(kids, ctxs, strict=True) if ":sealbus_t:" in c]
+        if brokers:
+            st = proc_status(brokers[0])
+            caps = {k: int(st.get(k, "1"), 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+            user = st.get("Uid", "").split()
+            ok = (len(set(user)) == 1 and user[0] != "0" and not any(caps.values())
+                  and st.get("NoNewPrivs") == "1" and st.get("Seccomp") == "2")  # fmt: skip
+            record("broker: bus user, no capabilities, no_new_privs, seccomp", ok,
+                   f"Uid={st.get('Uid')} caps={caps} NoNewPrivs={st.get('NoNewPrivs')} Seccomp={st.get('Seccomp')}")
         path = why.split("path=", 1)[1].split(",")[0]
         rc, out = probe("sealbus_demo_client_t", "connect", path)
         record(names[2], rc == 0, out)
         rc, out = probe("sealbus_demo_denied_t", "connect", path)
         record(names[3], rc == 1 and "EACCES" in out, out)
+        # From the mount table: we (initrc_t, unconfined) may not even stat the payload fs,
+        # sealbus_unconfined_use_payload_fs is off.
         fs = BUS_DIR / "fs"
-        if (fs / "tmp").exists():
+        mounts = [ln for ln in Path("/proc/self/mounts").read_text().splitlines() if f" {fs} " in ln]
+        if any(" fuse.sealbus " in ln and "context=" in ln and "sealbus_fs_t" in ln for ln in mounts):
             rc, out = probe("sealbus_demo_client_t", "seal-payload", str(fs))
             record(names[4], rc == 0, out)
             rc, out = probe("sealbus_demo_denied_t", "list", str(fs))
             record(names[5], rc == 1 and "EACCES" in out, out)
         else:
-            xfail(names[4], f"the system bus serves no payload fs at {fs}")
-            xfail(names[5], f"the system bus serves no payload fs at {fs}")
+            why_fs = f"the system bus serves no payload fs at {fs} (mounts: {'; '.join(mounts) or 'none'})"
+            record(names[4], False, why_fs)
+            record(names[5], False, why_fs)
+        case_dbus_class(why, start, log)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.thread.join(timeout=5)
 
 
-def case_dbus_class() -> None:
-    why = f"needs the broker's SELinux send_msg/acquire_svc mediation (issue {ISSUE_BROKER_MEDIATION})"
-    xfail("dbus send_msg: forbidden send denied + USER_AVC names both contexts", why)
-    xfail("dbus acquire_svc: forbidden name denied + USER_AVC names both contexts", why)
+DBUS_CASES = {
+    "own": "dbus acquire_svc: service owns an unassociated name (against sealbus_t) and an associated one",
+    "call": "dbus send_msg: client calls the service, the service's reply comes back",
+    "send": "dbus send_msg: forbidden send denied + USER_AVC names both contexts",
+    "acquire": "dbus acquire_svc: forbidden name denied + USER_AVC names both contexts",
+    "acquire_bus": "dbus acquire_svc: unassociated name denied against the bus label (sealbus_t)",
+    "logged": "dbus denials: the broker logs them, the service never saw the forbidden call",
+}
+
+
+def _denied(rc: int, out: str, stype: str, ttype: str) -> tuple[bool, str]:
+    """An AccessDenied D-Bus error whose text names both contexts."""
+    ok = rc == 2 and "org.freedesktop.DBus.Error.AccessDenied" in out
+    ok = ok and f":{stype}:" in out and f":{ttype}:" in out
+    return ok, out
+
+
+def _user_avc(perm: str, since: float, stype: str, ttype: str, extra: str) -> tuple[bool, str]:
+    """A USER_AVC record for perm from stype to ttype (tclass=dbus), written by the launcher."""
+    found: list[dict[str, str]] = []
+
+    def look() -> bool:
+        found[:] = [r for r in user_avcs(perm, since)
+                    if type_of(r.get("scontext", "")) == stype and type_of(r.get("tcontext", "")) == ttype
+                    and extra in r["line"]]  # fmt: skip
+        return bool(found)
+
+    if not wait_for(look, 10):
+        others = user_avcs(perm, since)
+        return False, f"no USER_AVC {perm} {stype} -> {ttype} ({extra}); {len(others)} other(s): " + (
+            others[0]["line"][-200:] if others else "none")
+    rec = found[0]
+    subj_ok = ":sealbus_launch_t:" in rec.get("subj", "")  # written by the launcher for the broker
+    return subj_ok, f"subj={rec.get('subj')} " + rec["line"].split("msg='", 1)[-1][:220]
+
+
+def case_dbus_class(address: str | None, start: float, log: LauncherLog) -> None:
+    """The broker's SELinux mediation on the real system bus (dbus-daemon semantics)."""
+    if address is None:
+        for name in DBUS_CASES.values():
+            record(name, False, "the real bus did not start (see above)")
+        return
+    since = time.time()
+    service = subprocess.Popen(probe_cmd("sealbus_demo_service_t", "serve", address,
+                                         ",".join((SERVICE_NAME, OWNED_NAME))),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)  # fmt: skip
+    lines: list[str] = []
+    try:
+        while True:
+            line = service.stdout.readline()
+            if not line:
+                break
+            lines.append(line.strip())
+            if line.startswith("READY"):
+                break
+        owned = [ln for ln in lines if ln.startswith("OWN")]
+        record(DBUS_CASES["own"], len(owned) == 2 and all(" OK " in ln for ln in owned), "; ".join(lines))
+        if not any(ln.startswith("READY") for ln in lines):
+            for key in ("call", "send", "acquire", "acquire_bus", "logged"):
+                record(DBUS_CASES[key], False, "the demo service did not come up: " + "; ".join(lines))
+            return
+        rc, out = probe("sealbus_demo_client_t", "call", address, SERVICE_NAME)
+        record(DBUS_CASES["call"], rc == 0 and "pong from" in out and ":sealbus_demo_service_t:" in out, out)
+
+        rc, out = probe("sealbus_demo_stranger_t", "call", address, SERVICE_NAME)
+        ok, detail = _denied(rc, out, "sealbus_demo_stranger_t", "sealbus_demo_service_t")
+        audited, avc = _user_avc("send_msg", since, "sealbus_demo_stranger_t", "sealbus_demo_service_t",
+                                 "member=Ping")
+        record(DBUS_CASES["send"], ok and audited, f"{detail} | {avc}")
+
+        rc, out = probe("sealbus_demo_stranger_t", "own", address, GUARDED_NAME)
+        ok, detail = _denied(rc, out, "sealbus_demo_stranger_t", "sealbus_demo_name_t")
+        audited, avc = _user_avc("acquire_svc", since, "sealbus_demo_stranger_t", "sealbus_demo_name_t",
+                                 f"service={GUARDED_NAME}")
+        record(DBUS_CASES["acquire"], ok and audited, f"{detail} | {avc}")
+
+        rc, out = probe("sealbus_demo_client_t", "own", address, FREE_NAME)
+        ok, detail = _denied(rc, out, "sealbus_demo_client_t", "sealbus_t")
+        audited, avc = _user_avc("acquire_svc", since, "sealbus_demo_client_t", "sealbus_t", f"service={FREE_NAME}")
+        record(DBUS_CASES["acquire_bus"], ok and audited, f"{detail} | {avc}")
+    finally:
+        try:
+            rest, _ = service.communicate(input="", timeout=30)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            rest, _ = service.communicate()
+        lines += [ln.strip() for ln in (rest or "").splitlines()]
+    calls = [ln for ln in lines if ln.startswith("CALL")]
+    denials = [ln for ln in log.lines if "SELinux" in ln and "denied" in ln]
+    record(DBUS_CASES["logged"], len(calls) == 1 and len(denials) >= 3,
+           f"service saw {calls or 'no call'}; broker log: {len(denials)} denial line(s): "
+           + (denials[0][-160:] if denials else "none"))
 
 
 def table(results: list[Case]) -> str:
@@ -235,11 +439,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="sealbus enforcing SELinux tier (run as root in the guest)")
     parser.add_argument("--out", type=Path, help="write results as JSON here")
     args = parser.parse_args(argv)
+    global RESULTS_DIR
+    if args.out:
+        RESULTS_DIR = args.out.resolve().parent
     PROBE_DIR.mkdir(exist_ok=True)
     sh("chcon", "-t", "sealbus_var_run_t", str(PROBE_DIR))
     start = time.time()
     for step in (case_platform, lambda: case_socket(start), lambda: case_payload_fs(start),
-                 lambda: case_real_bus(start), case_dbus_class):
+                 lambda: case_real_bus(start)):
         try:
             step()
         except Exception as e:  # a broken step is a failure, never a skip

@@ -4,6 +4,8 @@
 SHARE=${1:-/mnt/host}
 OUT=$SHARE/results
 mkdir -p "$OUT"
+# shellcheck disable=SC1091
+[ -f "$SHARE/vm-env" ] && . "$SHARE/vm-env"
 {
   echo "uptime at start: $(cut -d' ' -f1 /proc/uptime) s; $(uname -r); context $(id -Z)"
   echo "network interfaces (expect only lo): $(ls /sys/class/net | tr '\n' ' ')"

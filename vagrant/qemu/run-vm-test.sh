@@ -4,6 +4,8 @@
 # network device, shares the project over 9p, and fails unless every case of
 # the in-guest tier passed (XFAIL allowed, reported).
 #   WORK=/var/tmp/sealbus-vm (image cache), TIMEOUT=540 (qemu), SMP=2, ACCEL=auto|kvm|tcg
+#   SEALBUS_VM_DIAG=1: diagnose in the guest: dontaudit rules off (semodule -DB),
+#   so denials the policy hides (e.g. nsswitch domains reading selinuxfs) reach audit.log
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd)
@@ -29,6 +31,8 @@ t1=$(date +%s)
 
 rm -rf "$SHARE"; mkdir -p "$SHARE/project" "$SHARE/results"
 install -m 0755 "$HERE/guest-run.sh" "$SHARE/guest-run.sh"
+# settings for the guest (sourced by guest-run.sh)
+{ [ -n "${SEALBUS_VM_DIAG:-}" ] && echo "export SEALBUS_VM_DIAG=$SEALBUS_VM_DIAG"; true; } > "$SHARE/vm-env"
 tar -C "$TOP" --exclude=.venv --exclude=.git --exclude='__pycache__' --exclude=.hypothesis \
     --exclude=.pytest_cache --exclude=.ruff_cache -cf - . | tar -C "$SHARE/project" -xf -
 
