@@ -315,6 +315,9 @@ def case_real_bus(start: float) -> None:
         if any(" fuse.sealbus " in ln and "context=" in ln and "sealbus_fs_t" in ln for ln in mounts):
             rc, out = probe("sealbus_demo_client_t", "seal-payload", str(fs))
             record(names[4], rc == 0, out)
+            rc, out = probe("sealbus_demo_client_t", "claim", f"unix:path={path}", str(fs))
+            record("demo_client claims its payload through the real bus and reads it back", rc == 0
+                   and "payload-snapshot, identical bytes, read-only" in out, out)  # fmt: skip
             rc, out = probe("sealbus_demo_denied_t", "list", str(fs))
             record(names[5], rc == 1 and "EACCES" in out, out)
         else:
