@@ -34,3 +34,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x .venv/bin/seal
 fi
 # The load generator for benchmarks and the payload tests (C, sd-bus).
 make -s -C benchmarks/dbench >&2
+# The real system.d policy files for the dbus-daemon differential test (downloaded .debs, nothing installed).
+scripts/policy-corpus.sh || echo "setup: could not fetch the policy corpus (tests/test_policy_corpus.py will retry)" >&2

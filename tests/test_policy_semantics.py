@@ -2,18 +2,15 @@
 and a differential test against dbus-daemon itself on the same configs."""
 
 import os
-import select
 import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from broker.access.config import ConfigError, load_config, parse_config_string
 from broker.access.policy import MsgInfo
 
-from .conftest import SEALBUS, run_as
+from .conftest import SEALBUS
+from .policy_diff import CLIENT_PRELUDE, DBUS_DAEMON, SEALBUS_DAEMON, compare, outcomes
 
 
 class C:
@@ -130,36 +127,7 @@ def test_check_reports_problems(tmp_path):
 
 # -- differential: the same config, the same scripted actions, dbus-daemon vs sealbus ----------
 
-SCRIPT = r"""
-import signal, sys
-from jeepney import DBusAddress, new_method_call, message_bus, MessageType
-from jeepney.io.blocking import open_dbus_connection
-addr, = sys.argv[1:]
-out = []
-
-def hung(*a):
-    raise TimeoutError
-
-signal.signal(signal.SIGALRM, hung)
-signal.alarm(3)
-try:
-    c = open_dbus_connection(addr)
-except TimeoutError:
-    print("connect:hung"); sys.exit(0)
-except Exception:
-    print("connect:deny"); sys.exit(0)
-signal.alarm(0)
-out.append("connect:allow")
-
-def ask(msg):
-    try:
-        r = c.send_and_get_reply(msg, timeout=3)
-    except TimeoutError:
-        return "noreply"
-    if r.header.message_type == MessageType.method_return:
-        return "allow"
-    return "deny" if "AccessDenied" in str(r.header.fields) else "error"
-
+SCRIPT = CLIENT_PRELUDE + r"""
 for name in ("org.sb.Free", "org.sb.Root", "org.sb.pre.X", "org.sb.Other"):
     out.append(f"own {name}:" + ask(message_bus.RequestName(name, 4)))
 for dest, iface, member in (("org.sb.Svc", "org.sb.Public", "Get"), ("org.sb.Svc", "org.sb.Admin", "Reboot"),
@@ -214,52 +182,11 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def _first_line(proc, seconds: float) -> str:
-    """The first line a child prints, or "" if it prints nothing in time (never blocks the test)."""
-    ready, _, _ = select.select([proc.stdout], [], [], seconds)
-    return proc.stdout.readline() if ready else ""
-
-
-def outcomes(daemon_cmd, config_text, users, tmp) -> dict:
-    conf = Path(tmp) / "bus.conf"
-    sockdir = tempfile.mkdtemp(prefix="sealbus-diff-")
-    os.chmod(sockdir, 0o755)
-    sock = Path(sockdir) / "bus"
-    conf.write_text(f"<busconfig><type>system</type><listen>unix:path={sock}</listen><auth>EXTERNAL</auth>"
-                    f"{config_text}</busconfig>")  # fmt: skip
-    os.chmod(conf, 0o644)
-    errlog = open(Path(tmp) / f"{Path(daemon_cmd[0]).name}.stderr", "w+")
-    bus = subprocess.Popen([*daemon_cmd, f"--config-file={conf}", "--nofork", "--print-address=1"],
-                           stdout=subprocess.PIPE, stderr=errlog, text=True)  # fmt: skip
-    svc = None
-    try:
-        addr = _first_line(bus, 30).strip().split(",guid=")[0]
-        if not addr:
-            errlog.seek(0)
-            pytest.fail(f"{daemon_cmd} did not start: {errlog.read()[-2000:]}")
-        svc = subprocess.Popen([sys.executable, "-c", SERVICE, addr], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-        res = {"service": "ready" if _first_line(svc, 15).strip() == "ready" else "not-ready"}
-        for u in users:
-            r = run_as(u, [sys.executable, "-c", SCRIPT, addr], timeout=90) if u is not None else \
-                subprocess.run([sys.executable, "-c", SCRIPT, addr], capture_output=True, text=True, timeout=90)  # fmt: skip
-            res[u.pw_name if u else "root"] = r.stdout.strip() or r.stderr[-300:]
-        return res
-    finally:
-        if svc is not None:
-            svc.kill()
-            svc.wait()
-        bus.terminate()
-        bus.wait(timeout=10)
-        errlog.close()
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_differential_against_dbus_daemon(name, test_users, tmp_path):
     users = [None, *test_users]
-    theirs = outcomes(["dbus-daemon"], CONFIGS[name], users, tmp_path)
-    ours = outcomes([SEALBUS, "dbus-daemon"], CONFIGS[name], users, tmp_path)
-    decisions = sum(len(v.split()) for v in theirs.values())
-    agree = sum(a == b for k in theirs for a, b in zip(theirs[k].split(), ours[k].split(), strict=False))
+    theirs = outcomes(DBUS_DAEMON, CONFIGS[name], users, tmp_path, SCRIPT, SERVICE)
+    ours = outcomes(SEALBUS_DAEMON, CONFIGS[name], users, tmp_path, SCRIPT, SERVICE)
+    decisions, agree = compare(theirs, ours)
     print(f"config {name}: {agree}/{decisions} decisions agree")
     assert ours == theirs
