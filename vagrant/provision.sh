@@ -62,6 +62,16 @@ mkdir -p /run/sealbus && restorecon -R /run/sealbus
 chcon -t sealbus_launch_exec_t /usr/libexec/sealbus/sealbus-test-launch-helper
 ls -Z /usr/libexec/sealbus/
 
+step "systemd units (how a packaged install runs it; the tier starts and stops them)"
+install -D -m 0644 "$PREFIX/src/systemd/sealbus.service" /etc/systemd/system/sealbus.service
+install -D -m 0644 "$PREFIX/src/systemd/sealbus.socket" /etc/systemd/system/sealbus.socket
+install -D -m 0644 "$PREFIX/src/systemd/sysusers.conf" /usr/lib/sysusers.d/sealbus.conf
+install -D -m 0644 "$PREFIX/src/systemd/tmpfiles.conf" /usr/lib/tmpfiles.d/sealbus.conf
+if [ -d /run/systemd/system ]; then
+  systemd-sysusers /usr/lib/sysusers.d/sealbus.conf || true
+  systemctl daemon-reload
+fi
+
 step "enforcing tier"
 cd "$PREFIX/src" && "$PREFIX/venv/bin/python" -m tests.vm.enforcing_tier --out "$OUT/tier.json" | tee "$OUT/tier.txt"
 rc=${PIPESTATUS[0]}

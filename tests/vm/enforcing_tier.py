@@ -438,6 +438,32 @@ def table(results: list[Case]) -> str:
     return "\n".join(lines)
 
 
+def case_systemd() -> None:
+    """The packaged way: sealbus.socket + sealbus.service (Type=notify, the unit's hardening) in enforcing mode."""
+    names = ["systemd: sealbus.service active (READY=1 from the launcher)",
+             "systemd: launcher in sealbus_launch_t, broker in sealbus_t",
+             "systemd: demo_client connects to /run/sealbus/system_bus_socket"]  # fmt: skip
+    if not Path("/run/systemd/system").is_dir():
+        for name in names:
+            record(name, False, "systemd is not running in the guest")
+        return
+    start = sh("systemctl", "start", "sealbus.socket", "sealbus.service", timeout=180)
+    try:
+        active = sh("systemctl", "is-active", "sealbus.service").stdout.strip()
+        status = sh("systemctl", "status", "--no-pager", "-l", "sealbus.service").stdout
+        record(names[0], start.returncode == 0 and active == "active",
+               f"{active}; {start.stderr.strip()[-200:]} {status.strip()[-400:]}")  # fmt: skip
+        main_pid = int(sh("systemctl", "show", "-p", "MainPID", "--value", "sealbus.service").stdout.strip() or 0)
+        ctxs = [context_of(k) for k in children(main_pid)] if main_pid else []
+        launcher = context_of(main_pid) if main_pid else "no main pid"
+        record(names[1], ":sealbus_launch_t:" in launcher and any(":sealbus_t:" in c for c in ctxs),
+               f"launcher {launcher}; children {'; '.join(ctxs) or 'none'}")  # fmt: skip
+        rc, out = probe("sealbus_demo_client_t", "connect", "/run/sealbus/system_bus_socket")
+        record(names[2], rc == 0, out)
+    finally:
+        sh("systemctl", "stop", "sealbus.service", "sealbus.socket", timeout=60)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="sealbus enforcing SELinux tier (run as root in the guest)")
     parser.add_argument("--out", type=Path, help="write results as JSON here")
@@ -449,7 +475,7 @@ def main(argv: list[str]) -> int:
     sh("chcon", "-t", "sealbus_var_run_t", str(PROBE_DIR))
     start = time.time()
     for step in (case_platform, lambda: case_socket(start), lambda: case_payload_fs(start),
-                 lambda: case_real_bus(start)):
+                 lambda: case_real_bus(start), case_systemd):
         try:
             step()
         except Exception as e:  # a broken step is a failure, never a skip
