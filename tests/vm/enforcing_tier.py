@@ -324,6 +324,10 @@ def case_real_bus(start: float) -> None:
             why_fs = f"the system bus serves no payload fs at {fs} (mounts: {'; '.join(mounts) or 'none'})"
             record(names[4], False, why_fs)
             record(names[5], False, why_fs)
+        rc, out = probe("sealbus_demo_client_t", "whoami", f"unix:path={path}")
+        want = "sealbus_demo_client_t"
+        record("GetConnectionSELinuxSecurityContext and GetConnectionCredentials give the real label",
+               rc == 0 and out.count(f":{want}:") == 2, out)  # fmt: skip
         case_dbus_class(why, start, log)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -108,6 +108,20 @@ def call(address: str, dest: str) -> str:
         return f"{conn.unique_name} -> {dest}: {body[0]}"
 
 
+def whoami(address: str) -> str:
+    """The label the bus reports for this connection, both ways (SELinux context and credentials)."""
+    from jeepney.bus_messages import message_bus
+
+    with _bus(address) as conn:
+        (ctx,) = _unwrap(conn.send_and_get_reply(message_bus.GetConnectionSELinuxSecurityContext(conn.unique_name),
+                                                 timeout=DBUS_TIMEOUT))  # fmt: skip
+        (creds,) = _unwrap(conn.send_and_get_reply(message_bus.GetConnectionCredentials(conn.unique_name),
+                                                   timeout=DBUS_TIMEOUT))  # fmt: skip
+        label = bytes(creds.get("LinuxSecurityLabel", ("ay", b""))[1]).rstrip(b"\0").decode()
+        context = bytes(ctx).rstrip(b"\0").decode()
+        return f"context={context} credentials={label}"
+
+
 def serve(address: str, names: str) -> str:
     """Own each name (comma separated; one line each: 'OWN name OK|DBUSERR ...'), print 'READY unique',
     then answer every method call (printing 'CALL sender member') until stdin closes."""
@@ -171,7 +185,7 @@ def claim(address: str, mount: str) -> str:
 
 
 ACTIONS = {"connect": connect, "write-payload": write_payload, "read": read_file, "list": list_dir,
-           "seal-payload": seal_payload, "own": own, "call": call, "serve": serve, "claim": claim}
+           "seal-payload": seal_payload, "own": own, "call": call, "serve": serve, "claim": claim, "whoami": whoami}
 
 
 def main() -> int:
