@@ -137,7 +137,7 @@ for dest, iface, member in (("org.sb.Svc", "org.sb.Public", "Get"), ("org.sb.Svc
     sig = "a{ss}" if body else ""
     out.append(f"send {iface}.{member}:" + ask(new_method_call(DBusAddress("/", bus_name=dest, interface=iface), member, sig, body)))
 print(" ".join(out))
-"""
+"""  # fmt: skip
 
 SERVICE = r"""
 import signal, sys

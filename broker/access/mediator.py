@@ -48,9 +48,12 @@ class BusPolicy:
         return None
 
     def mediate_send(self, bus, sender, h, target, requested_reply: bool, fdref, eavesdrop: bool = False):
-        if self.fast:
+        # an unrequested reply is never "allowed by everything": allow rules match only requested replies
+        # unless they say send/receive_requested_reply="false"
+        unrequested = not requested_reply and h.type in (2, 3)
+        if self.fast and not unrequested:
             return None
-        if not self.xml_allows_all:
+        if not self.xml_allows_all or (unrequested and self.policy is not None):
             err = self._xml_send(sender, h, target, requested_reply, fdref, eavesdrop)
             if err is not None:
                 return err

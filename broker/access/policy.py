@@ -173,20 +173,16 @@ def compile_policy(sections, *, resolve_names: bool = True, owner_uid: int | Non
     out = []
     for sec in sections:
         s = Section(sec.context, at_console=sec.at_console)
+        # as dbus-daemon: "*" is no wildcard for a <policy user/group=...> section (only for <allow user="*"/>
+        # rules); it is an unknown user or group, and a section for one is ignored
         if sec.user is not None:
-            if sec.user == "*":
-                s.context = "user*"
-            else:
-                s.uid = _uid(sec.user, resolve_names)
-                if s.uid is None:
-                    continue
+            s.uid = _uid(sec.user, resolve_names)
+            if s.uid is None:
+                continue
         if sec.group is not None:
-            if sec.group == "*":
-                s.context = "group*"
-            else:
-                s.gid = _gid(sec.group, resolve_names)
-                if s.gid is None:
-                    continue
+            s.gid = _gid(sec.group, resolve_names)
+            if s.gid is None:
+                continue
         for r in sec.rules:
             c = _compile_rule(r, resolve_names)
             if c is not None:
@@ -215,9 +211,9 @@ class Policy:
                 order["default"].append(s)
             elif s.context == "mandatory":
                 order["mandatory"].append(s)
-            elif s.context == "group*" or (s.gid is not None and s.gid in gids):
+            elif s.gid is not None and s.gid in gids:
                 order["group"].append(s)
-            elif s.context == "user*" or (s.uid is not None and s.uid == uid):
+            elif s.uid is not None and s.uid == uid:
                 order["user"].append(s)
             elif s.at_console is False:  # nobody is "at console" for sealbus
                 order["console"].append(s)

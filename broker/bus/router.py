@@ -223,8 +223,7 @@ class Bus:
             if self.policy is not None:
                 err = self.policy_send(peer, h, None, False, fdref)
                 if err is not None:
-                    if h.type == wm.METHOD_CALL and not h.no_reply_expected:
-                        self.send_error(peer, h.serial, E + "AccessDenied", err)
+                    self.send_error(peer, h.serial, E + "AccessDenied", err)  # as dbus-daemon, even for no-reply
                     return
             if h.type == wm.METHOD_CALL:
                 self.driver.handle(peer, h, fdref)
@@ -271,8 +270,8 @@ class Bus:
         if self.policy is not None:
             err = self.policy_send(peer, h, target, requested, fdref)
             if err is not None:
-                if wants_reply:
-                    self.send_error(peer, h.serial, E + "AccessDenied", err)
+                # as dbus-daemon: the sender of any denied unicast message is told (no-reply calls, signals too)
+                self.send_error(peer, h.serial, E + "AccessDenied", err)
                 self._to_monitors(peer, h, fdref)
                 return
         if fdref is not None and not target.unix_fds:
@@ -311,18 +310,24 @@ class Bus:
 
     def _route_reply(self, peer: Peer, h, fdref, target: Peer) -> None:
         key = (target.id, h.reply_serial)
-        if self.pending.get(key) is not peer:
+        requested = self.pending.get(key) is peer
+        if requested:
+            del self.pending[key]
+            self.pending_by_replier[peer.id].discard(key)
+            target.replies_pending -= 1
+        if self.policy is not None and (requested or self.policy.policy is not None):
+            # as dbus-daemon: an unrequested reply is up to the XML policy (only send/receive_requested_reply=
+            # "false" rules allow one), and its sender is told when it is denied; without XML rules it is dropped
+            err = self.policy_send(peer, h, target, requested, fdref)
+            if err is not None:
+                if not requested:
+                    self.send_error(peer, h.serial, E + "AccessDenied", err)
+                return
+        elif not requested:
             self.stats["dropped_replies"] += 1
             log.info("dropped unexpected reply from %s to %s (reply_serial %d)",
                      peer.describe(), target.describe(), h.reply_serial)  # fmt: skip
             return
-        del self.pending[key]
-        self.pending_by_replier[peer.id].discard(key)
-        target.replies_pending -= 1
-        if self.policy is not None:
-            err = self.policy_send(peer, h, target, True, fdref)
-            if err is not None:
-                return
         bufs = [h.forward_header(peer.unique_name), h.body]
         nbytes = sum(map(len, bufs))
         if fdref is not None and not target.unix_fds:
