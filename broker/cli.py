@@ -82,9 +82,12 @@ def cmd_run(argv: list[str]) -> int:
     p.add_argument("--fd-mode", choices=["any", "sealed", "none"],
                    help="which fds the bus forwards: any (dbus-daemon compatible), sealed (only sealed "
                    "memfds and payload-fs snapshots), none")  # fmt: skip
-    p.add_argument("--payload-fs", metavar="DIR", help="also serve the FUSE payload filesystem at DIR")
+    p.add_argument("--payload-fs", metavar="DIR", help="also serve the FUSE payload filesystem at DIR (with "
+                   "--system it is always served: default <runtime dir>/fs, or /sys/fs/kdbus where that exists)")
     p.add_argument("--system", action="store_true",
-                   help="privilege-separated system bus: launcher as root, broker as the bus user")  # fmt: skip
+                   help="privilege-separated system bus: the launcher stays root (socket, payload fs mount, "
+                        "USER_AVC audit records), the broker runs as the bus user with no capabilities, "
+                        "Landlock and seccomp, and with SELinux enabled checks dbus send_msg/acquire_svc")  # fmt: skip
     p.add_argument("--runtime-dir", help="runtime directory for --system (default /run/sealbus)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)

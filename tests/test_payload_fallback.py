@@ -84,6 +84,16 @@ def test_forcing_fuse_works_where_memfd_would(fs_bus, tmp_path):
     assert "via=fuse" in sent.stdout, sent.stderr
 
 
+def test_forcing_memfd_without_memfd_fails_instead_of_switching(fs_bus, tmp_path):
+    bus, _mnt = fs_bus
+    src = tmp_path / "p"
+    src.write_bytes(b"x")
+    r = subprocess.run([sys.executable, "-c", NO_MEMFD, "send", "--via", "memfd", "--address", bus.address,
+                        "--dest", "a.b", "--path", "/", "--interface", IFACE, "--member", "M", "--payload", str(src)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode != 0 and "via=" not in r.stdout
+
+
 def test_receiver_trusts_snapshots_only_from_its_bus_payload_fs(tmp_path):
     from broker.client.memfd import PayloadError
     from broker.client.payload import trusted_kind

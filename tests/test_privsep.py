@@ -14,6 +14,7 @@ from jeepney import message_bus
 from jeepney.io.blocking import open_dbus_connection
 
 from .conftest import SEALBUS, run_as
+from .procfs import children, proc_status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the privilege-separated system bus needs root")
 
@@ -22,35 +23,15 @@ PERMISSIVE = """<busconfig><type>system</type>
   <allow eavesdrop="true"/><allow own="*"/>{extra}</policy></busconfig>"""
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(p.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def status(pid: int) -> dict[str, str]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        out[k] = v.strip()
-    return out
-
-
 class SystemBus:
-    def __init__(self, extra_policy: str = ""):
+    def __init__(self, extra_policy: str = "", extra_args: tuple = ()):
         self.runtime = Path(tempfile.mkdtemp(prefix="sealbus-rt-"))
         os.chmod(self.runtime, 0o755)
         self.config = self.runtime.parent / (self.runtime.name + ".conf")
         self.config.write_text(PERMISSIVE.format(extra=extra_policy))
         self.log = open(str(self.runtime) + ".log", "w+")
         self.proc = subprocess.Popen([SEALBUS, "run", "--system", "--runtime-dir", str(self.runtime),
-                                      "--config", str(self.config)],
+                                      "--config", str(self.config), *extra_args],
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)  # fmt: skip
         self.address = self.proc.stdout.readline().strip()
         assert self.address.startswith("unix:path="), self.logtext()
@@ -81,7 +62,7 @@ def system_bus():
 
 
 def test_broker_runs_as_bus_user_without_privileges(system_bus):
-    st = status(system_bus.broker_pid)
+    st = proc_status(system_bus.broker_pid)
     user = pwd.getpwnam("sealbus")
     assert st["Uid"].split() == [str(user.pw_uid)] * 4
     assert st["Gid"].split() == [str(user.pw_gid)] * 4
@@ -136,6 +117,30 @@ def test_sandboxed_broker_serves_the_launchers_payload_fs(system_bus, test_users
     assert out.stdout.split() == ["fuse", "payload-snapshot", "True", "0o400", "False"], out.stderr
     assert system_bus.stop() == 0
     assert not any(str(mount) in line for line in Path("/proc/mounts").read_text().splitlines())  # unmounted
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+def test_system_payload_fs_at_the_requested_place():
+    parent = Path(tempfile.mkdtemp(prefix="sealbus-pfs-"))
+    parent.chmod(0o755)  # every user reaches the payload fs, the bus user included
+    where = parent / "payload"
+    bus = SystemBus(extra_args=("--payload-fs", str(where)))
+    try:
+        assert any(line.split()[1] == str(where) and line.split()[2] == "fuse.sealbus"
+                   for line in Path("/proc/mounts").read_text().splitlines())  # fmt: skip
+    finally:
+        assert bus.stop() == 0
+    assert not any(str(where) in line for line in Path("/proc/mounts").read_text().splitlines())
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+def test_unreachable_payload_fs_is_a_clear_start_up_error(tmp_path):
+    """A payload fs the bus user cannot reach must stop start-up with the reason, never quietly drop Landlock."""
+    with pytest.raises(AssertionError) as bad:
+        SystemBus(extra_args=("--payload-fs", str(tmp_path / "payload")))  # tmp_path: root-only
+    assert "the bus user must be able to reach it" in str(bad.value)
+    assert "WITHOUT a filesystem sandbox" not in str(bad.value)
+    assert not any(str(tmp_path) in line for line in Path("/proc/mounts").read_text().splitlines())
 
 
 def test_sighup_reload_keeps_connections_and_applies_rules(system_bus):

@@ -11,7 +11,7 @@ from jeepney.io.blocking import open_dbus_connection
 
 from ..payload.seals import get_seals, seal_names
 from .memfd import PayloadError, open_payload
-from .payload import make_payload, memfd_sealing_works, open_trusted, snapshot_devices, trusted_kind
+from .payload import make_payload, open_trusted, snapshot_devices, trusted_kind
 
 
 def _progress(total_size: int, force: bool = False):
@@ -30,12 +30,9 @@ def _progress(total_size: int, force: bool = False):
 
 
 def make_payload_fd(path: str, via: str, conn=None, progress: bool = False, mount: str | None = None):
-    """(fd, transport): a sealed memfd, or where sealing is unavailable (or ``via="fuse"``) a payload-fs
-    snapshot claimed over ``conn``."""
-    if via == "fuse" or not memfd_sealing_works():
-        return make_payload(path, conn, via="fuse", mount=mount)
-    with open(path, "rb", buffering=0) as f:
-        return make_payload(f, conn, via=via, progress=_progress(os.fstat(f.fileno()).st_size, progress))
+    """(fd, transport) for the file at path: see broker.client.payload.make_payload."""
+    size = os.stat(path).st_size
+    return make_payload(path, conn, via=via, mount=mount, progress=_progress(size, progress))
 
 
 def cmd_send(args) -> int:

@@ -10,6 +10,8 @@ import mmap
 import os
 import tempfile
 
+from ..payload.mounts import sealbus_mounts
+
 SEAL_XATTR = "user.sealbus.seal"
 COOKIE_XATTR = "user.sealbus.cookie"
 DEFAULT_MOUNTS = ("/run/sealbus/fs", "/sys/fs/kdbus")
@@ -24,29 +26,11 @@ def find_mount(candidates=None) -> str | None:
     if rt:
         cands.append(os.path.join(rt, "sealbus", "fs"))
     cands += DEFAULT_MOUNTS
-    mounts = _sealbus_mounts()
+    mounts = sealbus_mounts()
     for c in cands:
         if c and os.path.realpath(c) in mounts:
             return c
     return None
-
-
-def mountinfo_entries() -> list[tuple[str, str, str]]:
-    """(major:minor, fstype, mount point) of every mount this process sees."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                pre, _, post = line.partition(" - ")
-                fields = pre.split(" ")
-                out.append((fields[2], post.split(" ", 1)[0], fields[4].replace("\\040", " ")))
-    except OSError:
-        pass
-    return out
-
-
-def _sealbus_mounts() -> set[str]:
-    return {mnt for _dev, fstype, mnt in mountinfo_entries() if fstype == "fuse.sealbus"}
 
 
 def create_sealed(mount: str, data: bytes, *, use_mmap: bool = True) -> tuple[int, str]:

@@ -13,6 +13,7 @@ import fcntl
 import os
 import stat
 
+from ..payload.mounts import sealbus_mounts
 from ..payload.seals import F_ADD_SEALS, PAYLOAD_SEALS, get_seals
 from .memfd import PayloadError, check_sealed, memfd_create, open_payload, seal
 
@@ -92,11 +93,9 @@ def snapshot_devices(conn) -> set[int]:
     Asking the bus (not scanning mounts) matters: any user can mount a FUSE fs of type fuse.sealbus
     with fusermount3 and hand out read-only-looking files whose contents it changes at will.
     """
-    from .fuse_payload import _sealbus_mounts
-
     out = set()
     for mnt in _announced_mount(conn):
-        if os.path.realpath(mnt) in _sealbus_mounts():
+        if os.path.realpath(mnt) in sealbus_mounts():
             out.add(os.stat(mnt).st_dev)
     return out
 

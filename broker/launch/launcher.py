@@ -149,8 +149,8 @@ def main_system(args) -> int:
     fds = (listener.sock.fileno(), ctl_broker.fileno())
     cmd += ["--listen-fd", str(fds[0]), "--control-fd", str(fds[1])]
     try:
-        payload_mount, fuse_fd = launcher_payload_fs(cfg.sealbus.payload_fs, runtime, user.pw_uid, user.pw_gid,
-                                                     selinux_enabled())  # fmt: skip
+        wanted = getattr(args, "payload_fs", None) or cfg.sealbus.payload_fs
+        payload_mount, fuse_fd = launcher_payload_fs(wanted, runtime, user.pw_uid, user.pw_gid, selinux_enabled())
     except OSError as e:
         log.error("payload fs not served: %s", e)  # the bus itself still runs: memfd payloads need no mount
         payload_mount, fuse_fd = None, None

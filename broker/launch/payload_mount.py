@@ -12,6 +12,8 @@ import errno
 import os
 import subprocess
 
+from ..payload.mounts import sealbus_mounts
+
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MNT_DETACH = 2
 KDBUS_DIR = "/sys/fs/kdbus"
@@ -53,18 +55,10 @@ def abort_payload_fs(mountpoint: str) -> bool:
     releases it. The device comes from mountinfo: stat() of the mount would
     itself wait for the dead server.
     """
-    real = os.path.realpath(mountpoint)
-    minor = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                fields = line.split(" ")
-                if fields[4].replace("\\040", " ") == real and " fuse.sealbus " in line:
-                    minor = fields[2].split(":")[1]
-    except OSError:
+    dev = sealbus_mounts().get(os.path.realpath(mountpoint))
+    if dev is None:
         return False
-    if minor is None:
-        return False
+    minor = dev.split(":")[1]
     if not os.path.isdir(os.path.join(FUSECTL, minor)):
         try:
             subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True, check=False)

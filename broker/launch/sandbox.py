@@ -13,7 +13,9 @@ documented exceptions) and a seccomp allowlist that kills on anything else.
 
 import ctypes
 import errno
+import functools
 import logging
+import operator
 import os
 import signal
 
@@ -80,18 +82,31 @@ def apply_landlock(required: bool, selinuxfs: bool = False, payload_fs: str | No
     and opening + unlinking its own snapshot files beneath the payload fs's parent directory (the rule
     is set on the parent: looking up the mount itself would wait for the FUSE server, which is us)."""
 
+    rules = []
+    if selinuxfs:
+        rules.append((SELINUXFS, ("READ_FILE", "WRITE_FILE", "READ_DIR")))
+    if payload_fs:
+        rules.append((os.path.dirname(os.path.abspath(payload_fs)), ("READ_FILE", "REMOVE_FILE")))
+    holder = {}
+
     def install():
         import landlock
-        from landlock.plumbing import FSAccess
 
-        rs = landlock.Ruleset()
-        if selinuxfs:
-            rs.allow(SELINUXFS, rules=FSAccess.READ_FILE | FSAccess.WRITE_FILE | FSAccess.READ_DIR)
-        if payload_fs:
-            rs.allow(os.path.dirname(os.path.abspath(payload_fs)), rules=FSAccess.READ_FILE | FSAccess.REMOVE_FILE)
-        rs.apply()
+        holder["rs"] = landlock.Ruleset()  # fails only where the kernel lacks Landlock
 
-    return _best_effort("Landlock", "a filesystem sandbox", required, install)
+    if not _best_effort("Landlock", "a filesystem sandbox", required, install):
+        return False
+    from landlock.plumbing import FSAccess
+
+    rs = holder["rs"]
+    for path, rights in rules:  # a path the bus user cannot reach is a configuration error, not "no Landlock"
+        try:
+            rs.allow(path, rules=functools.reduce(operator.or_, (getattr(FSAccess, r) for r in rights)))
+        except OSError as e:
+            raise SandboxError(f"cannot grant the broker {path} ({e.strerror}): the bus user must be able to "
+                               "reach it (for the payload fs: a directory every user can search)") from None
+    rs.apply()
+    return True
 
 
 # Everything the broker uses after the filter is installed: the trio loop

@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tests.procfs import children, proc_status
+
 HERE = Path(__file__).resolve().parent
 PYTHON = os.environ.get("SEALBUS_VM_PYTHON", "/opt/sealbus/venv/bin/python")
 HELPER = Path("/usr/libexec/sealbus/sealbus-test-launch-helper")
@@ -257,26 +259,6 @@ def start_real_bus(runtime: Path, config: Path) -> tuple[subprocess.Popen | None
     proc.wait(timeout=10)
     log.thread.join(timeout=5)
     return None, f"{LAUNCHER} did not start: rc={proc.returncode}: {log.failure()}", log
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        out[key] = value.strip()
-    return out
 
 
 def case_real_bus(start: float) -> None:
