@@ -156,6 +156,32 @@ def test_header_view_and_forward(endian):
     assert h2.sender == ":1.5" and h2.unmarshal_body() == ("x",)
 
 
+@pytest.mark.parametrize("endian", "lB")
+@pytest.mark.parametrize("first", [True, False])
+def test_reply_serial_read_per_message_despite_header_cache(endian, first):
+    """Replies share a cached field block; each one's own REPLY_SERIAL is still what it carries."""
+    def reply(rs, dest=":1.7"):
+        fields = dict(reply_serial=rs, destination=dest)
+        if not first:  # REPLY_SERIAL after DESTINATION, as libdbus orders them
+            hdr = encode_header(endian, 2, 0, 0, 5, destination=dest)
+            flen = struct.unpack_from(endian == "l" and "<I" or ">I", hdr, 12)[0]
+            f = hdr[16 : 16 + flen]
+            f += b"\0" * ((-len(f)) & 7) + b"\x05\x01u\x00" + struct.pack(endian == "l" and "<I" or ">I", rs)
+            raw = hdr[:12] + struct.pack(endian == "l" and "<I" or ">I", len(f)) + f
+            return raw + b"\0" * ((-len(raw)) & 7)
+        return encode_header(endian, 2, 0, 0, 5, **fields)
+
+    for rs in (11, 12, 0xFFFFFFFF, 13):
+        h = HeaderView(memoryview(reply(rs)))
+        assert (h.reply_serial, h.destination) == (rs, ":1.7")
+    assert HeaderView(memoryview(reply(11, ":1.8"))).destination == ":1.8"
+    bad = bytearray(reply(14))
+    at = bad.find(struct.pack(endian == "l" and "<I" or ">I", 14), 16)
+    bad[at : at + 4] = bytes(4)
+    with pytest.raises(HeaderError):
+        HeaderView(memoryview(bytes(bad)))
+
+
 def test_spoofed_sender_replaced_and_unknown_fields_stripped():
     # an unknown header field (code 100, a string) and a spoofed SENDER
     hdr = encode_header("l", 4, 0, 0, 3, path="/a", interface="org.x.I", member="S", sender=":1.999")

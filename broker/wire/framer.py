@@ -120,7 +120,7 @@ class Framer:
         raw = self._view[self._start : self._start + self._need]
         self._start += self._need
         self._need = 0
-        header = HeaderView(raw, self.max_message_size)
+        header = HeaderView(raw, self.max_message_size, sized=True)
         n = header.unix_fds
         if n:
             if n > self.max_fds_per_message:

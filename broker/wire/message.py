@@ -42,6 +42,8 @@ _STRING_CACHE_MAX = 8192
 _HEADER_CACHE: dict[bytes, tuple] = {}
 _HEADER_CACHE_MAX = 4096
 _HEADER_CACHE_MAX_LEN = 512
+# field-array length * 8 + message type -> offset of the REPLY_SERIAL value in such blocks, as last parsed
+_REPLY_SERIAL_AT: dict[int, int] = {}
 _ZEROS = [bytes(n) for n in range(8)]
 _SENDER_FIELDS: dict[tuple[str, str], bytes] = {}
 
@@ -132,30 +134,44 @@ class HeaderView:
         "signature", "type", "unix_fds", "unknown_fields",
     )  # fmt: skip
 
-    def __init__(self, raw, max_size: int = DEFAULT_MAX_MESSAGE_SIZE):
-        total = message_size(raw, max_size)
-        if len(raw) != total:
-            raise TruncatedError(f"message is {len(raw)} bytes but its header announces {total}")
+    def __init__(self, raw, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, sized: bool = False):
+        """``sized``: the framer already validated the fixed header and cut ``raw`` to its announced size."""
+        if not sized:
+            total = message_size(raw, max_size)
+            if len(raw) != total:
+                raise TruncatedError(f"message is {len(raw)} bytes but its header announces {total}")
         self.raw = raw
         endian = self.endian = _ENDIAN[raw[0]]
-        self.type = raw[1]
+        t = self.type = raw[1]
         self.flags = raw[2]
-        self.body_len, self.serial, fields_len = _FIXED[endian].unpack_from(raw, 0)
-        header_len = self.header_len = total - self.body_len
-        self.fields_end = FIXED_HEADER_SIZE + fields_len
+        body_len, self.serial, fields_len = _FIXED[endian].unpack_from(raw, 0)
+        self.body_len = body_len
+        header_len = self.header_len = len(raw) - body_len
+        fields_end = self.fields_end = FIXED_HEADER_SIZE + fields_len
         # Clients repeat the same header fields (path, interface, member,
         # destination, signature) message after message; only the serial,
-        # which lives in the fixed header, changes. Parse each distinct field
-        # block once.
+        # which lives in the fixed header, changes, and in replies the
+        # REPLY_SERIAL value. Parse each distinct field block once; for a
+        # block shape known to carry a REPLY_SERIAL, its 4 value bytes are left
+        # out of the key (every byte before them is in the key, so they are
+        # that field's value in any message that matches).
         key = None
         if header_len <= _HEADER_CACHE_MAX_LEN:
-            key = bytes(raw[0:2]) + bytes(raw[12:header_len])
+            rs = _REPLY_SERIAL_AT.get(fields_len * 8 + t) if t != METHOD_CALL else None
+            if rs is None:
+                key = bytes(raw[0:2]) + bytes(raw[12:header_len])
+            else:
+                key = bytes(raw[0:2]) + bytes(raw[12:rs]) + bytes(raw[rs + 4 : header_len])
             cached = _HEADER_CACHE.get(key)
             if cached is not None:
                 (self.path, self.interface, self.member, self.error_name, self.reply_serial,
                  self.destination, self.sender, self.signature, self.unix_fds,
                  self.unknown_fields) = cached  # fmt: skip
-                if self.body_len and not self.signature:
+                if rs is not None:
+                    v = self.reply_serial = _U32[endian].unpack_from(raw, rs)[0]
+                    if not v:
+                        raise HeaderError("REPLY_SERIAL must not be zero")
+                if body_len and not self.signature:
                     raise HeaderError("message has a body but no SIGNATURE")
                 return
         self.path = self.interface = self.member = self.error_name = None
@@ -164,23 +180,31 @@ class HeaderView:
         self.signature = ""
         self.unix_fds = 0
         self.unknown_fields = 0
-        self._parse_fields(raw, endian, self.fields_end)
-        for i in range(self.fields_end, header_len):
+        rs_at = self._parse_fields(raw, endian, fields_end)
+        for i in range(fields_end, header_len):
             if raw[i]:
                 raise HeaderError("non-zero padding after the header fields")
         self._check_required()
         if key is not None:
             if len(_HEADER_CACHE) >= _HEADER_CACHE_MAX:
                 _HEADER_CACHE.clear()
+                _REPLY_SERIAL_AT.clear()
+            if rs_at and t != METHOD_CALL:
+                shape = fields_len * 8 + t
+                if _REPLY_SERIAL_AT.get(shape) != rs_at:
+                    _REPLY_SERIAL_AT[shape] = rs_at
+                    key = bytes(raw[0:2]) + bytes(raw[12:rs_at]) + bytes(raw[rs_at + 4 : header_len])
             _HEADER_CACHE[key] = (
                 self.path, self.interface, self.member, self.error_name, self.reply_serial,
                 self.destination, self.sender, self.signature, self.unix_fds, self.unknown_fields,
             )  # fmt: skip
 
-    def _parse_fields(self, raw, endian: str, end: int) -> None:
+    def _parse_fields(self, raw, endian: str, end: int) -> int:
+        """Parse and validate the field array; returns where the REPLY_SERIAL value is (0: none)."""
         u32 = _U32[endian]
         pos = FIXED_HEADER_SIZE
         seen = 0
+        rs_at = 0
         while pos < end:
             pad = (-pos) & 7
             if pad:
@@ -214,6 +238,7 @@ class HeaderView:
                     if v == 0:
                         raise HeaderError("REPLY_SERIAL must not be zero")
                     self.reply_serial = v
+                    rs_at = pos - 4
                 else:
                     self.unix_fds = v
                 continue
@@ -246,6 +271,7 @@ class HeaderView:
                 self.signature = s
         if pos != end:
             raise HeaderError("header field array length does not match its contents")
+        return rs_at
 
     def _check_required(self) -> None:
         t = self.type
