@@ -160,14 +160,16 @@ def test_header_view_and_forward(endian):
 @pytest.mark.parametrize("first", [True, False])
 def test_reply_serial_read_per_message_despite_header_cache(endian, first):
     """Replies share a cached field block; each one's own REPLY_SERIAL is still what it carries."""
+    u32 = "<I" if endian == "l" else ">I"
+
     def reply(rs, dest=":1.7"):
         fields = dict(reply_serial=rs, destination=dest)
         if not first:  # REPLY_SERIAL after DESTINATION, as libdbus orders them
             hdr = encode_header(endian, 2, 0, 0, 5, destination=dest)
-            flen = struct.unpack_from(endian == "l" and "<I" or ">I", hdr, 12)[0]
+            flen = struct.unpack_from(u32, hdr, 12)[0]
             f = hdr[16 : 16 + flen]
-            f += b"\0" * ((-len(f)) & 7) + b"\x05\x01u\x00" + struct.pack(endian == "l" and "<I" or ">I", rs)
-            raw = hdr[:12] + struct.pack(endian == "l" and "<I" or ">I", len(f)) + f
+            f += b"\0" * ((-len(f)) & 7) + b"\x05\x01u\x00" + struct.pack(u32, rs)
+            raw = hdr[:12] + struct.pack(u32, len(f)) + f
             return raw + b"\0" * ((-len(raw)) & 7)
         return encode_header(endian, 2, 0, 0, 5, **fields)
 
@@ -176,7 +178,7 @@ def test_reply_serial_read_per_message_despite_header_cache(endian, first):
         assert (h.reply_serial, h.destination) == (rs, ":1.7")
     assert HeaderView(memoryview(reply(11, ":1.8"))).destination == ":1.8"
     bad = bytearray(reply(14))
-    at = bad.find(struct.pack(endian == "l" and "<I" or ">I", 14), 16)
+    at = bad.find(struct.pack(u32, 14), 16)
     bad[at : at + 4] = bytes(4)
     with pytest.raises(HeaderError):
         HeaderView(memoryview(bytes(bad)))

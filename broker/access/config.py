@@ -69,6 +69,9 @@ class PolicySection:
     line: int = 0
 
 
+MAX_BUSY_POLL_US = 1000  # a longer poll is a CPU cost with no latency to win
+
+
 @dataclass
 class SealbusOptions:
     fd_mode: str | None = None
@@ -77,6 +80,7 @@ class SealbusOptions:
     payload_max_bytes_per_user: int | None = None
     landlock: str = "best-effort"
     seccomp: str = "best-effort"
+    busy_poll_us: int | None = None
 
 
 @dataclass
@@ -344,6 +348,14 @@ class _Parser:
                     if v not in ("required", "best-effort"):
                         raise self.err(file, line, f"sandbox {a} must be required or best-effort")
                     setattr(opts, a, v)
+            elif c.tag == "busy_poll":
+                self._no_attrs(c, file, ("max_us",))
+                try:
+                    opts.busy_poll_us = int(c.get("max_us", ""))
+                except ValueError:
+                    raise self.err(file, line, "<busy_poll max_us=...> must be an integer") from None
+                if not 0 <= opts.busy_poll_us <= MAX_BUSY_POLL_US:
+                    raise self.err(file, line, f"<busy_poll max_us=...> must be 0..{MAX_BUSY_POLL_US}")
             else:
                 raise self.err(file, line, f"unknown element <{c.tag}> in <sealbus>")
 

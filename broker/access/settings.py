@@ -26,6 +26,8 @@ def settings_from_config(cfg) -> BusSettings:
         s.payload_timeout_ms = sb.payload_timeout_ms
     if sb.payload_max_bytes_per_user is not None:
         s.payload_max_bytes_per_user = sb.payload_max_bytes_per_user
+    if sb.busy_poll_us is not None:
+        s.busy_poll_us = sb.busy_poll_us
     s.auth = tuple(cfg.auth) or ("EXTERNAL",)
     s.selinux = make_mediator(cfg.selinux_associations, AuditWriter())
     s.extra["config"] = cfg

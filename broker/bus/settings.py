@@ -18,4 +18,5 @@ class BusSettings:
     payload_max_bytes_per_user: int = 256 * 1024 * 1024
     auth: tuple[str, ...] = ("EXTERNAL",)
     machine_id: str = ""
+    busy_poll_us: int = 50  # longest adaptive poll before the reactor sleeps (0: never poll); see broker.io.busy_poll
     extra: dict = field(default_factory=dict)

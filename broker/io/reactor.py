@@ -13,13 +13,20 @@ instead of trio's re-arm, wait and task switch; the wait sleeps in the
 kernel (no spinning). Trio gets the loop back at least every YIELD_EVERY
 seconds, so accepts, the FUSE server, the launcher channel and timers are
 late by at most that much under load.
+
+Busy polling: before the linger's sleep, the reactor may poll for up to a
+window that adapts to the traffic (see :mod:`busy_poll`): zero on a quiet
+bus, up to ``busy_poll_us`` when messages follow each other closely.
 """
 
 import logging
+import os
 import select
 import time
 
 import trio
+
+from .busy_poll import PollWindow
 
 log = logging.getLogger("sealbus.io")
 
@@ -31,8 +38,9 @@ YIELD_EVERY = 0.002  # most time the reactor keeps the loop before trio runs its
 
 
 class Reactor:
-    def __init__(self, server):
+    def __init__(self, server, busy_poll_us: int = 0):
         self.server = server
+        self.poll = PollWindow(busy_poll_us / 1e6)
         self.ep = select.epoll()
         self.conns: dict[int, object] = {}
         self.writing: set[int] = set()
@@ -110,7 +118,7 @@ class Reactor:
                         await trio.lowlevel.checkpoint()
                         give_back = clock() + YIELD_EVERY
                     if clock() < give_back:
-                        events = ep.poll(LINGER, 512)  # wait here a little: the reply is usually on its way
+                        events = self._next_events(ep, clock)
                     else:
                         events = ep.poll(0, 512)
                 self.finish_closing()
@@ -118,3 +126,25 @@ class Reactor:
             for conn in list(conns.values()):
                 conn.close()
             ep.close()
+
+    def _next_events(self, ep, clock) -> list:
+        """Events after a pass: poll for the adaptive window, then sleep up to LINGER; [] if none came."""
+        events = ep.poll(0, 512)
+        if events:
+            return events
+        pw = self.poll
+        start = clock()
+        if pw.window:
+            end = start + pw.window
+            yield_cpu = os.sched_yield
+            while True:
+                yield_cpu()  # a runnable peer on this CPU goes first: it may be the one about to send
+                events = ep.poll(0, 512)
+                if events:
+                    pw.waited(clock() - start)
+                    return events
+                if clock() >= end:
+                    break
+        events = ep.poll(LINGER, 512)  # wait here a little: the reply is usually on its way
+        pw.waited(clock() - start if events else float("inf"))
+        return events

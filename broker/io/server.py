@@ -16,12 +16,12 @@ log = logging.getLogger("sealbus.server")
 
 
 class Server:
-    def __init__(self, bus: Bus):
+    def __init__(self, bus: Bus, busy_poll_us: int = 0):
         self.bus = bus
         self.connections: dict = {}
         self.dirty: set = set()
         self.incomplete = 0
-        self.reactor = Reactor(self)
+        self.reactor = Reactor(self, busy_poll_us)
 
     def mark_dirty(self, peer) -> None:
         self.dirty.add(peer)
@@ -129,7 +129,7 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
     gc.freeze()
     gc.set_threshold(50000, 20, 100)
     bus = bus or make_bus(settings)
-    server = Server(bus)
+    server = Server(bus, settings.busy_poll_us)
     bus.server = server
     async with trio.open_nursery() as nursery:
         bus.spawn = nursery.start_soon

@@ -76,6 +76,8 @@ def settings_from_message(msg: dict) -> BusSettings:
         s.payload_timeout_ms = int(msg["payload_timeout_ms"])
     if msg.get("payload_max_bytes_per_user"):
         s.payload_max_bytes_per_user = int(msg["payload_max_bytes_per_user"])
+    if msg.get("busy_poll_us") is not None:
+        s.busy_poll_us = int(msg["busy_poll_us"])
     return s
 
 

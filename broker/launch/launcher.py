@@ -101,6 +101,7 @@ def broker_settings(cfg, user: pwd.struct_passwd) -> dict:
         "selinux": selinux_enabled(), "selinux_associations": cfg.selinux_associations,
         "payload_timeout_ms": cfg.sealbus.payload_timeout_ms,
         "payload_max_bytes_per_user": cfg.sealbus.payload_max_bytes_per_user,
+        "busy_poll_us": cfg.sealbus.busy_poll_us,
     }  # fmt: skip
 
 
@@ -171,7 +172,10 @@ def main_system(args) -> int:
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
     try:
-        control.send_msg(ctl_launcher, {**broker_settings(cfg, user), "payload_fs": payload_mount})
+        settings = {**broker_settings(cfg, user), "payload_fs": payload_mount}
+        if getattr(args, "busy_poll", None) is not None:
+            settings["busy_poll_us"] = args.busy_poll
+        control.send_msg(ctl_launcher, settings)
         ready = wait_ready(proc, ctl_launcher, payload_mount)
         if ready.get("type") != "ready":
             raise RuntimeError(f"unexpected message from the broker: {ready}")
