@@ -106,32 +106,27 @@ class Framer:
 
     def next_message(self) -> Message | None:
         """The next complete message, or None; raises WireError on bad input."""
-        avail = self._end - self._start
-        if not avail:
-            return None
-        if not self._need:
+        start = self._start
+        avail = self._end - start
+        need = self._need
+        if not need:
             if avail < FIXED_HEADER_SIZE:
                 return None
-            self._need = message_size(
-                self._view[self._start : self._start + FIXED_HEADER_SIZE], self.max_message_size
-            )
-        if avail < self._need:
+            need = self._need = message_size(self._view, self.max_message_size, start)
+        if avail < need:
             return None
-        raw = self._view[self._start : self._start + self._need]
-        self._start += self._need
+        self._start = start + need
         self._need = 0
-        header = HeaderView(raw, self.max_message_size, sized=True)
+        header = HeaderView(self._view[start : start + need], self.max_message_size, sized=True)
         n = header.unix_fds
-        if n:
-            if n > self.max_fds_per_message:
-                raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
-            if n > len(self.fds):
-                raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
-            fds = [self.fds.popleft() for _ in range(n)]
-        else:
-            fds = []
+        if not n:
+            return Message(header, [])
+        if n > self.max_fds_per_message:
+            raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
+        if n > len(self.fds):
+            raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
         # The consumed bytes are never reused: views of them are in flight.
-        return Message(header, fds)
+        return Message(header, [self.fds.popleft() for _ in range(n)])
 
     def release_idle_buffer(self) -> None:
         """Give the buffer back to the pool if it is empty and no message uses it.

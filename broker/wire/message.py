@@ -92,24 +92,23 @@ def _decode_field_string(code: int, raw: bytes) -> str:
     return s
 
 
-def message_size(prefix, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> int:
-    """Total size announced by the first 16 bytes; validates before buffering."""
-    if len(prefix) < FIXED_HEADER_SIZE:
+def message_size(buf, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, offset: int = 0) -> int:
+    """Total size announced by the 16 bytes at ``offset``; validates before buffering."""
+    if len(buf) - offset < FIXED_HEADER_SIZE:
         raise TruncatedError("fewer than 16 bytes of fixed header")
-    endian = _ENDIAN.get(prefix[0])
+    endian = _ENDIAN.get(buf[offset])
     if endian is None:
-        raise HeaderError(f"invalid endianness byte {prefix[0]!r}")
-    if prefix[3] != 1:
-        raise HeaderError(f"unsupported protocol version {prefix[3]}")
-    if not 1 <= prefix[1] <= 4:
-        raise HeaderError(f"invalid message type {prefix[1]}")
-    body_len, serial, fields_len = _FIXED[endian].unpack_from(prefix, 0)
+        raise HeaderError(f"invalid endianness byte {buf[offset]!r}")
+    if buf[offset + 3] != 1:
+        raise HeaderError(f"unsupported protocol version {buf[offset + 3]}")
+    if not 1 <= buf[offset + 1] <= 4:
+        raise HeaderError(f"invalid message type {buf[offset + 1]}")
+    body_len, serial, fields_len = _FIXED[endian].unpack_from(buf, offset)
     if serial == 0:
         raise HeaderError("serial must not be zero")
     if fields_len > max_size or body_len > max_size:
         raise LimitExceededError("message larger than the maximum size")
-    header_len = FIXED_HEADER_SIZE + fields_len + ((-fields_len) & 7)
-    total = header_len + body_len
+    total = FIXED_HEADER_SIZE + fields_len + ((-fields_len) & 7) + body_len
     if total > max_size:
         raise LimitExceededError(f"message of {total} bytes exceeds the maximum of {max_size}")
     return total
