@@ -30,6 +30,9 @@ ROOT = os.path.dirname(HERE)
 
 SEALBUS = os.path.join(ROOT, ".venv", "bin", "sealbus")
 SEALBUS_CMD = SEALBUS + " run --address unix:path={path}"
+# the same bus with adaptive busy polling off, for the round-trip rows only: what the polling buys
+NOPOLL = "sealbus-nopoll"
+NOPOLL_ONLY = "ping"
 BASES = ("dbus-daemon", "dbus-broker")
 FULL_SKIP = "fanout_n10$,idle_1000$"
 QUICK_ONLY = "ping_k1$,oneway,fanout_n100,large_ay_1K,large_ay_1M,large_fd_1K,large_fd_1M,large_fd_16M,idle_1000"
@@ -86,6 +89,9 @@ def run(a) -> dict:
            *[t for t in targets if t != "sealbus"]]  # fmt: skip
     if "sealbus" in targets:
         cmd += ["--start", "sealbus", a.sealbus_cmd]
+        if not a.quick:
+            cmd += ["--start", NOPOLL, a.sealbus_cmd.replace(" run ", " run --busy-poll 0 ", 1),
+                    "--only-for", f"{NOPOLL}={NOPOLL_ONLY}"]  # fmt: skip
     if a.quick:
         cmd += ["--reps", "1", "--scale", "0.1", "--only", a.only or QUICK_ONLY]
     else:
@@ -157,6 +163,8 @@ def ratio_columns(targets: list) -> list:
     cols = []
     if "sealbus" in targets:
         cols += [("sealbus", b) for b in BASES if b in targets]
+    if NOPOLL in targets and "dbus-daemon" in targets:
+        cols.append((NOPOLL, "dbus-daemon"))
     if all(b in targets for b in BASES):
         cols.append(("dbus-broker", "dbus-daemon"))
     return cols
@@ -183,6 +191,11 @@ def headline(res: dict, targets: list) -> list:
             paired(res, bid, "sealbus", bid, "dbus-daemon", key),
             lambda m: m >= 1.0,
         )
+    for bid, what in (("ping_k1", "1 client"), ("ping_k4", "4 clients"), ("ping_k1_d16", "1 client, depth 16")):
+        rs = paired(res, bid, NOPOLL, bid, "dbus-daemon", "calls_per_s")
+        if rs:
+            L.append(f"| for reference: round trips, {what}, busy polling off (`--busy-poll 0`) vs dbus-daemon "
+                     f"| (no goal) | {fmt_ratio(rs)} | |")
     row(
         "RSS with 5000 idle connections vs dbus-daemon",
         "≤ x2.00",
@@ -231,7 +244,9 @@ def render(d: dict) -> str:
           "* **Fresh broker per run, interleaved**: every (benchmark, broker, rep) starts a new broker and "
           "server; the broker order alternates per rep. No CPU pinning: broker, server and clients share the "
           "2 cores. dbus-daemon and dbus-broker get raised limits (session-like); sealbus runs as "
-          "`sealbus run --address unix:path=…` (allow-all policy, fd mode `any`).",
+          "`sealbus run --address unix:path=…` (allow-all policy, fd mode `any`, adaptive busy polling at its "
+          "default maximum of 50 µs). `sealbus-nopoll` is the same bus with `--busy-poll 0`, measured in the "
+          "round-trip rows only, to show what the polling buys and costs (its broker CPU per call).",
           "* **Cells**: median over reps, `[min\u2013max]` over reps. **Ratios**: the median of per-rep ratios of two "
           "brokers measured in the same rep, `[min\u2013max]` of those ratios. For rates >1 is better; for "
           "times, latency and memory <1 is better.",

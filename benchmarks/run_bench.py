@@ -727,6 +727,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", help="comma-separated benchmark id prefixes (ping,oneway,fanout,large,idle); ID$ = exactly ID")
     ap.add_argument("--skip", help="comma-separated benchmark id prefixes to skip")
+    ap.add_argument("--only-for", action="append", default=[], metavar="LABEL=PREFIXES",
+                    help="run target LABEL only in the benchmarks matching PREFIXES (same syntax as --only)")
     ap.add_argument("--scale", type=float, default=1.0, help="scale message counts and durations (e.g. 0.1 for a slow broker)")
     ap.add_argument("--quick", action="store_true", help="--reps 1 --scale 0.25, no limits probe")
     ap.add_argument("--limits", choices=["raised", "stock"], default="raised",
@@ -776,6 +778,7 @@ def main():
     def picked(bid, pats):  # "ID$" matches exactly, anything else is a prefix
         return any(bid == p[:-1] if p.endswith("$") else bid.startswith(p) for p in pats.split(","))
 
+    only_for = dict(x.split("=", 1) for x in a.only_for)
     if a.only:
         benches = [b for b in benches if picked(b.id, a.only)]
     if a.skip:
@@ -812,6 +815,8 @@ def main():
             for b in benches:
                 for t in order:
                     if t.p2p and not b.p2p_ok:
+                        continue
+                    if t.label in only_for and not picked(b.id, only_for[t.label]):
                         continue
                     try:
                         res, err = run_one(b, t, a.limits, wd, pin_broker, pin_client)
