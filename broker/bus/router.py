@@ -19,6 +19,8 @@ from .match import MatchRule
 from .names import NameRegistry
 from .peer import Creds, FdRef, OutItem, Peer, UserAccount
 
+METHOD_CALL, METHOD_RETURN, ERROR, NO_REPLY_EXPECTED = wm.METHOD_CALL, wm.METHOD_RETURN, wm.ERROR, wm.NO_REPLY_EXPECTED
+
 log = logging.getLogger("sealbus.bus")
 
 DBUS_NAME = "org.freedesktop.DBus"
@@ -185,9 +187,13 @@ class Bus:
             if fds:
                 FdRef(fds).decref()
             return
-        peer.stats["in_messages"] += 1
-        peer.stats["in_bytes"] += len(h.raw)
+        stats = peer.stats
+        stats["in_messages"] += 1
+        stats["in_bytes"] += len(h.raw)
         self.stats["messages"] += 1
+        if not fds and peer.unique_name is not None and not peer.monitor:
+            self._route(peer, h, None)  # the common case: no fds whose reference must be dropped after routing
+            return
         fdref = FdRef(fds) if fds else None
         try:
             if peer.unique_name is None:
@@ -235,7 +241,7 @@ class Bus:
                 self._to_monitors(peer, h, fdref)
                 self._to_matching(peer, h, fdref, None, eavesdrop_only=False)
             return
-        target = self.resolve(dest)
+        target = self.peers.get(dest) if dest[0] == ":" else self.registry.owner(dest)  # resolve(), inlined
         if target is None:
             self._to_monitors(peer, h, fdref)
             if h.type == wm.METHOD_CALL and not h.no_reply_expected:
@@ -245,7 +251,7 @@ class Bus:
                     self.send_error(peer, h.serial, E + "ServiceUnknown",
                                     f"The name {dest} was not provided by any .service files")  # fmt: skip
             return
-        if h.type in (wm.METHOD_RETURN, wm.ERROR):
+        if h.type == METHOD_RETURN or h.type == ERROR:
             self._route_reply(peer, h, fdref, target)
             return
         self._unicast(peer, h, fdref, target)
@@ -264,11 +270,10 @@ class Bus:
     # -- unicast / replies --------------------------------------------------
 
     def _unicast(self, peer: Peer, h, fdref, target: Peer) -> None:
-        is_call = h.type == wm.METHOD_CALL
-        wants_reply = is_call and not h.no_reply_expected
-        requested = False
+        is_call = h.type == METHOD_CALL
+        wants_reply = is_call and not h.flags & NO_REPLY_EXPECTED
         if self.policy is not None:
-            err = self.policy_send(peer, h, target, requested, fdref)
+            err = self.policy_send(peer, h, target, False, fdref)
             if err is not None:
                 # as dbus-daemon: the sender of any denied unicast message is told (no-reply calls, signals too)
                 self.send_error(peer, h.serial, E + "AccessDenied", err)
@@ -285,8 +290,9 @@ class Bus:
             self.send_error(peer, h.serial, E + "LimitsExceeded",
                             "The maximum number of pending replies per connection has been reached")  # fmt: skip
             return
-        bufs = [h.forward_header(peer.unique_name), h.body]
-        nbytes = sum(map(len, bufs))
+        hdr = h.forward_header(peer.unique_name)
+        bufs = [hdr, h.body]
+        nbytes = len(hdr) + h.body_len
         why = self._cannot_queue(peer, target, nbytes, fdref)
         if why is not None:
             self.stats["limits"] += 1
@@ -304,7 +310,8 @@ class Bus:
                 peer.replies_pending += 1
             self.pending[key] = target
             self.pending_by_replier[target.id].add(key)
-        self._to_monitors(peer, h, fdref, bufs)
+        if self.monitors:
+            self._to_monitors(peer, h, fdref, bufs)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
 
@@ -328,16 +335,18 @@ class Bus:
             log.info("dropped unexpected reply from %s to %s (reply_serial %d)",
                      peer.describe(), target.describe(), h.reply_serial)  # fmt: skip
             return
-        bufs = [h.forward_header(peer.unique_name), h.body]
-        nbytes = sum(map(len, bufs))
         if fdref is not None and not target.unix_fds:
             return
+        hdr = h.forward_header(peer.unique_name)
+        bufs = [hdr, h.body]
+        nbytes = len(hdr) + h.body_len
         why = self._cannot_queue(peer, target, nbytes, fdref)
         if why is not None:
             self.kill(target, f"not reading its replies ({why})")
             return
         self._push(target, bufs, nbytes, fdref, peer)
-        self._to_monitors(peer, h, fdref, bufs)
+        if self.monitors:
+            self._to_monitors(peer, h, fdref, bufs)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
 
