@@ -184,6 +184,24 @@ def test_reply_serial_read_per_message_despite_header_cache(endian, first):
         HeaderView(memoryview(bytes(bad)))
 
 
+def test_forwarded_header_per_sender_with_a_shared_field_block():
+    """Calls with the same field block share a cached forwarded header per sender; each message
+    still goes out with its own serial and body, and each sender's own name."""
+    from broker.wire.message import _FORWARD_SENDERS_MAX
+
+    seen = []
+    for i in range(3 * _FORWARD_SENDERS_MAX):
+        sender = f":1.{i % (_FORWARD_SENDERS_MAX + 3)}"
+        raw = build_message(1, 100 + i, path="/a", interface="org.x.I", member="M", destination="org.x.D",
+                            signature="s", body=(f"v{i}",))  # fmt: skip
+        h = HeaderView(memoryview(raw))
+        bufs = h.forward(sender)
+        assert isinstance(bufs[-1], memoryview) and bufs[-1].obj is raw  # the body is not copied
+        out = HeaderView(b"".join(bufs))
+        seen.append((out.sender, out.serial, out.unmarshal_body()))
+    assert seen == [(f":1.{i % (_FORWARD_SENDERS_MAX + 3)}", 100 + i, (f"v{i}",)) for i in range(len(seen))]
+
+
 def test_spoofed_sender_replaced_and_unknown_fields_stripped():
     # an unknown header field (code 100, a string) and a spoofed SENDER
     hdr = encode_header("l", 4, 0, 0, 3, path="/a", interface="org.x.I", member="S", sender=":1.999")

@@ -290,9 +290,8 @@ class Bus:
             self.send_error(peer, h.serial, E + "LimitsExceeded",
                             "The maximum number of pending replies per connection has been reached")  # fmt: skip
             return
-        hdr = h.forward_header(peer.unique_name)
-        bufs = [hdr, h.body]
-        nbytes = len(hdr) + h.body_len
+        bufs = h.forward(peer.unique_name)
+        nbytes = sum(map(len, bufs))
         why = self._cannot_queue(peer, target, nbytes, fdref)
         if why is not None:
             self.stats["limits"] += 1
@@ -337,9 +336,8 @@ class Bus:
             return
         if fdref is not None and not target.unix_fds:
             return
-        hdr = h.forward_header(peer.unique_name)
-        bufs = [hdr, h.body]
-        nbytes = len(hdr) + h.body_len
+        bufs = h.forward(peer.unique_name)
+        nbytes = sum(map(len, bufs))
         why = self._cannot_queue(peer, target, nbytes, fdref)
         if why is not None:
             self.kill(target, f"not reading its replies ({why})")
@@ -381,7 +379,7 @@ class Bus:
 
     def _broadcast(self, peer: Peer, h, fdref) -> None:
         self.stats["broadcasts"] += 1
-        bufs = [h.forward_header(peer.unique_name), h.body]
+        bufs = h.forward(peer.unique_name)
         self._to_monitors(peer, h, fdref, bufs)
         self._to_matching(peer, h, fdref, bufs, eavesdrop_only=False)
 
@@ -419,7 +417,7 @@ class Bus:
                             continue
                 if bufs is None:
                     sender = peer.unique_name if peer is not None else DBUS_NAME
-                    bufs = [h.forward_header(sender), h.body]
+                    bufs = h.forward(sender)
                 nbytes = nbytes or sum(map(len, bufs))
                 why = self._cannot_queue(peer, target, nbytes, fdref)
                 if why is not None:
@@ -445,7 +443,7 @@ class Bus:
                 continue
             if bufs is None:
                 sender = peer.unique_name if peer is not None else DBUS_NAME
-                bufs = [h.forward_header(sender), h.body]
+                bufs = h.forward(sender)
             nbytes = sum(map(len, bufs))
             if fdref is not None and not mon.unix_fds:
                 continue

@@ -207,7 +207,7 @@ class Connection:
         self._process()
         if not self.dying:
             self.server.flush_dirty()
-            framer.release_idle_buffer()
+            self.server.reactor.touched.add(self)  # its buffer is given back once it stops reading
 
     def _process(self) -> None:
         """Route every complete message in the buffer."""

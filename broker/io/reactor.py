@@ -45,6 +45,9 @@ class Reactor:
         self.conns: dict[int, object] = {}
         self.writing: set[int] = set()
         self.closing: list = []
+        # connections that read since the last sweep, and in the sweep before
+        self.touched: set = set()
+        self.touched_before: set = set()
 
     def add(self, conn) -> None:
         fd = conn.sock.fileno()
@@ -83,6 +86,20 @@ class Reactor:
             except Exception:
                 log.exception("internal error closing %s", conn.describe())
 
+    def sweep(self, quiet: bool) -> None:
+        """Give back the receive buffers of connections that stopped reading.
+
+        A connection keeps its buffer while it reads (no pool round trip per
+        read); one that did not read since the previous sweep, or every one
+        when the bus is quiet, returns it, so an idle connection holds none.
+        """
+        idle = self.touched | self.touched_before if quiet else self.touched_before - self.touched
+        for conn in idle:
+            if not conn.dying and conn.framer is not None:
+                conn.framer.release_idle_buffer()
+        self.touched_before = set() if quiet else self.touched
+        self.touched = set()
+
     async def run(self) -> None:
         ep = self.ep
         conns = self.conns
@@ -115,6 +132,7 @@ class Reactor:
                     passes += 1
                     if passes >= PASSES_BEFORE_YIELD and clock() >= give_back:
                         passes = 0
+                        self.sweep(quiet=False)
                         await trio.lowlevel.checkpoint()
                         give_back = clock() + YIELD_EVERY
                     if clock() < give_back:
@@ -122,6 +140,7 @@ class Reactor:
                     else:
                         events = ep.poll(0, 512)
                 self.finish_closing()
+                self.sweep(quiet=True)
         finally:
             for conn in list(conns.values()):
                 conn.close()

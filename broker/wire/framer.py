@@ -50,6 +50,12 @@ class Framer:
 
     def recv_buffer(self) -> memoryview:
         """Free space to receive into (grown for a large announced message)."""
+        buf = self._buf
+        if buf is not None and not self._need and len(buf) - self._end >= MIN_FREE:
+            return self._view[self._end :]  # the common case: room left in the current buffer
+        return self._make_room()
+
+    def _make_room(self) -> memoryview:
         pending = self._end - self._start
         want = max(self._need, pending + MIN_FREE)
         if self._buf is None:
@@ -57,7 +63,10 @@ class Framer:
             self._view = memoryview(self._buf)
             self._start = self._end = 0
         too_small = self._need and self._start + self._need > len(self._buf)
-        if too_small or len(self._buf) - self._end < MIN_FREE:
+        short = len(self._buf) - self._end < MIN_FREE
+        if short and not pending and not too_small and self._unused():
+            self._start = self._end = 0  # every message left it: start again at its head
+        elif too_small or short:
             size = max(self._bufsize, want)
             new = _pool.pop() if _pool and size == self._bufsize else bytearray(size)
             new[:pending] = self._view[self._start : self._end]
@@ -135,20 +144,27 @@ class Framer:
         our memoryview do not count as its exports, so the test is on the
         bytearray itself: resizing it fails while any view exists.
         """
-        if self._buf is None or self._start != self._end or self.fds:
+        if self._buf is None or self._start != self._end or self.fds or not self._unused():
             return
+        buf = self._buf
+        self._view.release()
+        if len(buf) == self._bufsize and len(_pool) < POOL_MAX:
+            _pool.append(buf)
+        self._buf = self._view = None
+        self._start = self._end = 0
+
+    def _unused(self) -> bool:
+        """True if no message handed out still uses the buffer (then its bytes may be reused)."""
         buf = self._buf
         self._view.release()
         try:
             buf.append(0)
             del buf[-1]
         except BufferError:
-            self._view = memoryview(buf)  # still in use: keep it, never reuse its bytes
-            return
-        if len(buf) == self._bufsize and len(_pool) < POOL_MAX:
-            _pool.append(buf)
-        self._buf = self._view = None
-        self._start = self._end = 0
+            return False
+        finally:
+            self._view = memoryview(buf)
+        return True
 
     def messages(self):
         while (m := self.next_message()) is not None:

@@ -3,7 +3,7 @@
 The broker never unmarshals the body of a message it forwards. ``HeaderView``
 parses the 16-byte fixed header and the header-field array, validates them
 strictly, and keeps the body as a ``memoryview`` slice of the received buffer.
-``HeaderView.forward_header(sender)`` re-emits the header with SENDER set and
+``HeaderView.forward(sender)`` re-emits the header with SENDER set and
 unknown fields stripped; the body goes out by scatter/gather, uncopied.
 """
 
@@ -45,6 +45,7 @@ _HEADER_CACHE_MAX_LEN = 512
 # field-array length * 8 + message type -> offset of the REPLY_SERIAL value in such blocks, as last parsed
 _REPLY_SERIAL_AT: dict[int, int] = {}
 _ZEROS = [bytes(n) for n in range(8)]
+_FORWARD_SENDERS_MAX = 8  # forwarded headers kept per cached field block (one per sender)
 _SENDER_FIELDS: dict[tuple[str, str], bytes] = {}
 
 
@@ -128,7 +129,7 @@ class HeaderView:
     """Parsed header of one complete message held in ``raw`` (not copied)."""
 
     __slots__ = (
-        "body_len", "destination", "endian", "error_name", "fields_end", "flags", "header_len",
+        "body_len", "destination", "endian", "error_name", "fields_end", "flags", "fwd", "header_len",
         "interface", "member", "path", "raw", "reply_serial", "sender", "serial",
         "signature", "type", "unix_fds", "unknown_fields",
     )  # fmt: skip
@@ -165,7 +166,7 @@ class HeaderView:
             if cached is not None:
                 (self.path, self.interface, self.member, self.error_name, self.reply_serial,
                  self.destination, self.sender, self.signature, self.unix_fds,
-                 self.unknown_fields) = cached  # fmt: skip
+                 self.unknown_fields, self.fwd) = cached  # fmt: skip
                 if rs is not None:
                     v = self.reply_serial = _U32[endian].unpack_from(raw, rs)[0]
                     if not v:
@@ -179,6 +180,7 @@ class HeaderView:
         self.signature = ""
         self.unix_fds = 0
         self.unknown_fields = 0
+        self.fwd = None
         rs_at = self._parse_fields(raw, endian, fields_end)
         for i in range(fields_end, header_len):
             if raw[i]:
@@ -193,9 +195,11 @@ class HeaderView:
                 if _REPLY_SERIAL_AT.get(shape) != rs_at:
                     _REPLY_SERIAL_AT[shape] = rs_at
                     key = bytes(raw[0:2]) + bytes(raw[12:rs_at]) + bytes(raw[rs_at + 4 : header_len])
+            else:
+                self.fwd = {}  # the whole field block is in the key: its forwarded form can be kept too
             _HEADER_CACHE[key] = (
                 self.path, self.interface, self.member, self.error_name, self.reply_serial,
-                self.destination, self.sender, self.signature, self.unix_fds, self.unknown_fields,
+                self.destination, self.sender, self.signature, self.unix_fds, self.unknown_fields, self.fwd,
             )  # fmt: skip
 
     def _parse_fields(self, raw, endian: str, end: int) -> int:
@@ -294,7 +298,8 @@ class HeaderView:
 
     @property
     def body(self) -> memoryview:
-        return memoryview(self.raw)[self.header_len :]
+        raw = self.raw
+        return raw[self.header_len :] if type(raw) is memoryview else memoryview(raw)[self.header_len :]
 
     @property
     def no_reply_expected(self) -> bool:
@@ -304,23 +309,41 @@ class HeaderView:
         """Full body unmarshal: for the driver and for argN match rules only."""
         return unmarshal(self.signature, self.body, self.endian, self.unix_fds)
 
-    def forward_header(self, sender: str | None) -> bytes:
-        """The header re-emitted with SENDER set and unknown fields stripped.
+    def forward(self, sender: str | None) -> list:
+        """The message as the bus forwards it, as buffers for sendmsg: the header with SENDER
+        set and unknown fields stripped, then the body view (never copied).
 
         Fast path (no SENDER from the client, no unknown fields): the client's
         field bytes are kept as they are and a SENDER field is appended; every
-        field starts 8-aligned, so appending is valid.
+        field starts 8-aligned, so appending is valid. Bytes 0..11 (which hold
+        the serial) are the client's own; the rest of the header depends only
+        on the field block and the sender, so for a cached block it is kept.
         """
         if sender is None or self.sender is not None or self.unknown_fields:
-            return self._encode_forward(sender)
-        raw = self.raw
+            return [self._encode_forward(sender), self.body]
+        fwd = self.fwd
+        if fwd is None:
+            return [self.raw[0:12], self._forward_rest(sender), self.body]
+        rest = fwd.get(sender)
+        if rest is None:
+            if len(fwd) >= _FORWARD_SENDERS_MAX:
+                fwd.clear()
+            rest = fwd[sender] = self._forward_rest(sender)
+        return [self.raw[0:12], rest, self.body]
+
+    def forward_header(self, sender: str | None) -> bytes:
+        """The forwarded header as one bytes object (see :meth:`forward`)."""
+        return b"".join(self.forward(sender)[:-1])
+
+    def _forward_rest(self, sender: str) -> bytes:
+        """Header bytes from offset 12 on: new field array length, the client's fields, SENDER, padding."""
         endian = self.endian
         fe = self.fields_end
         pad = (-fe) & 7
         sf = _sender_field(endian, sender)
         fields_len = fe - FIXED_HEADER_SIZE + pad + len(sf)
         tail = (-(FIXED_HEADER_SIZE + fields_len)) & 7
-        return b"".join((raw[0:12], _U32[endian].pack(fields_len), raw[FIXED_HEADER_SIZE:fe], _ZEROS[pad], sf,
+        return b"".join((_U32[endian].pack(fields_len), self.raw[FIXED_HEADER_SIZE:fe], _ZEROS[pad], sf,
                          _ZEROS[tail]))  # fmt: skip
 
     def _encode_forward(self, sender: str | None) -> bytes:
