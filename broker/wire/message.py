@@ -137,6 +137,8 @@ class HeaderView:
     def __init__(self, raw, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, sized: bool = False):
         """``sized``: the framer already validated the fixed header and cut ``raw`` to its announced size."""
         if not sized:
+            if type(raw) is not memoryview:
+                raw = memoryview(raw)
             total = message_size(raw, max_size)
             if len(raw) != total:
                 raise TruncatedError(f"message is {len(raw)} bytes but its header announces {total}")
@@ -159,12 +161,13 @@ class HeaderView:
         if header_len <= _HEADER_CACHE_MAX_LEN:
             rs = _REPLY_SERIAL_AT.get(fields_len * 8 + t) if t != METHOD_CALL else None
             if rs is None:
-                key = bytes(raw[0:2]) + bytes(raw[12:header_len])
+                key = raw[12:header_len].tobytes()
             else:
-                key = bytes(raw[0:2]) + bytes(raw[12:rs]) + bytes(raw[rs + 4 : header_len])
+                key = raw[12:rs].tobytes() + raw[rs + 4 : header_len].tobytes()
             cached = _HEADER_CACHE.get(key)
-            if cached is not None:
-                (self.path, self.interface, self.member, self.error_name, self.reply_serial,
+            # the key holds the field bytes; byte order and type are checked against the entry
+            if cached is not None and cached[0] is endian and cached[1] == t:
+                (_, _, self.path, self.interface, self.member, self.error_name, self.reply_serial,
                  self.destination, self.sender, self.signature, self.unix_fds,
                  self.unknown_fields, self.fwd) = cached  # fmt: skip
                 if rs is not None:
@@ -194,11 +197,11 @@ class HeaderView:
                 shape = fields_len * 8 + t
                 if _REPLY_SERIAL_AT.get(shape) != rs_at:
                     _REPLY_SERIAL_AT[shape] = rs_at
-                    key = bytes(raw[0:2]) + bytes(raw[12:rs_at]) + bytes(raw[rs_at + 4 : header_len])
+                    key = raw[12:rs_at].tobytes() + raw[rs_at + 4 : header_len].tobytes()
             else:
                 self.fwd = {}  # the whole field block is in the key: its forwarded form can be kept too
             _HEADER_CACHE[key] = (
-                self.path, self.interface, self.member, self.error_name, self.reply_serial,
+                endian, t, self.path, self.interface, self.member, self.error_name, self.reply_serial,
                 self.destination, self.sender, self.signature, self.unix_fds, self.unknown_fields, self.fwd,
             )  # fmt: skip
 
