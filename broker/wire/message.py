@@ -46,6 +46,9 @@ _HEADER_CACHE_MAX_LEN = 512
 _REPLY_SERIAL_AT: dict[int, int] = {}
 _ZEROS = [bytes(n) for n in range(8)]
 _FORWARD_SENDERS_MAX = 8  # forwarded headers kept per cached field block (one per sender)
+# (sender, fields end, byte order) -> the bytes around a forwarded header's fields, for uncached blocks
+_FORWARD_PARTS: dict[tuple, tuple[bytes, bytes]] = {}
+_FORWARD_PARTS_MAX = 8192
 _SENDER_FIELDS: dict[tuple[str, str], bytes] = {}
 
 
@@ -325,8 +328,15 @@ class HeaderView:
         if sender is None or self.sender is not None or self.unknown_fields:
             return [self._encode_forward(sender), self.body]
         fwd = self.fwd
-        if fwd is None:
-            return [self.raw[0:12], self._forward_rest(sender), self.body]
+        if fwd is None:  # a field block of its own (a reply: REPLY_SERIAL differs every time)
+            fe = self.fields_end
+            key = (sender, fe, self.endian)
+            parts = _FORWARD_PARTS.get(key)
+            if parts is None:
+                if len(_FORWARD_PARTS) >= _FORWARD_PARTS_MAX:
+                    _FORWARD_PARTS.clear()
+                parts = _FORWARD_PARTS[key] = self._forward_parts(sender)
+            return [self.raw[0:12], parts[0], self.raw[FIXED_HEADER_SIZE:fe], parts[1], self.body]
         rest = fwd.get(sender)
         if rest is None:
             if len(fwd) >= _FORWARD_SENDERS_MAX:
@@ -340,14 +350,19 @@ class HeaderView:
 
     def _forward_rest(self, sender: str) -> bytes:
         """Header bytes from offset 12 on: new field array length, the client's fields, SENDER, padding."""
+        before, after = self._forward_parts(sender)
+        return b"".join((before, self.raw[FIXED_HEADER_SIZE : self.fields_end], after))
+
+    def _forward_parts(self, sender: str) -> tuple[bytes, bytes]:
+        """What goes around the client's field bytes: the new field array length, then SENDER and padding.
+        Both depend only on where the fields end, the byte order and the sender."""
         endian = self.endian
         fe = self.fields_end
         pad = (-fe) & 7
         sf = _sender_field(endian, sender)
         fields_len = fe - FIXED_HEADER_SIZE + pad + len(sf)
         tail = (-(FIXED_HEADER_SIZE + fields_len)) & 7
-        return b"".join((_U32[endian].pack(fields_len), self.raw[FIXED_HEADER_SIZE:fe], _ZEROS[pad], sf,
-                         _ZEROS[tail]))  # fmt: skip
+        return _U32[endian].pack(fields_len), _ZEROS[pad] + sf + _ZEROS[tail]
 
     def _encode_forward(self, sender: str | None) -> bytes:
         return encode_header(
