@@ -2,9 +2,10 @@
 batched, non-blocking scatter/gather writes of the peer's outbox.
 
 Hot path design: a read takes whatever the kernel has (many messages per
-``recvmsg_into``), every complete message is routed, and only then are the
-peers that gained output flushed, each with as few ``sendmsg`` calls as the
-fd boundaries allow. A peer whose socket is full gets a writer task woken;
+``recvmsg_into``), every complete message is routed, and only when every
+ready connection of the reactor's pass was read are the peers that gained
+output flushed, each with as few ``sendmsg`` calls as the fd boundaries
+allow. A peer whose socket is full gets a writer task woken;
 nobody else waits for it.
 """
 
@@ -205,9 +206,9 @@ class Connection:
             return
         framer.commit(n, fds)
         self._process()
-        if not self.dying:
-            self.server.flush_dirty()
-            self.server.reactor.touched.add(self)  # its buffer is given back once it stops reading
+        # No flush here: the reactor flushes once every ready connection was read, so messages
+        # that several peers sent to one receiver in this pass leave in one sendmsg.
+        self.server.reactor.touched.add(self)  # its buffer is given back once it stops reading
 
     def _process(self) -> None:
         """Route every complete message in the buffer."""
