@@ -235,30 +235,16 @@ class Connection:
         sock = self.sock
         while ob:
             head = ob[0]
-            iov = []
-            anc = []
-            items = 0
-            total = 0
-            if head.fdref is not None and self.head_sent == 0:
-                iov = list(head.buffers)
+            anc = None
+            if self.head_sent:
+                iov = self._gather(ob)
+            elif head.fdref is not None:  # a message with fds goes alone, its fds with its first byte
+                iov = head.buffers
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head.fdref.fds))]
+            elif len(ob) == 1:
+                iov = head.buffers  # the common case: one message, nothing of it written yet
             else:
-                skip = self.head_sent
-                for item in ob:
-                    if items and item.fdref is not None:
-                        break
-                    for b in item.buffers:
-                        if skip:
-                            if skip >= len(b):
-                                skip -= len(b)
-                                continue
-                            b = memoryview(b)[skip:]
-                            skip = 0
-                        iov.append(b)
-                    items += 1
-                    total += item.nbytes
-                    if len(iov) >= MAX_IOV or total >= MAX_BATCH_BYTES:
-                        break
+                iov = self._gather(ob)
             try:
                 n = sock.sendmsg(iov, anc) if anc else sock.sendmsg(iov)
             except BlockingIOError:
@@ -280,4 +266,28 @@ class Connection:
                 # partial write: the socket is full; continue when writable
                 self.server.reactor.want_write(self)
                 return
-        self.server.reactor.write_done(self)
+        if self.fd in self.server.reactor.writing:
+            self.server.reactor.write_done(self)
+
+    def _gather(self, ob) -> list:
+        """Buffers of as many queued messages as one sendmsg takes: up to the next message
+        with fds, MAX_IOV pieces or MAX_BATCH_BYTES; the part of the head already written is left out."""
+        iov = []
+        items = total = 0
+        skip = self.head_sent
+        for item in ob:
+            if items and item.fdref is not None:
+                break
+            for b in item.buffers:
+                if skip:
+                    if skip >= len(b):
+                        skip -= len(b)
+                        continue
+                    b = memoryview(b)[skip:]
+                    skip = 0
+                iov.append(b)
+            items += 1
+            total += item.nbytes
+            if len(iov) >= MAX_IOV or total >= MAX_BATCH_BYTES:
+                break
+        return iov

@@ -32,6 +32,7 @@ log = logging.getLogger("sealbus.io")
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_CLOSE = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+READ_EVENTS = EPOLLIN | EPOLL_CLOSE
 PASSES_BEFORE_YIELD = 4
 LINGER = 0.0005  # seconds the reactor keeps waiting in its own epoll after a pass
 YIELD_EVERY = 0.002  # most time the reactor keeps the loop before trio runs its other tasks
@@ -120,7 +121,7 @@ class Reactor:
                         try:
                             if ev & EPOLLOUT:
                                 conn.on_writable()
-                            if ev & (EPOLLIN | EPOLL_CLOSE) and not conn.dying:
+                            if ev & READ_EVENTS and not conn.dying:
                                 conn.on_readable()
                         except Exception:
                             # A bug must cost one connection, never the bus.
@@ -128,7 +129,8 @@ class Reactor:
                             conn.dying = True
                             self.closing.append(conn)
                     self.server.flush_dirty()
-                    self.finish_closing()
+                    if self.closing:
+                        self.finish_closing()
                     passes += 1
                     if passes >= PASSES_BEFORE_YIELD and clock() >= give_back:
                         passes = 0
