@@ -14,6 +14,11 @@ kernel (no spinning). Trio gets the loop back at least every YIELD_EVERY
 seconds, so accepts, the FUSE server, the launcher channel and timers are
 late by at most that much under load.
 
+Lingering must not keep trio's own work waiting: listening sockets are in
+the reactor's epoll too (edge-triggered), so a new connection ends the
+linger at once, and while any connection is still authenticating (a trio
+task) the reactor does not linger at all.
+
 Busy polling: before the linger's sleep, the reactor may poll for up to a
 window that adapts to the traffic (see :mod:`busy_poll`): zero on a quiet
 bus, up to ``busy_poll_us`` when messages follow each other closely.
@@ -30,7 +35,7 @@ from .busy_poll import PollWindow
 
 log = logging.getLogger("sealbus.io")
 
-EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLLIN, EPOLLOUT, EPOLLET = select.EPOLLIN, select.EPOLLOUT, select.EPOLLET
 EPOLL_CLOSE = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 READ_EVENTS = EPOLLIN | EPOLL_CLOSE
 PASSES_BEFORE_YIELD = 4
@@ -49,11 +54,17 @@ class Reactor:
         # connections that read since the last sweep, and in the sweep before
         self.touched: set = set()
         self.touched_before: set = set()
+        self.trio_fds: set[int] = set()  # fds trio serves (listeners): activity there ends a linger
 
     def add(self, conn) -> None:
         fd = conn.sock.fileno()
         self.conns[fd] = conn
         self.ep.register(fd, EPOLLIN)
+
+    def watch_for_trio(self, fd: int) -> None:
+        """Readiness of ``fd`` (served by a trio task) hands the loop back to trio without delay."""
+        self.trio_fds.add(fd)
+        self.ep.register(fd, EPOLLIN | EPOLLET)
 
     def want_write(self, conn) -> None:
         fd = conn.fd
@@ -114,9 +125,11 @@ class Reactor:
                 give_back = clock() + YIELD_EVERY
                 events = ep.poll(0, 512)
                 while events:
+                    trio_wanted = False
                     for fd, ev in events:
                         conn = conns.get(fd)
                         if conn is None or conn.dying:
+                            trio_wanted = trio_wanted or fd in self.trio_fds
                             continue
                         try:
                             if ev & EPOLLOUT:
@@ -132,12 +145,14 @@ class Reactor:
                     if self.closing:
                         self.finish_closing()
                     passes += 1
-                    if passes >= PASSES_BEFORE_YIELD and clock() >= give_back:
+                    if trio_wanted or (passes >= PASSES_BEFORE_YIELD and clock() >= give_back):
                         passes = 0
                         self.sweep(quiet=False)
-                        await trio.lowlevel.checkpoint()
+                        await trio.lowlevel.checkpoint()  # trio polls its own fds and runs what is ready
                         give_back = clock() + YIELD_EVERY
-                    if clock() < give_back:
+                    if self.server.incomplete:
+                        events = ep.poll(0, 512)  # no lingering while a connection authenticates (a trio task)
+                    elif clock() < give_back:
                         events = self._next_events(ep, clock)
                     else:
                         events = ep.poll(0, 512)

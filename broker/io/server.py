@@ -35,6 +35,7 @@ class Server:
 
     async def serve_listener(self, lsock: socket.socket, nursery) -> None:
         lsock.setblocking(False)
+        self.reactor.watch_for_trio(lsock.fileno())
         while True:
             try:
                 csock, _ = lsock.accept()
@@ -57,11 +58,12 @@ class Server:
                             creds.uid, creds.pid)  # fmt: skip
                 csock.close()
                 continue
+            # counted from here, not when its task starts: the reactor must not linger while it waits to run
+            self.incomplete += 1  # until authenticated (Connection.run decrements)
             nursery.start_soon(self._run_connection, csock, creds)
 
     async def _run_connection(self, csock, creds) -> None:
         conn = Connection(self, csock, creds)
-        self.incomplete += 1  # until authenticated (Connection.run decrements)
         try:
             await conn.run()
         finally:
