@@ -49,6 +49,21 @@ def test_zero_maximum_never_polls():
     assert pw.window == 0
 
 
+def test_launcher_hands_the_maximum_to_the_broker(tmp_path):
+    """--system: the launcher reads the config as root and the sandboxed broker gets the value."""
+    import pwd
+
+    from broker.access.config import load_config
+    from broker.launch.broker import settings_from_message
+    from broker.launch.launcher import broker_settings
+
+    cfg = load_config(_config(tmp_path, '<busy_poll max_us="7"/>'))
+    msg = broker_settings(cfg, pwd.getpwuid(os.getuid()))
+    assert settings_from_message(msg).busy_poll_us == 7
+    cfg = load_config(_config(tmp_path, ""))
+    assert settings_from_message(broker_settings(cfg, pwd.getpwuid(os.getuid()))).busy_poll_us == 50
+
+
 def _config(tmp_path, element: str):
     p = tmp_path / "bus.conf"
     p.write_text(f'<busconfig><listen>unix:path={tmp_path}/s</listen><auth>EXTERNAL</auth>'
