@@ -109,6 +109,9 @@ def run(a) -> dict:
         log("+ python -m benchmarks.wire_micro")
         wm = subprocess.run([sys.executable, "-m", "benchmarks.wire_micro"], cwd=ROOT, capture_output=True, text=True)
         d["wire_micro"] = wm.stdout.splitlines() if wm.returncode == 0 else ["failed: " + wm.stderr[-300:]]
+        log("+ python -m benchmarks.hop_micro")
+        hm = subprocess.run([sys.executable, "-m", "benchmarks.hop_micro"], cwd=ROOT, capture_output=True, text=True)
+        d["hop_micro"] = hm.stdout.splitlines() if hm.returncode == 0 else ["failed: " + hm.stderr[-300:]]
     d["meta"].update(machine())
     d["meta"]["quick"] = a.quick
     d["meta"]["command"] = shown
@@ -279,6 +282,12 @@ def render(d: dict) -> str:
               "`python -m benchmarks.wire_micro`: header parse + SENDER rewrite of one message in a loop, in "
               "sealbus's own process (no sockets); 'cold cache' clears the header-field cache each time.", "",
               "```", *d["wire_micro"], "```"]  # fmt: skip
+    if d.get("hop_micro"):
+        L += ["", "## One broker hop, in-process", "",
+              "`python -m benchmarks.hop_micro`: the real Server, Connection and Bus route a `Ping(ay16)` call and "
+              "its reply over socketpairs, driven directly (warm caches, no epoll, no peer to wake): the "
+              "broker's own cost per message, against the bare syscalls.", "",
+              "```", *d["hop_micro"], "```"]  # fmt: skip
     L += ["", f"Run: `{meta.get('command', '?')}`", ""]
     return "\n".join(L)
 

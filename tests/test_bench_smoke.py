@@ -65,3 +65,12 @@ def test_report_and_plots_are_written_and_rerender_identically(quick_run):
     subprocess.run([sys.executable, "-m", "benchmarks.run", "--render", str(out / "raw.json"), "--md", str(again)],
                    cwd=ROOT, check=True, capture_output=True, timeout=60)  # fmt: skip
     assert again.read_text() == text.replace("benchmarks-", "again-")
+
+
+def test_hop_micro_benchmark_runs():
+    """The in-process hop benchmark drives the real Connection/Bus code; it must keep working as they change."""
+    p = subprocess.run([sys.executable, "-m", "benchmarks.hop_micro"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [line.split()[0:2] for line in p.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["call", "reply", "syscall"]
