@@ -29,6 +29,9 @@ class Message(NamedTuple):
     fds: list[int]
 
 
+_new_message = tuple.__new__  # Message(h, fds) without the generated __new__'s extra call
+
+
 class Framer:
     def __init__(
         self,
@@ -129,13 +132,13 @@ class Framer:
         header = HeaderView(self._view[start : start + need], self.max_message_size, sized=True)
         n = header.unix_fds
         if not n:
-            return Message(header, [])
+            return _new_message(Message, (header, []))
         if n > self.max_fds_per_message:
             raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
         if n > len(self.fds):
             raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
         # The consumed bytes are never reused: views of them are in flight.
-        return Message(header, [self.fds.popleft() for _ in range(n)])
+        return _new_message(Message, (header, [self.fds.popleft() for _ in range(n)]))
 
     def release_idle_buffer(self) -> None:
         """Give the buffer back to the pool if it is empty and no message uses it.
