@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         help="markdown report; the PNGs go next to it (default docs/benchmarks.md)",
     )
     p.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"), help="raw results")
-    p.add_argument("--reps", type=int, default=5, 
+    p.add_argument("--reps", type=int, default=5,
                    help="repetitions per (benchmark, broker): medians need several on a shared machine")
     p.add_argument("--scale", type=float, default=0.5, help="scale dbench message counts and durations")
     p.add_argument("--quick", action="store_true", help="1 rep, scaled-down counts, a subset of rows")
