@@ -72,16 +72,16 @@ class Connection:
         try:
             sasl = await self._authenticate()
         except BaseException:
-            self.sock.close()
+            self._close_unauthenticated()
             raise
         if sasl is None:
-            self.sock.close()
+            self._close_unauthenticated()
             return
         why = self.bus.can_accept(self.creds)
         if why is not None:
             log.warning("refused connection uid=%d pid=%d label=%s: %s",
                         self.creds.uid, self.creds.pid, self.creds.label or "-", why)  # fmt: skip
-            self.sock.close()
+            self._close_unauthenticated()
             return
         self.peer = self.bus.connect(self.creds, unix_fds=sasl.unix_fd)
         self.completed = True
@@ -91,6 +91,7 @@ class Connection:
         self.server.connections[self.peer] = self
         lim = self.bus.limits
         self.framer = Framer(lim.max_message_size, lim.max_message_unix_fds)
+        self.server.reactor.unwatch(self.fd)  # from now on the reactor serves it
         self.server.reactor.add(self)
         if sasl.leftover:
             self.framer.push(sasl.leftover)
@@ -98,6 +99,10 @@ class Connection:
             self.server.flush_dirty()
             self.framer.release_idle_buffer()
             self.server.reactor.finish_closing()
+
+    def _close_unauthenticated(self) -> None:
+        self.server.reactor.unwatch(self.fd)
+        self.sock.close()
 
     def describe(self) -> str:
         if self.peer is not None:
@@ -153,6 +158,7 @@ class Connection:
             try:
                 data, anc, _flags, _ = self.sock.recvmsg(4096, ANC_SPACE, MSG_CMSG_CLOEXEC)
             except BlockingIOError:
+                self.server.reactor.trio_done(self.fd)
                 await trio.lowlevel.wait_readable(self.sock)
                 continue
             except OSError:

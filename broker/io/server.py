@@ -40,6 +40,7 @@ class Server:
             try:
                 csock, _ = lsock.accept()
             except BlockingIOError:
+                self.reactor.trio_done(lsock.fileno())
                 await trio.lowlevel.wait_readable(lsock)
                 continue
             except OSError as e:
@@ -58,8 +59,9 @@ class Server:
                             creds.uid, creds.pid)  # fmt: skip
                 csock.close()
                 continue
-            # counted from here, not when its task starts: the reactor must not linger while it waits to run
             self.incomplete += 1  # until authenticated (Connection.run decrements)
+            # its SASL lines end the reactor's linger, from before its task first runs
+            self.reactor.watch_for_trio(csock.fileno(), pending=True)
             nursery.start_soon(self._run_connection, csock, creds)
 
     async def _run_connection(self, csock, creds) -> None:
