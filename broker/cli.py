@@ -74,15 +74,12 @@ async def run_bus(settings: BusSettings, listeners, on_ready=None) -> None:
 
 
 def _busy_poll_us(value: str) -> int:
-    from .access.config import MAX_BUSY_POLL_US
+    from .access.config import busy_poll_problem
 
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of microseconds: {value!r}") from None
-    if not 0 <= n <= MAX_BUSY_POLL_US:
-        raise argparse.ArgumentTypeError(f"must be 0..{MAX_BUSY_POLL_US} microseconds")
-    return n
+    why = busy_poll_problem(value)
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return int(value)
 
 
 def cmd_run(argv: list[str]) -> int:

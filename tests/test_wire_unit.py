@@ -184,6 +184,28 @@ def test_reply_serial_read_per_message_despite_header_cache(endian, first):
         HeaderView(memoryview(bytes(bad)))
 
 
+def test_block_without_reply_serial_is_never_keyed_by_another_blocks_offset():
+    """A signal shape first seen with a REPLY_SERIAL must not make a same-length signal without one
+    be cached with 4 of its bytes left out: a message differing only there would get its fields."""
+    from broker.wire import message as wm
+
+    wm._HEADER_CACHE.clear()
+    wm._REPLY_SERIAL_AT.clear()
+    fields = dict(path="/a", interface="org.x.I", member="M")
+    with_rs = encode_header("l", 4, 0, 0, 1, **fields, reply_serial=7)
+    assert HeaderView(memoryview(with_rs)).reply_serial == 7
+    (rs,) = wm._REPLY_SERIAL_AT.values()
+    # same field array length, UNIX_FDS where the other block had its REPLY_SERIAL value
+    one_fd = encode_header("l", 4, 0, 0, 2, **fields, unix_fds=1)
+    assert struct.unpack_from("<I", one_fd, 12) == struct.unpack_from("<I", with_rs, 12)
+    assert struct.unpack_from("<I", one_fd, rs) == (1,)
+    assert HeaderView(memoryview(one_fd)).unix_fds == 1
+    three_fds = encode_header("l", 4, 0, 0, 3, **fields, unix_fds=3)
+    h = HeaderView(memoryview(three_fds))
+    assert (h.unix_fds, h.reply_serial) == (3, 0)
+    assert HeaderView(h.forward_header(":1.9")).unix_fds == 3
+
+
 def test_forwarded_header_per_sender_with_a_shared_field_block():
     """Calls with the same field block share a cached forwarded header per sender; each message
     still goes out with its own serial and body, and each sender's own name."""

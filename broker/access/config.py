@@ -72,6 +72,15 @@ class PolicySection:
 MAX_BUSY_POLL_US = 1000  # a longer poll is a CPU cost with no latency to win
 
 
+def busy_poll_problem(value: str) -> str | None:
+    """Why ``value`` is not a busy-poll maximum in microseconds (config and command line), or None."""
+    try:
+        n = int(value)
+    except ValueError:
+        return f"not a number of microseconds: {value!r}"
+    return None if 0 <= n <= MAX_BUSY_POLL_US else f"must be 0..{MAX_BUSY_POLL_US} microseconds, not {n}"
+
+
 @dataclass
 class SealbusOptions:
     fd_mode: str | None = None
@@ -350,12 +359,10 @@ class _Parser:
                     setattr(opts, a, v)
             elif c.tag == "busy_poll":
                 self._no_attrs(c, file, ("max_us",))
-                try:
-                    opts.busy_poll_us = int(c.get("max_us", ""))
-                except ValueError:
-                    raise self.err(file, line, "<busy_poll max_us=...> must be an integer") from None
-                if not 0 <= opts.busy_poll_us <= MAX_BUSY_POLL_US:
-                    raise self.err(file, line, f"<busy_poll max_us=...> must be 0..{MAX_BUSY_POLL_US}")
+                why = busy_poll_problem(c.get("max_us", ""))
+                if why:
+                    raise self.err(file, line, f"<busy_poll max_us=...>: {why}")
+                opts.busy_poll_us = int(c.get("max_us"))
             else:
                 raise self.err(file, line, f"unknown element <{c.tag}> in <sealbus>")
 

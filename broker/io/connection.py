@@ -5,8 +5,8 @@ Hot path design: a read takes whatever the kernel has (many messages per
 ``recvmsg_into``), every complete message is routed, and only when every
 ready connection of the reactor's pass was read are the peers that gained
 output flushed, each with as few ``sendmsg`` calls as the fd boundaries
-allow. A peer whose socket is full gets a writer task woken;
-nobody else waits for it.
+allow. A peer whose socket is full is watched for EPOLLOUT by the reactor
+and written when it drains; nobody else waits for it.
 """
 
 import array

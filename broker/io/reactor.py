@@ -9,13 +9,14 @@ the reactor yields after every few passes.
 
 Lingering: after a pass the reactor waits in its own epoll for a short while (LINGER) before handing the wait
 back to trio. A request/reply exchange then costs one epoll_wait per hop
-instead of trio's re-arm, wait and task switch; the wait sleeps in the
-kernel (no spinning). Trio gets the loop back at least every YIELD_EVERY
+instead of trio's re-arm, wait and task switch; the linger itself sleeps
+in the kernel. Trio gets the loop back at least every YIELD_EVERY
 seconds, so accepts, the FUSE server, the launcher channel and timers are
 late by at most that much under load.
 
 Lingering must not keep trio's own work waiting: the reactor does not
-start to poll or linger while another trio task is runnable, and listening
+linger while another trio task is runnable or has input it has not read
+yet (it waits in trio instead), and listening
 sockets and the sockets of connections still authenticating (trio tasks)
 are in the reactor's epoll too, edge-triggered, so a new connection or a
 SASL line ends a linger at once; a connection that sits idle before

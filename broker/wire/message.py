@@ -196,12 +196,15 @@ class HeaderView:
             if len(_HEADER_CACHE) >= _HEADER_CACHE_MAX:
                 _HEADER_CACHE.clear()
                 _REPLY_SERIAL_AT.clear()
+            # The key must leave out exactly this block's REPLY_SERIAL value, or nothing: the lookup
+            # went by the shape's last known offset, which need not be this block's.
             if rs_at and t != METHOD_CALL:
-                shape = fields_len * 8 + t
-                if _REPLY_SERIAL_AT.get(shape) != rs_at:
-                    _REPLY_SERIAL_AT[shape] = rs_at
+                _REPLY_SERIAL_AT[fields_len * 8 + t] = rs_at
+                if rs != rs_at:
                     key = raw[12:rs_at].tobytes() + raw[rs_at + 4 : header_len].tobytes()
             else:
+                if rs is not None:
+                    key = raw[12:header_len].tobytes()
                 self.fwd = {}  # the whole field block is in the key: its forwarded form can be kept too
             _HEADER_CACHE[key] = (
                 endian, t, self.path, self.interface, self.member, self.error_name, self.reply_serial,
