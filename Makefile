@@ -13,7 +13,8 @@ run: setup
 	$(SEALBUS) run
 
 lint: setup
-	$(PY) -m ruff check broker tests benchmarks vagrant
+	$(PY) scripts/check-layers.py
+	$(PY) -m ruff check broker tests benchmarks vagrant scripts
 	$(PY) -m ruff format --check broker tests benchmarks vagrant || true
 
 # The whole suite: unit, property, fuzz (bounded), interop with real clients,

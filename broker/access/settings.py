@@ -2,8 +2,8 @@
 
 from ..bus.limits import Limits
 from ..bus.settings import BusSettings
-from ..launch.audit import AuditWriter
 from ..wire.message import DEFAULT_MAX_MESSAGE_SIZE
+from .audit import AuditWriter
 from .config import load_config
 from .mediator import BusPolicy
 from .selinux import make_mediator

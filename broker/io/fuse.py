@@ -7,6 +7,7 @@ mounts it here (mount(2) as root, fusermount3 otherwise). Expiry runs as a
 trio task next to pyfuse3's workers.
 """
 
+import functools
 import logging
 import os
 
@@ -14,7 +15,7 @@ import pyfuse3
 import trio
 
 from ..payload.fusefs import PayloadOperations
-from ..payload.store import SNAP_NAME, PayloadStore
+from ..payload.store import SNAP_NAME, Limits, PayloadStore
 
 log = logging.getLogger("sealbus.payload.fs")
 
@@ -93,4 +94,14 @@ async def serve_payload_fs(store: PayloadStore, mountpoint: str, *, fuse_fd: int
         pyfuse3.close(unmount=fuse_fd is None)
 
 
-__all__ = ["serve_payload_fs"]
+async def start_payload_fs(bus, settings, nursery, fuse_fd=None) -> None:
+    """Serve the FUSE payload filesystem in the bus's trio loop and enable Claim."""
+    if not settings.payload_fs:
+        raise RuntimeError("a payload fs fd was given but no mount point (payload_fs)")
+    store = PayloadStore(limits=Limits.from_settings(settings))
+    bus.payload.attach_store(store, settings.payload_fs)
+    await nursery.start(functools.partial(serve_payload_fs, store, settings.payload_fs, fuse_fd=fuse_fd))
+    log.info("payload filesystem served at %s", settings.payload_fs)
+
+
+__all__ = ["serve_payload_fs", "start_payload_fs"]

@@ -19,6 +19,12 @@ class PayloadService:
         self.store = None  # the FUSE payload store, when served
         self.mount: str | None = None  # and where it is mounted (the MountPoint property)
 
+    def attach_store(self, store, mount: str) -> None:
+        """The FUSE payload store is served at mount (by the io layer): enable Claim and snapshot fds."""
+        self.store = store
+        self.mount = mount
+        self.ctx.is_payload_snapshot = store.is_snapshot
+
     def stats_dict(self) -> dict[str, int]:
         return self.stats.as_dict()
 
@@ -80,18 +86,12 @@ def note_listening_sockets(bus, socks) -> None:
 
 
 async def start_payload_fs(bus, settings, nursery, fuse_fd=None) -> None:
-    """Serve the FUSE payload filesystem in the bus's trio loop and enable Claim."""
-    import functools
+    """Compatibility shim for io/server.py: the function is ``broker.io.fuse.start_payload_fs``.
 
-    from ..io.fuse import serve_payload_fs
-    from .store import Limits, PayloadStore
+    Importing io from payload is an upward import (listed in
+    scripts/layers-known.txt); once io/server.py imports it from ``.fuse``,
+    delete this shim and that line.
+    """
+    from ..io.fuse import start_payload_fs as start
 
-    if not settings.payload_fs:
-        raise RuntimeError("a payload fs fd was given but no mount point (payload_fs)")
-    store = PayloadStore(limits=Limits.from_settings(settings))
-    svc = bus.payload
-    svc.store = store
-    svc.mount = settings.payload_fs
-    svc.ctx.is_payload_snapshot = store.is_snapshot
-    await nursery.start(functools.partial(serve_payload_fs, store, settings.payload_fs, fuse_fd=fuse_fd))
-    log.info("payload filesystem served at %s", settings.payload_fs)
+    await start(bus, settings, nursery, fuse_fd=fuse_fd)
