@@ -16,7 +16,7 @@ from broker.wire.errors import (
 )
 from broker.wire.framer import Framer
 from broker.wire.marshal import MAX_ARRAY_LENGTH, Variant, marshal, unmarshal
-from broker.wire.message import HeaderView, build_message, encode_header, message_size
+from broker.wire.message import HeaderView, WireCache, build_message, encode_header, message_size
 from broker.wire.signature import split_signature
 
 # -- signatures ------------------------------------------------------------------
@@ -173,35 +173,33 @@ def test_reply_serial_read_per_message_despite_header_cache(endian, first):
             return raw + b"\0" * ((-len(raw)) & 7)
         return encode_header(endian, 2, 0, 0, 5, **fields)
 
+    cache = WireCache()
     for rs in (11, 12, 0xFFFFFFFF, 13):
-        h = HeaderView(memoryview(reply(rs)))
+        h = HeaderView(memoryview(reply(rs)), cache=cache)
         assert (h.reply_serial, h.destination) == (rs, ":1.7")
-    assert HeaderView(memoryview(reply(11, ":1.8"))).destination == ":1.8"
+    assert HeaderView(memoryview(reply(11, ":1.8")), cache=cache).destination == ":1.8"
     bad = bytearray(reply(14))
     at = bad.find(struct.pack(u32, 14), 16)
     bad[at : at + 4] = bytes(4)
     with pytest.raises(HeaderError):
-        HeaderView(memoryview(bytes(bad)))
+        HeaderView(memoryview(bytes(bad)), cache=cache)
 
 
 def test_block_without_reply_serial_is_never_keyed_by_another_blocks_offset():
     """A signal shape first seen with a REPLY_SERIAL must not make a same-length signal without one
     be cached with 4 of its bytes left out: a message differing only there would get its fields."""
-    from broker.wire import message as wm
-
-    wm._HEADER_CACHE.clear()
-    wm._REPLY_SERIAL_AT.clear()
+    cache = WireCache()
     fields = dict(path="/a", interface="org.x.I", member="M")
     with_rs = encode_header("l", 4, 0, 0, 1, **fields, reply_serial=7)
-    assert HeaderView(memoryview(with_rs)).reply_serial == 7
-    (rs,) = wm._REPLY_SERIAL_AT.values()
+    assert HeaderView(memoryview(with_rs), cache=cache).reply_serial == 7
+    (rs,) = cache.reply_serial_at.values()
     # same field array length, UNIX_FDS where the other block had its REPLY_SERIAL value
     one_fd = encode_header("l", 4, 0, 0, 2, **fields, unix_fds=1)
     assert struct.unpack_from("<I", one_fd, 12) == struct.unpack_from("<I", with_rs, 12)
     assert struct.unpack_from("<I", one_fd, rs) == (1,)
-    assert HeaderView(memoryview(one_fd)).unix_fds == 1
+    assert HeaderView(memoryview(one_fd), cache=cache).unix_fds == 1
     three_fds = encode_header("l", 4, 0, 0, 3, **fields, unix_fds=3)
-    h = HeaderView(memoryview(three_fds))
+    h = HeaderView(memoryview(three_fds), cache=cache)
     assert (h.unix_fds, h.reply_serial) == (3, 0)
     assert HeaderView(h.forward_header(":1.9")).unix_fds == 3
 
@@ -212,11 +210,12 @@ def test_forwarded_header_per_sender_with_a_shared_field_block():
     from broker.wire.message import _FORWARD_SENDERS_MAX
 
     seen = []
+    cache = WireCache()
     for i in range(3 * _FORWARD_SENDERS_MAX):
         sender = f":1.{i % (_FORWARD_SENDERS_MAX + 3)}"
         raw = build_message(1, 100 + i, path="/a", interface="org.x.I", member="M", destination="org.x.D",
                             signature="s", body=(f"v{i}",))  # fmt: skip
-        h = HeaderView(memoryview(raw))
+        h = HeaderView(memoryview(raw), cache=cache)
         bufs = h.forward(sender)
         assert isinstance(bufs[-1], memoryview) and bufs[-1].obj is raw  # the body is not copied
         out = HeaderView(b"".join(bufs))

@@ -13,7 +13,7 @@ from collections import deque
 from typing import NamedTuple
 
 from .errors import HeaderError, LimitExceededError
-from .message import DEFAULT_MAX_MESSAGE_SIZE, FIXED_HEADER_SIZE, HeaderView, message_size
+from .message import DEFAULT_MAX_MESSAGE_SIZE, FIXED_HEADER_SIZE, HeaderView, WireCache, message_size
 
 DEFAULT_BUFFER = 64 * 1024
 MIN_FREE = 4096
@@ -38,10 +38,12 @@ class Framer:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_fds_per_message: int = 16,
         buffer_size: int = DEFAULT_BUFFER,
+        cache: WireCache | None = None,
     ):
         self.max_message_size = max_message_size
         self.max_fds_per_message = max_fds_per_message
         self._bufsize = buffer_size
+        self.cache = WireCache() if cache is None else cache  # this connection's header caches
         self._buf: bytearray | None = None
         self._view: memoryview | None = None
         self._start = 0  # first byte not yet consumed
@@ -129,7 +131,7 @@ class Framer:
             return None
         self._start = start + need
         self._need = 0
-        header = HeaderView(self._view[start : start + need], self.max_message_size, sized=True)
+        header = HeaderView(self._view[start : start + need], self.max_message_size, True, self.cache)
         n = header.unix_fds
         if not n:
             return _new_message(Message, (header, []))

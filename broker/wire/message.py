@@ -34,35 +34,102 @@ _FIXED = {"l": struct.Struct("<4xIII"), "B": struct.Struct(">4xIII")}
 _U32 = {"l": struct.Struct("<I"), "B": struct.Struct(">I")}
 _ENDIAN = {ord("l"): "l", ord("B"): "B"}
 
-# Validated header strings keyed by (field code, raw bytes): the same interface
-# and member names recur in every message, so each is decoded and checked once.
-_STRING_CACHE: dict[tuple[int, bytes], str] = {}
-_STRING_CACHE_MAX = 8192
-
-_HEADER_CACHE: dict[bytes, tuple] = {}
-_HEADER_CACHE_MAX = 4096
-_HEADER_CACHE_MAX_LEN = 512
-# field-array length * 8 + message type -> offset of the REPLY_SERIAL value in such blocks, as last parsed
-_REPLY_SERIAL_AT: dict[int, int] = {}
+_HEADER_CACHE_MAX_LEN = 512  # longer headers are parsed every time, never cached
 _ZEROS = [bytes(n) for n in range(8)]
 _FORWARD_SENDERS_MAX = 8  # forwarded headers kept per cached field block (one per sender)
-# (sender, fields end, byte order) -> the bytes around a forwarded header's fields, for uncached blocks
-_FORWARD_PARTS: dict[tuple, tuple[bytes, bytes]] = {}
-_FORWARD_PARTS_MAX = 8192
-_SENDER_FIELDS: dict[tuple[str, str], bytes] = {}
+
+
+class WireCache:
+    """What the header parser remembers between messages, for one owner (a connection's framer).
+
+    Clients repeat the same header fields message after message, so parsed
+    field blocks, validated strings and forwarded-header pieces are kept and
+    reused. Each table has a size bound; a full table is cleared whole (cheap,
+    and a working set smaller than the bound refills it at once). Nothing in
+    here is shared between owners: what one client sends never decides what
+    another client's header is read as, and no client can flush another's
+    entries. A HeaderView made without a cache parses every message afresh.
+    """
+
+    __slots__ = (
+        "forward_parts", "headers", "max_forward_parts", "max_headers", "max_sender_fields",
+        "max_strings", "reply_serial_at", "sender_fields", "strings",
+    )  # fmt: skip
+
+    # Per connection: a client uses a few dozen distinct header blocks; these bounds keep what a
+    # client that sends only distinct ones can make the broker hold to a few hundred KiB.
+    MAX_HEADERS = 256
+    MAX_STRINGS = 1024
+    MAX_FORWARD_PARTS = 256
+    MAX_SENDER_FIELDS = 64
+
+    def __init__(self, max_headers: int = MAX_HEADERS, max_strings: int = MAX_STRINGS,
+                 max_forward_parts: int = MAX_FORWARD_PARTS, max_sender_fields: int = MAX_SENDER_FIELDS):  # fmt: skip
+        self.max_headers = max_headers
+        self.max_strings = max_strings
+        self.max_forward_parts = max_forward_parts
+        self.max_sender_fields = max_sender_fields
+        # field bytes from offset 12 on (REPLY_SERIAL value left out, see HeaderView) -> parsed fields
+        self.headers: dict[bytes, tuple] = {}
+        # field-array length * 8 + message type -> offset of the REPLY_SERIAL value in such blocks, as last parsed
+        self.reply_serial_at: dict[int, int] = {}
+        # (field code, raw bytes) -> the validated string: interface and member names recur in every message
+        self.strings: dict[tuple[int, bytes], str] = {}
+        # (sender, fields end, byte order) -> the bytes around a forwarded header's fields, for uncached blocks
+        self.forward_parts: dict[tuple, tuple[bytes, bytes]] = {}
+        # (byte order, sender) -> the encoded SENDER field
+        self.sender_fields: dict[tuple[str, str], bytes] = {}
+
+    def __len__(self) -> int:
+        """Entries held, all tables together."""
+        return (len(self.headers) + len(self.reply_serial_at) + len(self.strings) + len(self.forward_parts)
+                + len(self.sender_fields))  # fmt: skip
+
+    def clear(self) -> None:
+        for d in (self.headers, self.reply_serial_at, self.strings, self.forward_parts, self.sender_fields):
+            d.clear()
+
+    def add_header(self, key: bytes, entry: tuple) -> None:
+        if len(self.headers) >= self.max_headers:
+            self.headers.clear()
+            self.reply_serial_at.clear()
+        self.headers[key] = entry
+
+    def string(self, code: int, raw: bytes) -> str:
+        """A header string field, validated (see ``_decode_field_string``) once per distinct value."""
+        key = (code, raw)
+        s = self.strings.get(key)
+        if s is None:
+            s = _decode_field_string(code, raw)
+            if len(self.strings) >= self.max_strings:
+                self.strings.clear()
+            self.strings[key] = s
+        return s
+
+    def sender_field(self, endian: str, sender: str) -> bytes:
+        key = (endian, sender)
+        f = self.sender_fields.get(key)
+        if f is None:
+            f = _sender_field(endian, sender)
+            if len(self.sender_fields) >= self.max_sender_fields:
+                self.sender_fields.clear()
+            self.sender_fields[key] = f
+        return f
+
+    def forward_parts_for(self, h: "HeaderView", sender: str) -> tuple[bytes, bytes]:
+        key = (sender, h.fields_end, h.endian)
+        parts = self.forward_parts.get(key)
+        if parts is None:
+            if len(self.forward_parts) >= self.max_forward_parts:
+                self.forward_parts.clear()
+            parts = self.forward_parts[key] = h._forward_parts(sender)
+        return parts
 
 
 def _sender_field(endian: str, sender: str) -> bytes:
     """The encoded SENDER header field (code, signature, value), 8-aligned start."""
-    key = (endian, sender)
-    f = _SENDER_FIELDS.get(key)
-    if f is None:
-        raw = sender.encode()
-        f = bytes([F_SENDER, 1, ord("s"), 0]) + _U32[endian].pack(len(raw)) + raw + b"\0"
-        if len(_SENDER_FIELDS) > 65536:
-            _SENDER_FIELDS.clear()
-        _SENDER_FIELDS[key] = f
-    return f
+    raw = sender.encode()
+    return bytes([F_SENDER, 1, ord("s"), 0]) + _U32[endian].pack(len(raw)) + raw + b"\0"
 
 
 _NAME_CHECKS = {
@@ -76,10 +143,7 @@ _NAME_CHECKS = {
 
 
 def _decode_field_string(code: int, raw: bytes) -> str:
-    key = (code, raw)
-    s = _STRING_CACHE.get(key)
-    if s is not None:
-        return s
+    """Decode and validate a header string field (name syntax, or signature syntax)."""
     if b"\0" in raw:
         raise InvalidValueError("header string contains NUL")
     try:
@@ -90,9 +154,6 @@ def _decode_field_string(code: int, raw: bytes) -> str:
         split_signature(s)
     elif not _NAME_CHECKS[code](s):
         raise HeaderError(f"header field {code} has an invalid value {s!r}")
-    if len(_STRING_CACHE) >= _STRING_CACHE_MAX:
-        _STRING_CACHE.clear()
-    _STRING_CACHE[key] = s
     return s
 
 
@@ -132,13 +193,15 @@ class HeaderView:
     """Parsed header of one complete message held in ``raw`` (not copied)."""
 
     __slots__ = (
-        "body_len", "destination", "endian", "error_name", "fields_end", "flags", "fwd", "header_len",
+        "body_len", "cache", "destination", "endian", "error_name", "fields_end", "flags", "fwd", "header_len",
         "interface", "member", "path", "raw", "reply_serial", "sender", "serial",
         "signature", "type", "unix_fds", "unknown_fields",
     )  # fmt: skip
 
-    def __init__(self, raw, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, sized: bool = False):
-        """``sized``: the framer already validated the fixed header and cut ``raw`` to its announced size."""
+    def __init__(self, raw, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, sized: bool = False,
+                 cache: WireCache | None = None):  # fmt: skip
+        """``sized``: the framer already validated the fixed header and cut ``raw`` to its announced size.
+        ``cache``: its owner's WireCache (None: parse afresh, keep nothing)."""
         if not sized:
             if type(raw) is not memoryview:
                 raw = memoryview(raw)
@@ -146,6 +209,7 @@ class HeaderView:
             if len(raw) != total:
                 raise TruncatedError(f"message is {len(raw)} bytes but its header announces {total}")
         self.raw = raw
+        self.cache = cache
         endian = self.endian = _ENDIAN[raw[0]]
         t = self.type = raw[1]
         self.flags = raw[2]
@@ -160,14 +224,14 @@ class HeaderView:
         # block shape known to carry a REPLY_SERIAL, its 4 value bytes are left
         # out of the key (every byte before them is in the key, so they are
         # that field's value in any message that matches).
-        key = None
-        if header_len <= _HEADER_CACHE_MAX_LEN:
-            rs = _REPLY_SERIAL_AT.get(fields_len * 8 + t) if t != METHOD_CALL else None
+        key = rs = None
+        if cache is not None and header_len <= _HEADER_CACHE_MAX_LEN:
+            rs = cache.reply_serial_at.get(fields_len * 8 + t) if t != METHOD_CALL else None
             if rs is None:
                 key = raw[12:header_len].tobytes()
             else:
                 key = raw[12:rs].tobytes() + raw[rs + 4 : header_len].tobytes()
-            cached = _HEADER_CACHE.get(key)
+            cached = cache.headers.get(key)
             # the key holds the field bytes; byte order and type are checked against the entry
             if cached is not None and cached[0] is endian and cached[1] == t:
                 (_, _, self.path, self.interface, self.member, self.error_name, self.reply_serial,
@@ -193,27 +257,25 @@ class HeaderView:
                 raise HeaderError("non-zero padding after the header fields")
         self._check_required()
         if key is not None:
-            if len(_HEADER_CACHE) >= _HEADER_CACHE_MAX:
-                _HEADER_CACHE.clear()
-                _REPLY_SERIAL_AT.clear()
             # The key must leave out exactly this block's REPLY_SERIAL value, or nothing: the lookup
             # went by the shape's last known offset, which need not be this block's.
             if rs_at and t != METHOD_CALL:
-                _REPLY_SERIAL_AT[fields_len * 8 + t] = rs_at
+                cache.reply_serial_at[fields_len * 8 + t] = rs_at
                 if rs != rs_at:
                     key = raw[12:rs_at].tobytes() + raw[rs_at + 4 : header_len].tobytes()
             else:
                 if rs is not None:
                     key = raw[12:header_len].tobytes()
                 self.fwd = {}  # the whole field block is in the key: its forwarded form can be kept too
-            _HEADER_CACHE[key] = (
+            cache.add_header(key, (
                 endian, t, self.path, self.interface, self.member, self.error_name, self.reply_serial,
                 self.destination, self.sender, self.signature, self.unix_fds, self.unknown_fields, self.fwd,
-            )  # fmt: skip
+            ))  # fmt: skip
 
     def _parse_fields(self, raw, endian: str, end: int) -> int:
         """Parse and validate the field array; returns where the REPLY_SERIAL value is (0: none)."""
         u32 = _U32[endian]
+        decode = _decode_field_string if self.cache is None else self.cache.string
         pos = FIXED_HEADER_SIZE
         seen = 0
         rs_at = 0
@@ -265,7 +327,7 @@ class HeaderView:
                 raise TruncatedError("header string runs past the header")
             if raw[pos + n] != 0:
                 raise HeaderError("header string is not NUL-terminated")
-            s = _decode_field_string(code, bytes(raw[pos : pos + n]))
+            s = decode(code, bytes(raw[pos : pos + n]))
             pos += n + 1
             if code == F_PATH:
                 self.path = s
@@ -332,14 +394,9 @@ class HeaderView:
             return [self._encode_forward(sender), self.body]
         fwd = self.fwd
         if fwd is None:  # a field block of its own (a reply: REPLY_SERIAL differs every time)
-            fe = self.fields_end
-            key = (sender, fe, self.endian)
-            parts = _FORWARD_PARTS.get(key)
-            if parts is None:
-                if len(_FORWARD_PARTS) >= _FORWARD_PARTS_MAX:
-                    _FORWARD_PARTS.clear()
-                parts = _FORWARD_PARTS[key] = self._forward_parts(sender)
-            return [self.raw[0:12], parts[0], self.raw[FIXED_HEADER_SIZE:fe], parts[1], self.body]
+            cache = self.cache
+            parts = self._forward_parts(sender) if cache is None else cache.forward_parts_for(self, sender)
+            return [self.raw[0:12], parts[0], self.raw[FIXED_HEADER_SIZE : self.fields_end], parts[1], self.body]
         rest = fwd.get(sender)
         if rest is None:
             if len(fwd) >= _FORWARD_SENDERS_MAX:
@@ -362,7 +419,7 @@ class HeaderView:
         endian = self.endian
         fe = self.fields_end
         pad = (-fe) & 7
-        sf = _sender_field(endian, sender)
+        sf = _sender_field(endian, sender) if self.cache is None else self.cache.sender_field(endian, sender)
         fields_len = fe - FIXED_HEADER_SIZE + pad + len(sf)
         tail = (-(FIXED_HEADER_SIZE + fields_len)) & 7
         return _U32[endian].pack(fields_len), _ZEROS[pad] + sf + _ZEROS[tail]
