@@ -71,11 +71,20 @@ def find_modules(root: Path) -> dict[str, Path]:
     return mods
 
 
+def _from_base(module: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    """The absolute module a ``from X import ...`` statement imports from."""
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    if node.level > 1:
+        base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int]]:
     """(imported module of ours, line) for every import statement in the file, at any depth."""
     tree = ast.parse(path.read_text(), str(path))
     is_pkg = path.name == "__init__.py"
-    out = []
 
     def resolve(name: str) -> str | None:
         """The longest module of ours that ``name`` names or lies in."""
@@ -86,27 +95,19 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[
                 return cand
         return None
 
+    out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                target = resolve(alias.name)
-                if target is not None:
-                    out.append((target, node.lineno))
+            targets = [resolve(alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = module.split(".") if is_pkg else module.split(".")[:-1]
-                if node.level > 1:
-                    base = base[: len(base) - (node.level - 1)]
-                base_name = ".".join(base + ([node.module] if node.module else []))
-            else:
-                base_name = node.module or ""
-            if base_name != PACKAGE and not base_name.startswith(PACKAGE + "."):
+            base = _from_base(module, is_pkg, node)
+            if base != PACKAGE and not base.startswith(PACKAGE + "."):
                 continue
-            for alias in node.names:
-                sub = f"{base_name}.{alias.name}"
-                target = sub if sub in modules else resolve(base_name)
-                if target is not None:
-                    out.append((target, node.lineno))
+            subs = (f"{base}.{alias.name}" for alias in node.names)
+            targets = [sub if sub in modules else resolve(base) for sub in subs]
+        else:
+            continue
+        out.extend((t, node.lineno) for t in targets if t is not None)
     return out
 
 
