@@ -28,10 +28,6 @@ from broker.io.fuse import serve_payload_fs
 from broker.launch.payload_mount import mount_payload_fs
 from broker.payload.claim import claim
 from broker.payload.store import (
-    E_COOKIE_EXPIRED,
-    E_COOKIE_FOREIGN,
-    E_COOKIE_UNKNOWN,
-    E_COOKIE_USED,
     ClaimError,
     Limits,
     PayloadStore,
@@ -39,6 +35,13 @@ from broker.payload.store import (
 from broker.payload.vet import VetContext, fd_stat, vet_fd
 
 from .conftest import ensure_test_users
+
+# The error names of the protocol (exact, as clients match on them), pinned here, not imported
+# from the implementation.
+E_COOKIE_UNKNOWN = "org.sealbus.Error.CookieUnknown"
+E_COOKIE_EXPIRED = "org.sealbus.Error.CookieExpired"
+E_COOKIE_FOREIGN = "org.sealbus.Error.CookieForeign"
+E_COOKIE_USED = "org.sealbus.Error.CookieUsed"
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE and runs clients as other users: needs root"),

@@ -8,10 +8,6 @@ import tempfile
 import pytest
 
 from broker.payload.store import (
-    E_COOKIE_EXPIRED,
-    E_COOKIE_FOREIGN,
-    E_COOKIE_UNKNOWN,
-    E_COOKIE_USED,
     SNAP_INO,
     TMP_INO,
     ClaimError,
@@ -19,6 +15,13 @@ from broker.payload.store import (
     PayloadStore,
     StoreError,
 )
+
+# The error names of the protocol (exact, as clients match on them), pinned here, not imported
+# from the implementation.
+E_COOKIE_UNKNOWN = "org.sealbus.Error.CookieUnknown"
+E_COOKIE_EXPIRED = "org.sealbus.Error.CookieExpired"
+E_COOKIE_FOREIGN = "org.sealbus.Error.CookieForeign"
+E_COOKIE_USED = "org.sealbus.Error.CookieUsed"
 
 
 class Clock:

@@ -10,16 +10,14 @@ from jeepney import DBusAddress, MatchRule, MessageType, message_bus, new_method
 from jeepney.io.blocking import open_dbus_connection
 
 from broker.client.memfd import MappedForWrite, apply_seals, memfd_create, open_payload, seal
-from broker.payload.seals import (
-    F_ADD_SEALS,
-    F_SEAL_FUTURE_WRITE,
-    F_SEAL_GROW,
-    F_SEAL_SEAL,
-    F_SEAL_SHRINK,
-    F_SEAL_WRITE,
-    PAYLOAD_SEALS,
-    get_seals,
-)
+from broker.payload.seals import get_seals
+
+# Protocol constants pinned here (the kernel's <linux/fcntl.h>, kdbus's four seals), not imported
+# from the implementation: a wrong value there must fail these tests, not move them along.
+F_ADD_SEALS = 1033
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
+F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20
+PAYLOAD_SEALS = 0xF  # SHRINK | GROW | WRITE | SEAL
 
 MiB = 1 << 20
 IFACE = "org.sealbus.Test"

@@ -10,9 +10,24 @@ import subprocess
 import pytest
 
 from broker.client.memfd import MappedForWrite, PayloadError, apply_seals, memfd_create, open_payload, seal
-from broker.payload.seals import F_ADD_SEALS, F_SEAL_EXEC, F_SEAL_WRITE, PAYLOAD_SEALS, get_seals
+from broker.payload import seals
+from broker.payload.seals import get_seals
+
+# Protocol constants pinned here (the kernel's <linux/fcntl.h>, kdbus's four seals), not imported
+# from the implementation: a wrong value there must fail these tests, not move them along.
+F_ADD_SEALS = 1033
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
+F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20
+PAYLOAD_SEALS = 0xF  # SHRINK | GROW | WRITE | SEAL
 
 MiB = 1 << 20
+
+
+def test_seal_constants_are_the_kernels():
+    assert (seals.F_ADD_SEALS, seals.F_GET_SEALS) == (F_ADD_SEALS, 1034)
+    assert (seals.F_SEAL_SEAL, seals.F_SEAL_SHRINK, seals.F_SEAL_GROW, seals.F_SEAL_WRITE) == (1, 2, 4, 8)
+    assert (seals.F_SEAL_FUTURE_WRITE, seals.F_SEAL_EXEC, seals.MFD_NOEXEC_SEAL) == (0x10, 0x20, 0x8)
+    assert seals.PAYLOAD_SEALS == PAYLOAD_SEALS
 
 
 def test_64mib_round_trip_from_bytes():

@@ -15,9 +15,11 @@ from broker.wire.errors import (
     WireError,
 )
 from broker.wire.framer import Framer
-from broker.wire.marshal import MAX_ARRAY_LENGTH, Variant, marshal, unmarshal
+from broker.wire.marshal import Variant, marshal, unmarshal
 from broker.wire.message import HeaderView, WireCache, build_message, encode_header, message_size
 from broker.wire.signature import split_signature
+
+MAX_ARRAY_LENGTH = 64 * 1024 * 1024  # the D-Bus specification's limit, pinned (not the implementation's)
 
 # -- signatures ------------------------------------------------------------------
 
