@@ -18,8 +18,10 @@ Sans-IO core:
                        dispatch real wire messages and read their outboxes (exact ordering checks).
 """
 
+import inspect
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +34,87 @@ VENV_BIN = os.path.dirname(sys.executable)
 SEALBUS = os.path.join(VENV_BIN, "sealbus")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_USERS = ("sealbus-test1", "sealbus-test2")
+
+
+# -- security tiers: markers, and a loud account of what a run skipped ---------------------------
+
+# ``if os.geteuid() != 0: pytest.skip(...)`` in a test or in one of its fixtures
+_ROOT_SKIP = re.compile(r"geteuid\(\)\s*!=\s*0\s*:\s*\n\s*pytest\.skip\(")
+_ROOT_REASON = re.compile(r"\broot\b")
+_source_needs_root: dict[object, bool] = {}
+_TIERS = {
+    "root": "root tier (other uids, privilege drop, FUSE mounts, the privilege-separated system bus)",
+    "vm": "VM tier (the enforcing SELinux guest)",
+}
+_THREAT_REF = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
+
+
+def _code_needs_root(func) -> bool:
+    if func not in _source_needs_root:
+        try:
+            _source_needs_root[func] = bool(_ROOT_SKIP.search(inspect.getsource(func)))
+        except (OSError, TypeError):
+            _source_needs_root[func] = False
+    return _source_needs_root[func]
+
+
+def needs_root(item) -> bool:
+    """A test that only runs as root, however it says so: the ``root`` marker, the ``test_users``
+    fixture, a skipif whose reason names root, or an inline geteuid skip in it or its fixtures."""
+    if item.get_closest_marker("root") is not None or "test_users" in getattr(item, "fixturenames", ()):
+        return True
+    for m in item.iter_markers("skipif"):
+        if _ROOT_REASON.search(str(m.kwargs.get("reason", ""))) or "geteuid" in "".join(map(str, m.args)):
+            return True
+    funcs = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    if info is not None:
+        funcs += [d.func for defs in info.name2fixturedefs.values() for d in defs]
+    return any(f is not None and _code_needs_root(f) for f in funcs)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("root") is None and needs_root(item):
+            item.add_marker(pytest.mark.root)
+
+
+def _threat_cited() -> set[str]:
+    try:
+        text = (Path(ROOT) / "docs" / "threat-model.md").read_text()
+    except OSError:
+        return set()
+    return {f"{path}::{name}" for path, name in _THREAT_REF.findall(text)}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say loudly which security tiers this run did not exercise, and how many tests that is."""
+    skipped: dict[str, list] = {tier: [] for tier in _TIERS}
+    for rep in terminalreporter.stats.get("skipped", []):
+        for tier in _TIERS:
+            if tier in getattr(rep, "keywords", {}):
+                skipped[tier].append(rep)
+    cited = _threat_cited()
+    lines = []
+    for tier, reps in skipped.items():
+        if not reps:
+            continue
+        ids = {r.nodeid.split("[")[0] for r in reps}
+        n_cited = len(ids & cited)
+        why = " (not root)" if tier == "root" and os.geteuid() != 0 else ""
+        lines.append(f"{_TIERS[tier]}: {len(reps)} test(s) SKIPPED{why}; {n_cited} of them are the evidence "
+                     f"docs/threat-model.md cites for a mitigation")  # fmt: skip
+    if not os.path.exists("/dev/kvm") and not os.environ.get("SEALBUS_VM"):
+        lines.append(f"{_TIERS['vm']}: cannot run on this host (no /dev/kvm; `make vm-test` runs it where there is)")
+    if not lines:
+        return
+    tr = terminalreporter
+    tr.write_sep("!", "SECURITY TIERS NOT EXERCISED BY THIS RUN", red=True, bold=True)
+    for line in lines:
+        tr.write_line(line, red=True, bold=True)
+    if skipped["root"] and os.geteuid() != 0:
+        tr.write_line("a green run without root does not show the threat model holds: run the suite as root",
+                      red=True, bold=True)  # fmt: skip
 
 
 class Bus:

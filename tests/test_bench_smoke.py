@@ -19,6 +19,7 @@ DBENCH = os.path.join(ROOT, "benchmarks", "dbench", "dbench")
 TARGETS = ("dbus-daemon", "sealbus")
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(not os.path.exists(DBENCH), reason="dbench not built (scripts/setup.sh builds it)"),
     pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="dbus-daemon not installed"),
 ]

@@ -20,6 +20,7 @@ from broker.wire.sasl import SaslServer
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 SECONDS = float(os.environ.get("SEALBUS_FUZZ_SECONDS", "25"))
+pytestmark = pytest.mark.slow  # each test fuzzes for SECONDS
 
 SEEDS = [
     build_message(1, 1, path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", member="Hello",

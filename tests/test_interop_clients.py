@@ -352,6 +352,7 @@ def test_dbus_fast_owns_name_signals_fds_and_owner_changes(sealbus, service):
 # -- credentials of a real process of another user ---------------------------------------------------
 
 
+@pytest.mark.root
 def test_credentials_of_another_users_process(sealbus, test_users):
     user = test_users[0]
     groups = [user.pw_gid, 100, 4242]

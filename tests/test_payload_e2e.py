@@ -224,6 +224,7 @@ def _grab_bus_listening_socket(bus) -> int:
     raise AssertionError("listening socket of the bus not found")
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("mode", ["any", "sealed"])
 def test_bus_listening_socket_refused(sealbus_factory, mode):
     if os.geteuid() != 0:
@@ -336,6 +337,7 @@ def test_cli_send_receive_cat(sealed_bus, tmp_path):
 
 
 
+@pytest.mark.root
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", ["any", "sealed"])
 def test_fd_from_hostile_fuse_mount_does_not_stall_the_bus(sealbus_factory, hostile_fuse, mode):

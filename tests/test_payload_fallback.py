@@ -12,6 +12,7 @@ import sys
 import pytest
 
 pytestmark = [
+    pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="mounts the payload fs: needs root"),
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
     pytest.mark.timeout(120),

@@ -228,6 +228,7 @@ def test_stats_counters(fds):
     assert d["refused_unsealed"] == 1
 
 
+@pytest.mark.root
 @pytest.mark.timeout(30)
 def test_close_may_block(fds, tmp_path, hostile_fuse):
     fuse_fd = os.open(hostile_fuse / "f", os.O_RDONLY)  # never closed by us: it would hang until teardown

@@ -418,6 +418,7 @@ def _show(diff) -> str:
     return "(who, action, dbus-daemon, sealbus):\n" + "\n".join(map(str, diff))
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
 def test_real_policy_file_decides_like_dbus_daemon(path, test_users, tmp_path):
     """What is delivered, answered, owned and refused: identical, decision by decision."""
@@ -428,6 +429,7 @@ def test_real_policy_file_decides_like_dbus_daemon(path, test_users, tmp_path):
     assert not r.decision_diff, "decisions that differ " + _show(r.decision_diff)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
 def test_real_policy_file_reports_denials_like_dbus_daemon(path, test_users, tmp_path):
     """dbus-daemon answers a denied no-reply call, unicast signal or unrequested reply with AccessDenied

@@ -182,6 +182,7 @@ CONFIGS = {
 }  # fmt: skip
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_differential_against_dbus_daemon(name, test_users, tmp_path):
     users = [None, *test_users]

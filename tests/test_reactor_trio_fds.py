@@ -14,11 +14,11 @@ from broker.io.address import listen
 from broker.io.server import serve
 
 
-async def _settle(bus) -> None:
-    with trio.fail_after(5):
-        while bus.server.incomplete:
+async def _wait_until(cond, timeout: float = 5) -> None:
+    """Wait for a condition (polled), failing after timeout: no sleep that only hopes it is long enough."""
+    with trio.fail_after(timeout):
+        while not cond():
             await trio.sleep(0.01)
-        await trio.sleep(0.05)
 
 
 async def _router(address, task_status=trio.TASK_STATUS_IGNORED):
@@ -45,7 +45,7 @@ async def test_no_trace_of_finished_authentications(tmp_path):
             half = trio.socket.socket(socket.AF_UNIX)  # half a line, then gone
             await half.connect(path)
             await half.send(b"\0AUTH EXTER")
-            await trio.sleep(0.2)
+            await _wait_until(lambda: len(reactor.trio_fds) == 4 and not reactor.trio_pending)
             assert len(reactor.trio_fds) == 4  # the listener, and the three connections still authenticating
             # their tasks took what they sent: idle, unauthenticated peers do not keep the reactor
             # from lingering (which would slow every authenticated peer down)
@@ -54,7 +54,7 @@ async def test_no_trace_of_finished_authentications(tmp_path):
             half.close()
             await wrong.send(b"BEGIN\r\n")
             wrong.close()
-            await _settle(bus)
+            await _wait_until(lambda: not bus.server.incomplete and reactor.trio_fds == {listener_fd})
             assert reactor.trio_fds == {listener_fd}
             assert not reactor.trio_pending  # nothing left for which the reactor would stop lingering
 

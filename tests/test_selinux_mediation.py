@@ -176,6 +176,7 @@ def test_disabled_selinux_means_no_mediator_at_all():
     assert make_mediator({"a.b": NAME_T}, None) is None
 
 
+@pytest.mark.root  # CAP_AUDIT_WRITE
 def test_user_avc_reaches_the_kernel_audit_log():
     """The launcher's real writer: a USER_AVC record through NETLINK_AUDIT, found in the kernel log."""
     msg = user_avc_message("avc:  denied  { send_msg } for x tclass=dbus permissive=0", 7)
