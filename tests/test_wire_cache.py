@@ -49,6 +49,18 @@ def test_each_table_stays_within_its_bound():
     assert len(cache) > 0
 
 
+def test_long_strings_are_not_kept():
+    """The tables are bounded by entry count, so no entry may be large: a header string over 255 bytes
+    (only an object path can be) is validated every time and never stored."""
+    cache = WireCache()
+    long_path = "/p" + "/x" * 5000
+    raw = build_message(1, 1, path=long_path, interface="org.x.I", member="M", destination="org.x.D")
+    h = HeaderView(memoryview(raw), cache=cache)
+    assert h.path == long_path
+    assert long_path not in cache.strings.values() and len(cache.strings) == 3
+    assert all(len(k[1]) <= 255 for k in cache.strings)
+
+
 def test_reply_serial_offsets_go_with_the_headers_they_describe():
     cache = WireCache(max_headers=2)
     HeaderView(memoryview(reply(5)), cache=cache)
@@ -96,7 +108,8 @@ def test_every_framer_owns_its_cache_unless_given_one():
     assert f1.cache is not f2.cache
     (m,) = f1.feed(call())
     assert m.header.cache is f1.cache and len(f1.cache.headers) == 1 and not f2.cache.headers
-    shared = WireCache()
+    shared = WireCache.for_bus()
+    assert shared.max_headers > WireCache().max_headers
     f3, f4 = Framer(cache=shared), Framer(cache=shared)
     f3.feed(call())
     (m,) = f4.feed(call(serial=2))

@@ -35,6 +35,7 @@ _U32 = {"l": struct.Struct("<I"), "B": struct.Struct(">I")}
 _ENDIAN = {ord("l"): "l", ord("B"): "B"}
 
 _HEADER_CACHE_MAX_LEN = 512  # longer headers are parsed every time, never cached
+_STRING_CACHE_MAX_LEN = 255  # names are at most 255 bytes; a longer string (a path) is checked every time
 _ZEROS = [bytes(n) for n in range(8)]
 _FORWARD_SENDERS_MAX = 8  # forwarded headers kept per cached field block (one per sender)
 
@@ -80,6 +81,12 @@ class WireCache:
         # (byte order, sender) -> the encoded SENDER field
         self.sender_fields: dict[tuple[str, str], bytes] = {}
 
+    @classmethod
+    def for_bus(cls) -> "WireCache":
+        """One cache for all connections of a bus (pass it to every Framer): the bounds the process-wide
+        caches had. Less memory per connection and shared hits, but clients share (and evict) entries."""
+        return cls(max_headers=4096, max_strings=8192, max_forward_parts=8192, max_sender_fields=65536)
+
     def __len__(self) -> int:
         """Entries held, all tables together."""
         return (len(self.headers) + len(self.reply_serial_at) + len(self.strings) + len(self.forward_parts)
@@ -96,11 +103,14 @@ class WireCache:
         self.headers[key] = entry
 
     def string(self, code: int, raw: bytes) -> str:
-        """A header string field, validated (see ``_decode_field_string``) once per distinct value."""
+        """A header string field, validated (see ``_decode_field_string``) once per distinct value.
+        Long ones are not kept: the table's bound is a count, so its entries must be small."""
         key = (code, raw)
         s = self.strings.get(key)
         if s is None:
             s = _decode_field_string(code, raw)
+            if len(raw) > _STRING_CACHE_MAX_LEN:
+                return s
             if len(self.strings) >= self.max_strings:
                 self.strings.clear()
             self.strings[key] = s
