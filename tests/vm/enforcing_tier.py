@@ -126,6 +126,18 @@ def wait_for(predicate, timeout: float) -> bool:
     return False
 
 
+def wait_for_avcs(source_type: str, start: float, target: str, timeout: float = 10) -> list:
+    """The AVC denials of source_type mentioning target, once the audit log has at least one (or [])."""
+    found: list = []
+
+    def seen() -> bool:
+        found[:] = [a for a in avc_denied(source_type, start) if target in a]
+        return bool(found)
+
+    wait_for(seen, timeout)
+    return found
+
+
 def case_platform() -> None:
     enforce = sh("getenforce").stdout.strip()
     record("getenforce is Enforcing", enforce == "Enforcing", enforce)
@@ -153,8 +165,7 @@ def case_socket(start: float) -> None:
         record("demo_client connects to the bus socket", rc == 0, out)
         rc, out = probe("sealbus_demo_denied_t", "connect", str(sock))
         record("demo_denied: EACCES on connect", rc == 1 and "EACCES" in out, out)
-        time.sleep(1.5)
-        avcs = [a for a in avc_denied("sealbus_demo_denied_t", start) if "sealbus_var_run_t" in a]
+        avcs = wait_for_avcs("sealbus_demo_denied_t", start, "sealbus_var_run_t")
         record("demo_denied connect: AVC in audit log", bool(avcs), avcs[0][-220:] if avcs else "no AVC")
     finally:
         listener.kill()
@@ -179,8 +190,7 @@ def case_payload_fs(start: float) -> None:
         record("demo_denied: EACCES creating on the payload fs", rc == 1 and "EACCES" in out, out)
         rc, out = probe("sealbus_demo_denied_t", "list", str(mnt))
         record("demo_denied: EACCES opening the payload fs", rc == 1 and "EACCES" in out, out)
-        time.sleep(1.5)
-        avcs = [a for a in avc_denied("sealbus_demo_denied_t", start) if "sealbus_fs_t" in a]
+        avcs = wait_for_avcs("sealbus_demo_denied_t", start, "sealbus_fs_t")
         record("demo_denied payload fs: AVC in audit log", bool(avcs), avcs[0][-220:] if avcs else "no AVC")
         rc, out = probe("sealbus_demo_service_t", "write-payload", str(mnt))
         record("demo_service (read-only interface) cannot create", rc == 1 and "EACCES" in out, out)
