@@ -281,7 +281,10 @@ class DaemonBus:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        return self.proc.wait()
+        rc = self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return rc
 
 
 def _stats_caller(address: str) -> str:
@@ -320,6 +323,7 @@ def test_dbus_daemon_drop_in_serves_from_a_sandboxed_broker_as_config_user(test_
         assert not Path(f"/proc/{broker}").exists() and not (sock / "bus").exists()
     finally:
         bus.stop()
+        shutil.rmtree(sock, ignore_errors=True)
 
 
 def test_dbus_daemon_unknown_user_is_a_one_line_start_up_error(tmp_path):
