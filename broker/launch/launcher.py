@@ -178,6 +178,14 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
     Closes the listeners and unmounts the payload fs on the way out, whatever happens."""
     ctl_launcher, ctl_broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     proc, payload_mount = None, None
+    stop = {"sig": None}
+
+    def on_signal(signum, frame):
+        stop["sig"] = signum
+
+    # from the start: a SIGTERM while the broker starts must still end in the clean stop below
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, on_signal)
     try:
         cmd = broker_command(log_level)
         check_selinux_domain(cmd)
@@ -201,13 +209,6 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
         ctl_broker.close()
         if fuse_fd is not None:
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
-        stop = {"sig": None}
-
-        def on_signal(signum, frame):
-            stop["sig"] = signum
-
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(s, on_signal)
         settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
         control.send_msg(ctl_launcher, settings)
         ready = wait_ready(proc, ctl_launcher, payload_mount)
