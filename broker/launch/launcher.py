@@ -211,7 +211,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
         settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
         control.send_msg(ctl_launcher, settings)
-        ready = wait_ready(proc, ctl_launcher, payload_mount)
+        ready = wait_ready(proc, ctl_launcher, payload_mount, stop=stop)
         if ready.get("type") != "ready":
             raise RuntimeError(f"unexpected message from the broker: {ready}")
         log.info("broker pid %d ready on %s as uid %d", proc.pid, listeners[0].address, user.pw_uid)
@@ -243,10 +243,12 @@ def broker_exiting(proc) -> bool:
         return True
 
 
-def wait_ready(proc, ctl, payload_mount: str | None, timeout: float = 60.0) -> dict:
-    """The broker's first message, or RuntimeError if it dies or stays silent."""
+def wait_ready(proc, ctl, payload_mount: str | None, timeout: float = 60.0, stop: dict | None = None) -> dict:
+    """The broker's first message, or RuntimeError if it dies or stays silent (or SIGTERM/SIGINT lands)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stop is not None and stop["sig"] in (signal.SIGTERM, signal.SIGINT):
+            raise RuntimeError(f"stopped by {signal.Signals(stop['sig']).name} during start-up")
         readable, _, _ = select.select([ctl], [], [], 0.5)
         if readable:
             return control.recv_msg(ctl)
