@@ -188,6 +188,11 @@ def cmd_dbus_daemon(argv: list[str]) -> int:
         print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
         return 1
     settings.extra["systemd_activation"] = args.systemd_activation
+    try:
+        bus_user = daemon_user(settings.extra["config"].user, config)
+    except LookupError as e:
+        print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
+        return 1
     from .io.address import AddressError, listen, systemd_listeners
 
     listeners = []
@@ -203,12 +208,29 @@ def cmd_dbus_daemon(argv: list[str]) -> int:
         print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
         return 1
 
-    def ready(bus):
-        addr = f"{listeners[0].address},guid={bus.guid}\n"
+    def announce(guid: str) -> None:
+        addr = f"{listeners[0].address},guid={guid}\n"
         if args.print_address is not None:
             _write_fd(_fd_arg(args.print_address), addr)
-        if args.print_pid is not None:
+        if args.print_pid is not None:  # the process to signal: as root with a <user>, the launcher
             _write_fd(_fd_arg(args.print_pid), f"{os.getpid()}\n")
+
+    if bus_user is not None:
+        from .launch.launcher import serve_as_user
+
+        # as `sealbus run --system`: this process stays root (sockets, payload fs mount, audit, reload) and the
+        # bus is served by a broker running as <user>, with no capabilities, no_new_privs, Landlock and seccomp
+        cfg = settings.extra["config"]
+        overrides = {"systemd_activation": args.systemd_activation}
+        if args.fd_mode:
+            overrides["fd_mode"] = args.fd_mode
+        return serve_as_user(cfg, config, bus_user, listeners, log_level=args.log_level,
+                             payload_fs=cfg.sealbus.payload_fs, runtime=None,
+                             announce=lambda ready: announce(ready["guid"]), overrides=overrides,
+                             owner_uid=bus_user.pw_uid)  # fmt: skip
+
+    def ready(bus):
+        announce(bus.guid)
 
     try:
         trio.run(run_bus, settings, listeners, ready)
@@ -216,6 +238,33 @@ def cmd_dbus_daemon(argv: list[str]) -> int:
         for lst in listeners:
             lst.close()
     return 0
+
+
+def daemon_user(name: str | None, config: str):
+    """The user the bus must run as (its pwd entry), or None to stay the invoking user; as dbus-daemon.
+
+    <user> names a user that does not exist: LookupError, whoever starts the bus. Started as root: that
+    user, served through the launcher/broker split; no <user>: the bus stays root, with a warning. Not
+    root: dbus-daemon (built with libaudit, as distributions ship it) cannot change user and keeps
+    running as the invoking user; so does sealbus, with a warning when <user> names someone else."""
+    import pwd
+
+    if name is None:
+        if os.geteuid() == 0:
+            logging.getLogger("sealbus").warning(
+                "started as root and %s names no <user>: the bus runs as root, with every capability (as "
+                "dbus-daemon); name the bus user in <user> to serve it from a sandboxed broker", config)
+        return None
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        raise LookupError(f'Could not get UID and GID for username "{name}" (<user> in {config})') from None
+    if os.geteuid() == 0:
+        return user
+    if user.pw_uid != os.geteuid():
+        logging.getLogger("sealbus").warning("<user>%s</user> in %s: not started as root, so the bus runs as "
+                                             "uid %d (as dbus-daemon)", name, config, os.geteuid())  # fmt: skip
+    return None
 
 
 def _write_fd(fd: int, text: str) -> None:

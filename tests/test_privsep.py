@@ -2,6 +2,7 @@
 
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from jeepney import message_bus
 from jeepney.io.blocking import open_dbus_connection
 
-from .conftest import SEALBUS, run_as
+from .conftest import SEALBUS, popen_as, run_as
 from .procfs import children, proc_status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the privilege-separated system bus needs root")
@@ -61,9 +62,9 @@ def system_bus():
     bus.stop()
 
 
-def test_broker_runs_as_bus_user_without_privileges(system_bus):
-    st = proc_status(system_bus.broker_pid)
-    user = pwd.getpwnam("sealbus")
+def assert_confined(pid: int, user: pwd.struct_passwd) -> None:
+    """The process runs as ``user`` with no capability in any set, no_new_privs and a seccomp filter."""
+    st = proc_status(pid)
     assert st["Uid"].split() == [str(user.pw_uid)] * 4
     assert st["Gid"].split() == [str(user.pw_gid)] * 4
     for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
@@ -71,6 +72,10 @@ def test_broker_runs_as_bus_user_without_privileges(system_bus):
     assert st["NoNewPrivs"] == "1"
     assert st["Seccomp"] == "2"
     assert st["Groups"] == ""
+
+
+def test_broker_runs_as_bus_user_without_privileges(system_bus):
+    assert_confined(system_bus.broker_pid, pwd.getpwnam("sealbus"))
 
 
 def test_clients_of_several_uids_talk(system_bus, test_users):
@@ -227,3 +232,130 @@ def test_forbidden_syscall_kills(call):
     out = sandboxed(call)
     assert out.returncode == -signal.SIGSYS, (out.returncode, out.stdout, out.stderr)
     assert "still alive" not in out.stdout
+
+
+# -- `sealbus dbus-daemon` honours <user>: as root, the same split and sandbox as --system ------------
+
+DAEMON_CONF = """<busconfig><type>system</type>{user}<listen>unix:tmpdir=/tmp</listen><auth>EXTERNAL</auth>
+  <policy context="default"><allow user="*"/><deny own="*"/><deny send_type="method_call"/>
+  <allow send_type="signal"/><allow send_requested_reply="true" send_type="method_return"/>
+  <allow send_requested_reply="true" send_type="error"/><allow receive_type="method_call"/>
+  <allow receive_type="method_return"/><allow receive_type="error"/><allow receive_type="signal"/>
+  <allow send_destination="org.freedesktop.DBus"/><allow own="org.sealbus.Daemon"/>
+  <allow send_destination="org.sealbus.Daemon"/></policy></busconfig>"""
+
+
+class DaemonBus:
+    """`sealbus dbus-daemon --config-file=F --nofork --print-address=1 --print-pid=1 [args]`, the way
+    dbus-daemon's own test programs start it (``as_user``: started by that user instead of root)."""
+
+    def __init__(self, user: str | None, *args: str, as_user=None):
+        self.dir = Path(tempfile.mkdtemp(prefix="sealbus-dd-"))
+        self.dir.chmod(0o755)
+        self.config = self.dir / "bus.conf"
+        self.config.write_text(DAEMON_CONF.format(user=f"<user>{user}</user>" if user else ""))
+        self.config.chmod(0o644)
+        self.log = open(self.dir / "stderr", "w+")
+        argv = [SEALBUS, "dbus-daemon", f"--config-file={self.config}", "--nofork", "--print-address=1",
+                "--print-pid=1", *args]  # fmt: skip
+        kw = dict(stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(argv, **kw) if as_user is None else popen_as(as_user, argv, **kw)
+        self.address = self.proc.stdout.readline().strip().split(",guid=")[0]
+        assert self.address.startswith("unix:"), self.logtext()
+        self.pid = int(self.proc.stdout.readline())
+        assert self.pid == self.proc.pid  # --print-pid names the process to signal
+
+    def serving_pid(self) -> int:
+        """The process that answers on the socket: the bus driver reports its own pid."""
+        with open_dbus_connection(self.address) as c:
+            return c.send_and_get_reply(message_bus.GetConnectionUnixProcessID("org.freedesktop.DBus")).body[0]
+
+    def logtext(self) -> str:
+        self.log.flush()
+        return (self.dir / "stderr").read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        rc = self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return rc
+
+
+def _stats_caller(address: str) -> str:
+    return ("from jeepney import DBusAddress, new_method_call\nfrom jeepney.io.blocking import open_dbus_connection\n"
+            f"c = open_dbus_connection({address!r})\n"
+            "r = c.send_and_get_reply(new_method_call(DBusAddress('/org/freedesktop/DBus', 'org.freedesktop.DBus', "
+            "'org.freedesktop.DBus.Debug.Stats'), 'GetAllMatchRules'))\n"
+            "print(r.header.message_type.name, r.header.fields.get(4, ''))")  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("dbus-send") is None, reason="no dbus-send")
+def test_dbus_daemon_drop_in_serves_from_a_sandboxed_broker_as_config_user(test_users):
+    bus_user, other = test_users
+    sock = Path(tempfile.mkdtemp(prefix="sealbus-dd-sock-"))
+    sock.chmod(0o755)
+    bus = DaemonBus(bus_user.pw_name, f"--address=unix:path={sock}/bus", "--log-level=info")
+    try:
+        broker = bus.serving_pid()
+        assert broker != bus.pid and children(bus.pid) == [broker]
+        assert_confined(broker, bus_user)
+        assert f"broker sandboxed: uid={bus_user.pw_uid} gid={bus_user.pw_gid} landlock=True seccomp=True" in bus.logtext()
+        # real clients, as root and as another user
+        out = subprocess.run(["dbus-send", f"--bus={bus.address}", "--print-reply", "--dest=org.freedesktop.DBus",
+                              "/org/freedesktop/DBus", "org.freedesktop.DBus.ListNames"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert out.returncode == 0 and '"org.freedesktop.DBus"' in out.stdout, out.stderr
+        if shutil.which("busctl"):
+            out = run_as(other, ["busctl", f"--address={bus.address}", "list", "--no-pager"])
+            assert out.returncode == 0 and "org.freedesktop.DBus" in out.stdout, out.stderr
+        # Debug.Stats: the bus's own uid is now <user>'s; another uid is refused, root is not
+        for who, expect in ((None, "method_return"), (bus_user, "method_return"), (other, "error")):
+            argv = [sys.executable, "-c", _stats_caller(bus.address)]
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=30) if who is None else run_as(who, argv)
+            assert r.stdout.split()[:1] == [expect], (who, r.stdout, r.stderr)
+        assert "AccessDenied" in r.stdout
+        assert bus.stop() == 0
+        assert not Path(f"/proc/{broker}").exists() and not (sock / "bus").exists()
+    finally:
+        bus.stop()
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+def test_dbus_daemon_unknown_user_is_a_one_line_start_up_error(tmp_path):
+    conf = tmp_path / "bus.conf"
+    conf.write_text(DAEMON_CONF.format(user="<user>sealbus-no-such-user</user>"))
+    proc = subprocess.Popen([SEALBUS, "dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and out == ""
+    assert err.count("\n") == 1 and 'username "sealbus-no-such-user"' in err, err
+
+
+def test_dbus_daemon_as_root_without_user_warns_and_stays_root():
+    bus = DaemonBus(None)
+    try:
+        assert bus.serving_pid() == bus.pid and proc_status(bus.pid)["Uid"].split()[0] == "0"
+        assert "names no <user>" in bus.logtext()
+    finally:
+        assert bus.stop() == 0
+
+
+def test_dbus_daemon_not_root_with_another_user_keeps_the_invoking_user(test_users):
+    """As dbus-daemon (built with libaudit, as distributions ship it): it cannot change user, so it
+    keeps running as whoever started it; sealbus says so."""
+    me, named = test_users
+    bus = DaemonBus(named.pw_name, as_user=me)
+    try:
+        assert bus.serving_pid() == bus.pid and proc_status(bus.pid)["Uid"].split()[0] == str(me.pw_uid)
+        assert f"<user>{named.pw_name}</user>" in bus.logtext() and "not started as root" in bus.logtext()
+    finally:
+        assert bus.stop() == 0

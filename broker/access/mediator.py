@@ -8,7 +8,7 @@ and is logged with the rule that decided it.
 
 import logging
 
-from .policy import MsgInfo, Policy
+from .policy import DRIVER, MsgInfo, Policy
 
 log = logging.getLogger("sealbus.policy")
 
@@ -72,6 +72,19 @@ class BusPolicy:
         if not d.allowed:
             return self._denied("send", d, msg, sender, target, requested_reply)
         return None
+
+    def explicitly_allows(self, sender, path: str | None, interface: str, member: str) -> bool | None:
+        """Whether the XML policy explicitly lets ``sender`` call ``interface.member`` on the bus driver:
+        the call is allowed and, of the rules that match it, the last one naming ``interface`` is an allow
+        (a catch-all such as send_destination="*" was not written for it and does not count, either way).
+        None: the bus has no XML policy. For driver methods that show other peers' data (Debug.Stats),
+        on top of the usual send check."""
+        if self.policy is None:
+            return None
+        msg = MsgInfo(1, path, interface, member, None, DRIVER, sender.unique_name, 0)
+        d = self.policy.check_send(sender.creds, msg, None, False)
+        named = [r for r in d.matched if r.interface == interface]
+        return d.allowed and bool(named) and named[-1].allow
 
     def mediate_from_bus(self, h, target) -> str | None:
         """Receive check for a message the bus driver itself sends (as dbus-daemon: replies count as

@@ -184,7 +184,7 @@ class Driver:
         raise BusError("ServiceUnknown", f"The name {name} was not provided by any .service files")
 
     def m_UpdateActivationEnvironment(self, peer, h, env):
-        if peer.creds.uid not in (0, self.bus_owner_uid()):
+        if not self.privileged(peer):
             raise BusError("AccessDenied", "only the bus owner may update the activation environment")
         if len(self.bus.activation_env) + len(env) > 1024:
             raise BusError("LimitsExceeded", "activation environment too large")
@@ -195,6 +195,10 @@ class Driver:
         import os
 
         return os.getuid()
+
+    def privileged(self, peer) -> bool:
+        """Root or the uid the bus runs as (dbus-daemon's bus_driver_check_caller_is_privileged)."""
+        return peer.creds.uid in (0, self.bus_owner_uid())
 
     def m_NameHasOwner(self, peer, h, name):
         if not wn.is_bus_name(name):
@@ -288,7 +292,7 @@ class Driver:
     def m_BecomeMonitor(self, peer, h, rules, flags):
         if flags != 0:
             raise BusError("InvalidArgs", "BecomeMonitor flags must be 0")
-        if peer.creds.uid not in (0, self.bus_owner_uid()):
+        if not self.privileged(peer):
             raise BusError("AccessDenied", "only root or the bus owner may become a monitor")
         try:
             parsed = [parse_match_rule(r) for r in rules]
@@ -339,7 +343,28 @@ class Driver:
         self._props(iface)
         raise BusError("PropertyReadOnly", f"property {prop!r} is read-only")
 
+    def _check_stats_reader(self, peer, h) -> None:
+        """Debug.Stats shows every peer's counters and match rules (object paths that carry session
+        ids) and bus-wide activity counters (a live trace of other users' traffic). On a bus with a
+        policy only root, the bus's own uid and a caller the policy explicitly allows (the last matching
+        rule that names this interface is an allow) may read them, whatever catch-all allow the policy
+        has: dbus-daemon's system.conf denies the interface to all but root, dbus-broker does not
+        implement the per-peer methods. A bus without a policy (plain `sealbus run`) answers anyone."""
+        if self.privileged(peer):
+            return
+        policy = self.bus.policy
+        explicit = policy.explicitly_allows(peer, h.path, I_STATS, h.member) if policy is not None else None
+        if explicit is None or explicit:
+            return
+        log.warning("denied %s.%s to %s: neither root, the bus's uid nor explicitly allowed by the policy",
+                    I_STATS, h.member, peer.describe())  # fmt: skip
+        raise BusError("AccessDenied", f"{I_STATS}.{h.member} is only for root, the bus's own uid "
+                       f"({self.bus_owner_uid()}) and callers the bus policy explicitly allows "
+                       f'(<allow send_destination="{DBUS_NAME}" send_interface="{I_STATS}"/>); '
+                       f"uid {peer.creds.uid} is none of them")  # fmt: skip
+
     def m_GetStats(self, peer, h):
+        self._check_stats_reader(peer, h)
         bus = self.bus
         out = {
             "Serial": Variant("u", bus.serial),
@@ -357,6 +382,7 @@ class Driver:
         return (out,)
 
     def m_GetConnectionStats(self, peer, h, name):
+        self._check_stats_reader(peer, h)
         p = self._peer_for(name)
         out = {
             "UniqueName": Variant("s", p.unique_name),
@@ -371,6 +397,7 @@ class Driver:
         return (out,)
 
     def m_GetAllMatchRules(self, peer, h):
+        self._check_stats_reader(peer, h)
         return ({p.unique_name: [r.text for r in p.matches] for p in self.bus.peers.values()},)
 
     def m_Claim(self, peer, h, cookie):

@@ -1,6 +1,6 @@
 """The broker process of `sealbus run --system` (entry point: /usr/libexec/sealbus/sealbus-broker).
 
-Started by the launcher with the listening socket and a control socketpair as
+Started by the launcher with the listening socket(s) and a control socketpair as
 inherited fds. It imports everything it needs, reads its settings from the
 launcher, sandboxes itself (broker.launch.sandbox), and only then serves.
 """
@@ -78,12 +78,13 @@ def settings_from_message(msg: dict) -> BusSettings:
         s.payload_max_bytes_per_user = int(msg["payload_max_bytes_per_user"])
     if msg.get("busy_poll_us") is not None:
         s.busy_poll_us = int(msg["busy_poll_us"])
+    s.extra["systemd_activation"] = bool(msg.get("systemd_activation"))
     return s
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sealbus-broker", description="sealbus broker process (started by the launcher)")
-    p.add_argument("--listen-fd", type=int, required=True)
+    p.add_argument("--listen-fd", type=int, action="append", required=True, help="repeated: one per address")
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--fuse-fd", type=int, help="/dev/fuse fd of the payload fs the launcher mounted")
     p.add_argument("--log-level", default="info")
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the launcher, over the control channel
     ctl = socket.socket(fileno=a.control_fd)
-    listen_sock = socket.socket(fileno=a.listen_fd)
+    listen_socks = [socket.socket(fileno=fd) for fd in a.listen_fd]
     msg = control.recv_msg(ctl)
     settings = settings_from_message(msg)
     settings.selinux = selinux_mediator(msg, ctl)  # the AVC opens selinuxfs: before the sandbox
@@ -108,12 +109,12 @@ def main(argv=None) -> int:
 
     async def run():
         async with trio.open_nursery() as n:
-            bus = await n.start(functools.partial(serve, settings, [listen_sock], fuse_fd=a.fuse_fd))
+            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd))
             # the launcher called listen(): accepted sockets carry its pid as their peer, so a client passing
             # its own bus connection through the bus is recognised by that pid too
             bus.payload.ctx.own_pids.add(os.getppid())
             n.start_soon(control.control_loop, ctl, lambda m: apply_control(bus, m))
-            control.send_msg(ctl, {"type": "ready", "pid": os.getpid()})
+            control.send_msg(ctl, {"type": "ready", "pid": os.getpid(), "guid": bus.guid})
 
     try:
         trio.run(run)

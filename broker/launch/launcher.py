@@ -88,13 +88,21 @@ def become_bus_user(uid: int, gid: int):
     return drop
 
 
-def broker_settings(cfg, user: pwd.struct_passwd) -> dict:
+def policy_json(cfg, owner_uid: int | None = None) -> str | None:
+    if cfg.policy is None:
+        return None
+    if owner_uid is not None:
+        cfg.policy.owner_uid = owner_uid
+    return cfg.policy.to_json()
+
+
+def broker_settings(cfg, user: pwd.struct_passwd, owner_uid: int | None = None) -> dict:
     lim = Limits()
     lim.update(cfg.limits)
     return {
         "type": "settings", "bus_type": cfg.type or "system", "limits": vars(lim),
         "fd_mode": cfg.sealbus.fd_mode or "any",
-        "policy": cfg.policy.to_json() if cfg.policy is not None else None,
+        "policy": policy_json(cfg, owner_uid),
         "uid": user.pw_uid, "gid": user.pw_gid,
         "landlock": cfg.sealbus.landlock, "seccomp": cfg.sealbus.seccomp,
         "machine_id": _machine_id(),
@@ -144,52 +152,82 @@ def main_system(args) -> int:
     else:
         address = args.address or f"unix:path={os.path.join(runtime, 'system_bus_socket')}"
         listener = listen(address, socket_mode=0o666)
+    overrides = {}
+    if getattr(args, "busy_poll", None) is not None:
+        overrides["busy_poll_us"] = args.busy_poll
+
+    def announce(ready: dict) -> None:
+        print(listener.address, flush=True)
+
+    # the payload fs is always served: where asked, else the default place ("")
+    payload_fs = getattr(args, "payload_fs", None) or cfg.sealbus.payload_fs or ""
+    return serve_as_user(cfg, config_path, user, [listener], log_level=args.log_level, payload_fs=payload_fs,
+                         runtime=runtime, announce=announce, overrides=overrides)  # fmt: skip
+
+
+def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, log_level: str,
+                  payload_fs: str | None, runtime: str | None, announce, overrides: dict | None = None,
+                  owner_uid: int | None = None) -> int:  # fmt: skip
+    """The launcher once its config, bus user and bound sockets are ready (`sealbus run --system`, and
+    `sealbus dbus-daemon` started as root with a <user>): start the broker as ``user`` with only its fds
+    (no capabilities, no_new_privs; it adds Landlock and seccomp), hand it its settings (``overrides``
+    on top), call ``announce(ready message)`` once it serves, then supervise it until a signal.
+
+    ``payload_fs``: a mount point, "" for the default place under ``runtime``, None for none.
+    ``owner_uid``: the uid the policy treats as the bus's own (default: as compiled, the launcher's).
+    Closes the listeners and unmounts the payload fs on the way out, whatever happens."""
     ctl_launcher, ctl_broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    cmd = broker_command(args.log_level)
-    check_selinux_domain(cmd)
-    fds = (listener.sock.fileno(), ctl_broker.fileno())
-    cmd += ["--listen-fd", str(fds[0]), "--control-fd", str(fds[1])]
-    try:
-        wanted = getattr(args, "payload_fs", None) or cfg.sealbus.payload_fs
-        payload_mount, fuse_fd = launcher_payload_fs(wanted, runtime, user.pw_uid, user.pw_gid, selinux_enabled())
-    except OSError as e:
-        log.error("payload fs not served: %s", e)  # the bus itself still runs: memfd payloads need no mount
-        payload_mount, fuse_fd = None, None
-    if fuse_fd is not None:
-        fds += (fuse_fd,)
-        cmd += ["--fuse-fd", str(fuse_fd)]
-    # preexec_fn: the launcher has no threads; the drop must happen here, in sealbus_launch_t
-    proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,
-                            preexec_fn=become_bus_user(user.pw_uid, user.pw_gid))  # noqa: PLW1509
-    ctl_broker.close()
-    if fuse_fd is not None:
-        os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
+    proc, payload_mount = None, None
     stop = {"sig": None}
 
     def on_signal(signum, frame):
         stop["sig"] = signum
 
+    # from the start: a SIGTERM while the broker starts must still end in the clean stop below
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
     try:
-        settings = {**broker_settings(cfg, user), "payload_fs": payload_mount}
-        if getattr(args, "busy_poll", None) is not None:
-            settings["busy_poll_us"] = args.busy_poll
+        cmd = broker_command(log_level)
+        check_selinux_domain(cmd)
+        fds = (ctl_broker.fileno(), *(lst.sock.fileno() for lst in listeners))
+        cmd += ["--control-fd", str(fds[0])]
+        for fd in fds[1:]:
+            cmd += ["--listen-fd", str(fd)]
+        fuse_fd = None
+        if payload_fs is not None:
+            try:
+                payload_mount, fuse_fd = launcher_payload_fs(payload_fs or None, runtime, user.pw_uid, user.pw_gid,
+                                                             selinux_enabled())  # fmt: skip
+            except OSError as e:
+                log.error("payload fs not served: %s", e)  # the bus itself still runs: memfd payloads need no mount
+        if fuse_fd is not None:
+            fds += (fuse_fd,)
+            cmd += ["--fuse-fd", str(fuse_fd)]
+        # preexec_fn: the launcher has no threads; the drop must happen here, in sealbus_launch_t
+        proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                preexec_fn=become_bus_user(user.pw_uid, user.pw_gid))  # noqa: PLW1509
+        ctl_broker.close()
+        if fuse_fd is not None:
+            os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
+        settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
         control.send_msg(ctl_launcher, settings)
-        ready = wait_ready(proc, ctl_launcher, payload_mount)
+        ready = wait_ready(proc, ctl_launcher, payload_mount, stop=stop)
         if ready.get("type") != "ready":
             raise RuntimeError(f"unexpected message from the broker: {ready}")
-        log.info("broker pid %d ready on %s", proc.pid, listener.address)
-        print(listener.address, flush=True)
+        log.info("broker pid %d ready on %s as uid %d", proc.pid, listeners[0].address, user.pw_uid)
+        announce(ready)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=broker pid {proc.pid}")
-        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount)
+        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount, owner_uid)
     except (EOFError, OSError, RuntimeError) as e:
         log.error("broker failed to start: %s", e)
         return 1
     finally:
-        stop_broker(proc, payload_mount)
+        if proc is not None:
+            stop_broker(proc, payload_mount)
         ctl_launcher.close()
-        listener.close()
+        ctl_broker.close()
+        for lst in listeners:
+            lst.close()
         if payload_mount is not None:
             unmount_payload_fs(payload_mount)
 
@@ -205,10 +243,12 @@ def broker_exiting(proc) -> bool:
         return True
 
 
-def wait_ready(proc, ctl, payload_mount: str | None, timeout: float = 60.0) -> dict:
-    """The broker's first message, or RuntimeError if it dies or stays silent."""
+def wait_ready(proc, ctl, payload_mount: str | None, timeout: float = 60.0, stop: dict | None = None) -> dict:
+    """The broker's first message, or RuntimeError if it dies or stays silent (or SIGTERM/SIGINT lands)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stop is not None and stop["sig"] in (signal.SIGTERM, signal.SIGINT):
+            raise RuntimeError(f"stopped by {signal.Signals(stop['sig']).name} during start-up")
         readable, _, _ = select.select([ctl], [], [], 0.5)
         if readable:
             return control.recv_msg(ctl)
@@ -234,7 +274,8 @@ def stop_broker(proc, payload_mount: str | None) -> None:
                 proc.wait(timeout=10)
 
 
-def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str | None = None) -> int:
+def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str | None = None,
+              owner_uid: int | None = None) -> int:  # fmt: skip
     audit, limiter = AuditWriter(), AuditLimiter()
     inbox = control.Inbox(ctl)
     while True:
@@ -242,7 +283,7 @@ def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str 
             stop["sig"] = None
             try:
                 cfg = load_config(config_path)
-                control.send_msg(ctl, {"type": "reload", "policy": cfg.policy.to_json() if cfg.policy else None})
+                control.send_msg(ctl, {"type": "reload", "policy": policy_json(cfg, owner_uid)})
                 log.info("configuration reloaded from %s and handed to the broker", config_path)
             except Exception as e:
                 log.error("reload failed, keeping the old policy: %s", e)
