@@ -44,14 +44,60 @@ class FdRef:
             self.fds = []
 
 
+class FdQuota:
+    """The fds clients can make the broker hold, shared fairly among the users holding some.
+
+    ``pool`` is the broker's RLIMIT_NOFILE less a reserve it keeps for itself
+    (listeners, accepting and serving connections). A user may hold at most
+    what is left of the pool (its own fds counted as left) divided by the
+    number of users holding fds plus one, itself counted if it holds none yet
+    (dbus-broker's user quotas work the same way). A user alone gets half;
+    every further user gets a share of what the others left, so whatever N
+    users do, part of the pool stays free and a newcomer still gets a share.
+    Charged: fds queued towards other peers (per queued copy) and fds held
+    in a receive buffer for a message still in progress.
+    """
+
+    __slots__ = ("pool", "used", "users")
+
+    def __init__(self, pool: int = 1 << 30):
+        self.pool = pool
+        self.used = 0  # fds charged to any user
+        self.users = 0  # users holding at least one
+
+    def share(self, acct: "UserAccount") -> int:
+        """How many fds ``acct`` may hold now."""
+        held = acct.inflight_fds + acct.held_fds
+        return (self.pool - self.used + held) // (self.users + (not held) + 1)
+
+    def refuses(self, acct: "UserAccount", n: int) -> bool:
+        return acct.inflight_fds + acct.held_fds + n > self.share(acct)
+
+
 @dataclass
 class UserAccount:
     """Per-uid totals, so one user's clients cannot starve another user."""
 
     uid: int
     connections: int = 0
-    inflight_fds: int = 0
+    inflight_fds: int = 0  # queued towards other peers (per queued copy)
     outgoing_bytes: int = 0
+    held_fds: int = 0  # in receive buffers, for messages still in progress
+    quota: FdQuota | None = None
+
+    def charge_fds(self, inflight: int, held: int = 0) -> None:
+        """Add (or with negative numbers return) fds to this user's count and the bus's fd pool."""
+        before = self.inflight_fds + self.held_fds
+        self.inflight_fds += inflight
+        self.held_fds += held
+        q = self.quota
+        if q is not None:
+            after = self.inflight_fds + self.held_fds
+            q.used += after - before
+            if not before and after:
+                q.users += 1
+            elif before and not after:
+                q.users -= 1
 
 
 class OutItem:
@@ -100,7 +146,7 @@ class Peer:
         if item.fdref is not None:
             self.out_fds += len(item.fdref.fds)
             if item.owner is not None:
-                item.owner.inflight_fds += len(item.fdref.fds)
+                item.owner.charge_fds(len(item.fdref.fds))
 
     def item_done(self, item: OutItem) -> None:
         """Called by the I/O shell when ``item`` was written (or dropped)."""
@@ -109,7 +155,7 @@ class Peer:
         if item.fdref is not None:
             self.out_fds -= len(item.fdref.fds)
             if item.owner is not None:
-                item.owner.inflight_fds -= len(item.fdref.fds)
+                item.owner.charge_fds(-len(item.fdref.fds))
             item.fdref.decref()
 
     def drop_outbox(self) -> None:

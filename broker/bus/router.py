@@ -17,7 +17,7 @@ from ..wire.errors import WireError
 from .limits import Limits
 from .match import MatchRule
 from .names import NameRegistry
-from .peer import Creds, FdRef, OutItem, Peer, UserAccount
+from .peer import Creds, FdQuota, FdRef, OutItem, Peer, UserAccount
 
 METHOD_CALL, METHOD_RETURN, ERROR, NO_REPLY_EXPECTED = wm.METHOD_CALL, wm.METHOD_RETURN, wm.ERROR, wm.NO_REPLY_EXPECTED
 
@@ -75,6 +75,7 @@ class Bus:
         self.peers: dict[str, Peer] = {}  # unique name -> peer
         self.all_peers: set[Peer] = set()
         self.accounts: dict[int, UserAccount] = {}
+        self.fd_quota = FdQuota()  # its pool is set from RLIMIT_NOFILE by the I/O shell
         self.monitors: list[Peer] = []
         self.eavesdroppers: set[Peer] = set()
         # match index: member -> [(peer, rule)]; rules without member under None
@@ -101,7 +102,7 @@ class Bus:
     def account(self, uid: int) -> UserAccount:
         a = self.accounts.get(uid)
         if a is None:
-            a = self.accounts[uid] = UserAccount(uid)
+            a = self.accounts[uid] = UserAccount(uid, quota=self.fd_quota)
         return a
 
     def can_accept(self, creds: Creds) -> str | None:
@@ -361,8 +362,12 @@ class Bus:
         if fdref is not None and target.out_fds + len(fdref.fds) > lim.max_outgoing_unix_fds:
             return f"{target.unique_name} has too many fds queued (max_outgoing_unix_fds)"
         if fdref is not None and sender is not None:
-            if sender.account.inflight_fds + len(fdref.fds) > lim.max_inflight_fds_per_user:
+            acct = sender.account
+            if acct.inflight_fds + len(fdref.fds) > lim.max_inflight_fds_per_user:
                 return f"uid {sender.creds.uid} has too many fds in flight (max_inflight_fds_per_user)"
+            if self.fd_quota.refuses(acct, len(fdref.fds)):
+                return (f"uid {sender.creds.uid} holds its share of the broker's fds "
+                        f"({acct.inflight_fds + acct.held_fds} of {self.fd_quota.share(acct)}: fd share)")  # fmt: skip
         return None
 
     def _push(self, target: Peer, bufs, nbytes, fdref, sender: Peer | None) -> None:
