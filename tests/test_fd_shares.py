@@ -246,12 +246,12 @@ def test_fd_shares_never_exhaust_the_pool():
             for u in users:
                 while not q.refuses(u, 16):
                     u.charge_fds(16)
-        assert q.used == sum(u.inflight_fds for u in users) and q.users == sum(1 for u in users if u.inflight_fds)
+        assert q.used == sum(u.message_fds for u in users) and q.users == sum(1 for u in users if u.message_fds)
         assert q.used < pool
         newcomer = UserAccount(99, quota=q)
         assert q.share(newcomer) >= 1
         for u in users:
-            u.charge_fds(-u.inflight_fds)
+            u.charge_fds(-u.message_fds)
         assert q.used == 0 and q.users == 0
 
 
@@ -332,3 +332,36 @@ def test_many_uids_pinning_fds_leave_room_for_a_newcomer(tmp_path, buses):
             p.wait(timeout=20)
     assert wait_until(lambda: bus.fd_count() < 40), bus.fd_count()
     assert bus_is_alive(bus)
+
+
+def test_fds_count_once_and_a_sender_over_its_share_pays_itself(core):
+    from broker.wire.message import HeaderView
+
+    from .conftest import CoreClient
+
+    core.fd_quota.pool = 64  # alone, a user may hold 32
+    sender = CoreClient(core, uid=1001)
+    subs = [CoreClient(core, uid=1002) for _ in range(3)]
+    for s in subs:
+        s.call("AddMatch", "s", ("type='signal',interface='org.x.F'",))
+        s.take()
+
+    def send(member, **fields):
+        sender.serial += 1
+        raw = build_message(4 if member == "F" else 1, sender.serial, path="/", interface="org.x.F", member=member,
+                            signature="h" * 16, body=tuple(range(16)), unix_fds=16, **fields)  # fmt: skip
+        core.dispatch(sender.peer, (HeaderView(memoryview(raw)), [os.open("/dev/null", os.O_RDONLY) for _ in range(16)]))
+
+    send("F")
+    assert sender.peer.account.message_fds == 16  # one broadcast to three subscribers holds 16 fds, not 48
+    send("F")
+    send("F")  # over the share: dropped, and no subscriber pays for it
+    assert [len(s.take()) for s in subs] == [2, 2, 2]
+    assert not any(s.peer.dying for s in subs)
+    assert sender.peer.account.message_fds == 0 and core.fd_quota.used == 0  # written: closed and returned
+    for _ in range(2):
+        send("F")
+    send("Call", destination=subs[0].name)
+    errors = [h.error_name for h, _ in sender.take() if h.type == 3]
+    assert errors == ["org.freedesktop.DBus.Error.LimitsExceeded"]
+    assert not any(s.peer.dying for s in subs)

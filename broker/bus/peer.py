@@ -26,11 +26,14 @@ class FdRef:
     are closed once the last queued copy has been written or dropped.
     """
 
-    __slots__ = ("fds", "refs")
+    __slots__ = ("fds", "owner", "refs")
 
-    def __init__(self, fds: list[int]):
+    def __init__(self, fds: list[int], owner: "UserAccount | None" = None):
         self.fds = fds
         self.refs = 1
+        self.owner = owner  # the user whose fd share these count against until they are closed
+        if owner is not None:
+            owner.charge_fds(messages=len(fds))
 
     def incref(self) -> None:
         self.refs += 1
@@ -41,6 +44,9 @@ class FdRef:
             from ..payload.closer import closer  # a FUSE file's close may block: not on the loop
 
             closer.close_all(self.fds)
+            if self.owner is not None:
+                self.owner.charge_fds(messages=-len(self.fds))
+                self.owner = None
             self.fds = []
 
 
@@ -54,8 +60,10 @@ class FdQuota:
     (dbus-broker's user quotas work the same way). A user alone gets half;
     every further user gets a share of what the others left, so whatever N
     users do, part of the pool stays free and a newcomer still gets a share.
-    Charged: fds queued towards other peers (per queued copy) and fds held
-    in a receive buffer for a message still in progress.
+    Charged are the fds themselves, once however many receivers a message
+    goes to: those of a received message until its last queued copy is
+    written or dropped (FdRef), and those held in a receive buffer for a
+    message still in progress.
     """
 
     __slots__ = ("pool", "used", "users")
@@ -67,11 +75,11 @@ class FdQuota:
 
     def share(self, acct: "UserAccount") -> int:
         """How many fds ``acct`` may hold now."""
-        held = acct.inflight_fds + acct.held_fds
+        held = acct.message_fds + acct.held_fds
         return (self.pool - self.used + held) // (self.users + (not held) + 1)
 
     def refuses(self, acct: "UserAccount", n: int) -> bool:
-        return acct.inflight_fds + acct.held_fds + n > self.share(acct)
+        return acct.message_fds + acct.held_fds + n > self.share(acct)
 
 
 @dataclass
@@ -80,19 +88,22 @@ class UserAccount:
 
     uid: int
     connections: int = 0
-    inflight_fds: int = 0  # queued towards other peers (per queued copy)
+    inflight_fds: int = 0  # queued towards other peers, per queued copy (max_inflight_fds_per_user)
     outgoing_bytes: int = 0
-    held_fds: int = 0  # in receive buffers, for messages still in progress
+    # the broker's fds this user holds (FdQuota): of received messages not yet sent or dropped,
+    # and in receive buffers for messages still in progress
+    message_fds: int = 0
+    held_fds: int = 0
     quota: FdQuota | None = None
 
-    def charge_fds(self, inflight: int, held: int = 0) -> None:
-        """Add (or with negative numbers return) fds to this user's count and the bus's fd pool."""
-        before = self.inflight_fds + self.held_fds
-        self.inflight_fds += inflight
+    def charge_fds(self, messages: int = 0, held: int = 0) -> None:
+        """Add (or with negative numbers return) fds to this user's share of the bus's fd pool."""
+        before = self.message_fds + self.held_fds
+        self.message_fds += messages
         self.held_fds += held
         q = self.quota
         if q is not None:
-            after = self.inflight_fds + self.held_fds
+            after = self.message_fds + self.held_fds
             q.used += after - before
             if not before and after:
                 q.users += 1
@@ -146,7 +157,7 @@ class Peer:
         if item.fdref is not None:
             self.out_fds += len(item.fdref.fds)
             if item.owner is not None:
-                item.owner.charge_fds(len(item.fdref.fds))
+                item.owner.inflight_fds += len(item.fdref.fds)
 
     def item_done(self, item: OutItem) -> None:
         """Called by the I/O shell when ``item`` was written (or dropped)."""
@@ -155,7 +166,7 @@ class Peer:
         if item.fdref is not None:
             self.out_fds -= len(item.fdref.fds)
             if item.owner is not None:
-                item.owner.charge_fds(-len(item.fdref.fds))
+                item.owner.inflight_fds -= len(item.fdref.fds)
             item.fdref.decref()
 
     def drop_outbox(self) -> None:

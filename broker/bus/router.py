@@ -195,7 +195,12 @@ class Bus:
         if not fds and peer.unique_name is not None and not peer.monitor:
             self._route(peer, h, None)  # the common case: no fds whose reference must be dropped after routing
             return
-        fdref = FdRef(fds) if fds else None
+        fdref = None
+        if fds:
+            if self.fd_quota.refuses(peer.account, len(fds)):  # the sender pays: never a receiver
+                self._over_fd_share(peer, h, fds)
+                return
+            fdref = FdRef(fds, peer.account)
         try:
             if peer.unique_name is None:
                 self._to_monitors(peer, h, fdref)
@@ -212,6 +217,16 @@ class Bus:
         finally:
             if fdref is not None:
                 fdref.decref()
+
+    def _over_fd_share(self, peer: Peer, h, fds) -> None:
+        acct = peer.account
+        why = (f"uid {acct.uid} holds its share of the broker's fds "
+               f"({acct.message_fds + acct.held_fds} of {self.fd_quota.share(acct)}: fd share)")  # fmt: skip
+        self.stats["limits"] += 1
+        log.warning("refused a message with %d fds from %s: %s", len(fds), peer.describe(), why)
+        FdRef(fds).decref()
+        if h.type == wm.METHOD_CALL and not h.no_reply_expected and peer.unique_name is not None:
+            self.send_error(peer, h.serial, E + "LimitsExceeded", why)
 
     def _route(self, peer: Peer, h, fdref: FdRef | None) -> None:
         if fdref is not None and self.fd_vetter is not None:
@@ -362,12 +377,8 @@ class Bus:
         if fdref is not None and target.out_fds + len(fdref.fds) > lim.max_outgoing_unix_fds:
             return f"{target.unique_name} has too many fds queued (max_outgoing_unix_fds)"
         if fdref is not None and sender is not None:
-            acct = sender.account
-            if acct.inflight_fds + len(fdref.fds) > lim.max_inflight_fds_per_user:
+            if sender.account.inflight_fds + len(fdref.fds) > lim.max_inflight_fds_per_user:
                 return f"uid {sender.creds.uid} has too many fds in flight (max_inflight_fds_per_user)"
-            if self.fd_quota.refuses(acct, len(fdref.fds)):
-                return (f"uid {sender.creds.uid} holds its share of the broker's fds "
-                        f"({acct.inflight_fds + acct.held_fds} of {self.fd_quota.share(acct)}: fd share)")  # fmt: skip
         return None
 
     def _push(self, target: Peer, bufs, nbytes, fdref, sender: Peer | None) -> None:
