@@ -76,12 +76,14 @@ class Server:
         limit, the uid holding most loses its oldest. Sockets that never
         authenticate thus cost their owner its own slots and nobody else
         theirs (dbus-daemon refuses everyone once one user holds them all).
+        Root, exempt from max_connections_per_user too, may start many
+        services at once at boot: only the global limit applies to it.
         """
         limit = self.bus.limits.max_incomplete_connections
         mine = self.unauthenticated.get(uid)
-        if mine and len(mine) >= incomplete_share(limit):
+        if mine and len(mine) >= incomplete_share(limit) and uid != 0:  # root: only the global limit
             self._evict(next(iter(mine)), "its uid holds its share of incomplete connections")
-        if self.incomplete >= limit:
+        if self.incomplete >= limit and self.unauthenticated:
             most = max(self.unauthenticated.values(), key=len)  # at most max_incomplete_connections uids
             self._evict(next(iter(most)), "too many incomplete connections (max_incomplete_connections)")
 
