@@ -308,7 +308,9 @@ def test_many_uids_pinning_fds_leave_room_for_a_newcomer(tmp_path, buses):
         pytest.skip("needs root to run clients as other uids")
     import pwd
 
-    bus = start_bus(tmp_path, ALLOW_ALL.format(type="session", limits=""), nofile=1024)
+    # receivers take up to 256 fds each (the clamp to RLIMIT_NOFILE / 4): the fd share is what binds
+    bus = start_bus(tmp_path, ALLOW_ALL.format(type="session", limits='<limit name="max_outgoing_unix_fds">4096</limit>'),
+                    nofile=1024)  # fmt: skip
     buses.append(bus)
 
     def as_uid(uid):
