@@ -68,6 +68,7 @@ def test_framer_holds_no_fd_that_no_message_claims():
 
     with_fd = build_message(1, 1, path="/", member="M", signature="h", body=(0,), unix_fds=1)
     plain = build_message(1, 2, path="/", member="M")
+    many = build_message(1, 3, path="/", member="M", signature="h", body=(0,), unix_fds=40)
     f = Framer()
     assert [m.fds for m in f.feed(with_fd, fds=[7])] == [[7]]
     f.check_fds()  # claimed: fine
@@ -79,6 +80,7 @@ def test_framer_holds_no_fd_that_no_message_claims():
         (with_fd[:8], list(range(17))),  # header not in yet: more than max_message_unix_fds
         (plain[:-1], [5]),  # header in, UNIX_FDS absent: nothing to claim
         (with_fd[:-1], [5, 6]),  # header in: more than its UNIX_FDS
+        (many[:-1], list(range(17))),  # header in: UNIX_FDS above max_message_unix_fds
     ]
     for data, fds in cases:
         f = Framer()

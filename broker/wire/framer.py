@@ -207,8 +207,9 @@ class Framer:
         h.unix_fds = h.unknown_fields = h.reply_serial = 0
         with view[start : start + fields_end] as raw:
             h._parse_fields(raw, _ENDIAN[view[start]], fields_end)
-        self._claim = (fixed, h.unix_fds)
-        return h.unix_fds
+        claim = min(h.unix_fds, self.max_fds_per_message)  # more is refused when the message is complete
+        self._claim = (fixed, claim)
+        return claim
 
     def messages(self):
         while (m := self.next_message()) is not None:
