@@ -159,7 +159,7 @@ def test_pending_fd_timeout_disconnects_a_client_holding_half_a_message(tmp_path
 SILENT = """
 import socket, sys
 socks = []
-for _ in range(80):
+for _ in range(int(sys.argv[2])):
     s = socket.socket(socket.AF_UNIX)
     s.connect(sys.argv[1])
     socks.append(s)
@@ -184,7 +184,7 @@ print(ok)
 
 def _silent_sockets_do_not_lock_out(socket_path, address, logtext, users) -> None:
     hog, other = users
-    silent = popen_as(hog, [sys.executable, "-c", SILENT, str(socket_path)], stdin=subprocess.PIPE,
+    silent = popen_as(hog, [sys.executable, "-c", SILENT, str(socket_path), "80"], stdin=subprocess.PIPE,
                       stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert silent.stdout.readline().strip() == "ready"
@@ -215,6 +215,34 @@ def test_silent_sockets_do_not_lock_out_another_uid_on_the_system_bus(test_users
         _silent_sockets_do_not_lock_out(bus.socket, bus.address, bus.logtext, test_users)
     finally:
         bus.stop()
+
+
+def test_at_the_global_limit_the_uid_holding_most_loses_its_oldest(tmp_path, buses):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run clients as other uids")
+    import pwd
+
+    bus = start_bus(tmp_path, ALLOW_ALL.format(type="session",
+                                               limits='<limit name="max_incomplete_connections">8</limit>'))  # fmt: skip
+    buses.append(bus)
+    silent = []
+    try:
+        for uid, n in [(61101, 3), (61102, 2), (61103, 2), (61104, 2)]:  # 2 each stay: the share is 8 / 4
+            user = pwd.struct_passwd(("x", "x", uid, uid, "", "/", "/bin/sh"))
+            p = popen_as(user, [sys.executable, "-c", SILENT, str(bus.path), str(n)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+            silent.append(p)
+            assert p.stdout.readline().strip() == "ready"
+        assert wait_until(lambda: "incomplete connections" in bus.log_path.read_text())  # E connects behind them
+        user = pwd.struct_passwd(("x", "x", 61105, 61105, "", "/", "/bin/sh"))
+        out = run_as(user, [sys.executable, "-c", CONNECT_10, bus.address], timeout=120)
+        assert out.stdout.strip() == "10", (out.stdout, out.stderr[-2000:], bus.log_path.read_text()[-2000:])
+        assert "(max_incomplete_connections)" in bus.log_path.read_text()
+    finally:
+        for p in silent:
+            p.stdin.close()
+            p.wait(timeout=10)
+    assert bus_is_alive(bus)
 
 
 def test_system_buses_get_a_short_auth_timeout(tmp_path):
