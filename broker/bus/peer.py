@@ -33,7 +33,7 @@ class FdRef:
         self.refs = 1
         self.owner = owner  # the user whose fd share these count against until they are closed
         if owner is not None:
-            owner.charge_fds(messages=len(fds))
+            owner.charge_fds(len(fds))
 
     def incref(self) -> None:
         self.refs += 1
@@ -45,7 +45,7 @@ class FdRef:
 
             closer.close_all(self.fds)
             if self.owner is not None:
-                self.owner.charge_fds(messages=-len(self.fds))
+                self.owner.charge_fds(-len(self.fds))
                 self.owner = None
             self.fds = []
 
