@@ -1,6 +1,6 @@
 """BusSettings from a dbus-daemon XML configuration file."""
 
-from ..bus.limits import Limits
+from ..bus.limits import limits_for
 from ..bus.settings import BusSettings
 from ..wire.message import DEFAULT_MAX_MESSAGE_SIZE
 from .audit import AuditWriter
@@ -11,8 +11,7 @@ from .selinux import make_mediator
 
 def settings_from_config(cfg) -> BusSettings:
     s = BusSettings(bus_type=cfg.type or "custom")
-    lim = Limits()
-    lim.update(cfg.limits)
+    lim = limits_for(cfg.type, cfg.limits)
     # as libdbus: no message is larger than the protocol maximum, whatever the config says
     lim.max_message_size = min(lim.max_message_size, DEFAULT_MAX_MESSAGE_SIZE)
     s.limits = lim

@@ -44,6 +44,22 @@ class Limits:
             setattr(self, k, int(v))
 
 
+# dbus-daemon 1.8.8 cut the system bus's auth_timeout to 5 s for CVE-2014-3639 and 1.9.4 went back
+# to 30 s after boot regressions (parallel boot on slow machines). Here idle sockets cost only their
+# own uid its slots (the accept path evicts by uid), so the timeout only bounds how long they linger.
+SYSTEM_AUTH_TIMEOUT = 10000
+
+
+def limits_for(bus_type: str | None, configured: dict[str, int]) -> Limits:
+    """The limits of a bus whose config sets ``configured``: a system bus gets a short
+    auth_timeout unless its config names one."""
+    lim = Limits()
+    if bus_type == "system":
+        lim.auth_timeout = SYSTEM_AUTH_TIMEOUT
+    lim.update(configured)
+    return lim
+
+
 def session_limits() -> Limits:
     """The "essentially infinite" values of dbus-daemon's session.conf."""
     lim = Limits()

@@ -26,11 +26,14 @@ class FdRef:
     are closed once the last queued copy has been written or dropped.
     """
 
-    __slots__ = ("fds", "refs")
+    __slots__ = ("fds", "owner", "refs")
 
-    def __init__(self, fds: list[int]):
+    def __init__(self, fds: list[int], owner: "UserAccount | None" = None):
         self.fds = fds
         self.refs = 1
+        self.owner = owner  # the user whose fd share these count against until they are closed
+        if owner is not None:
+            owner.charge_fds(len(fds))
 
     def incref(self) -> None:
         self.refs += 1
@@ -41,7 +44,42 @@ class FdRef:
             from ..payload.closer import closer  # a FUSE file's close may block: not on the loop
 
             closer.close_all(self.fds)
+            if self.owner is not None:
+                self.owner.charge_fds(-len(self.fds))
+                self.owner = None
             self.fds = []
+
+
+class FdQuota:
+    """The fds clients can make the broker hold, shared fairly among the users holding some.
+
+    ``pool`` is the broker's RLIMIT_NOFILE less a reserve it keeps for itself
+    (listeners, accepting and serving connections). A user may hold at most
+    what is left of the pool (its own fds counted as left) divided by the
+    number of users holding fds plus one, itself counted if it holds none yet
+    (dbus-broker's user quotas work the same way). A user alone gets half;
+    every further user gets a share of what the others left, so whatever N
+    users do, part of the pool stays free and a newcomer still gets a share.
+    Charged are the fds themselves, once however many receivers a message
+    goes to: those of a received message until its last queued copy is
+    written or dropped (FdRef), and those held in a receive buffer for a
+    message still in progress.
+    """
+
+    __slots__ = ("pool", "used", "users")
+
+    def __init__(self, pool: int = 1 << 30):
+        self.pool = pool
+        self.used = 0  # fds charged to any user
+        self.users = 0  # users holding at least one
+
+    def share(self, acct: "UserAccount") -> int:
+        """How many fds ``acct`` may hold now."""
+        held = acct.message_fds + acct.held_fds
+        return (self.pool - self.used + held) // (self.users + (not held) + 1)
+
+    def refuses(self, acct: "UserAccount", n: int) -> bool:
+        return acct.message_fds + acct.held_fds + n > self.share(acct)
 
 
 @dataclass
@@ -50,8 +88,27 @@ class UserAccount:
 
     uid: int
     connections: int = 0
-    inflight_fds: int = 0
+    inflight_fds: int = 0  # queued towards other peers, per queued copy (max_inflight_fds_per_user)
     outgoing_bytes: int = 0
+    # the broker's fds this user holds (FdQuota): of received messages not yet sent or dropped,
+    # and in receive buffers for messages still in progress
+    message_fds: int = 0
+    held_fds: int = 0
+    quota: FdQuota | None = None
+
+    def charge_fds(self, messages: int = 0, held: int = 0) -> None:
+        """Add (or with negative numbers return) fds to this user's share of the bus's fd pool."""
+        before = self.message_fds + self.held_fds
+        self.message_fds += messages
+        self.held_fds += held
+        q = self.quota
+        if q is not None:
+            after = self.message_fds + self.held_fds
+            q.used += after - before
+            if not before and after:
+                q.users += 1
+            elif before and not after:
+                q.users -= 1
 
 
 class OutItem:

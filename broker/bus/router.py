@@ -17,7 +17,7 @@ from ..wire.errors import WireError
 from .limits import Limits
 from .match import MatchRule
 from .names import NameRegistry
-from .peer import Creds, FdRef, OutItem, Peer, UserAccount
+from .peer import Creds, FdQuota, FdRef, OutItem, Peer, UserAccount
 
 METHOD_CALL, METHOD_RETURN, ERROR, NO_REPLY_EXPECTED = wm.METHOD_CALL, wm.METHOD_RETURN, wm.ERROR, wm.NO_REPLY_EXPECTED
 
@@ -75,6 +75,7 @@ class Bus:
         self.peers: dict[str, Peer] = {}  # unique name -> peer
         self.all_peers: set[Peer] = set()
         self.accounts: dict[int, UserAccount] = {}
+        self.fd_quota = FdQuota()  # its pool is set from RLIMIT_NOFILE by the I/O shell
         self.monitors: list[Peer] = []
         self.eavesdroppers: set[Peer] = set()
         # match index: member -> [(peer, rule)]; rules without member under None
@@ -101,7 +102,7 @@ class Bus:
     def account(self, uid: int) -> UserAccount:
         a = self.accounts.get(uid)
         if a is None:
-            a = self.accounts[uid] = UserAccount(uid)
+            a = self.accounts[uid] = UserAccount(uid, quota=self.fd_quota)
         return a
 
     def can_accept(self, creds: Creds) -> str | None:
@@ -194,7 +195,12 @@ class Bus:
         if not fds and peer.unique_name is not None and not peer.monitor:
             self._route(peer, h, None)  # the common case: no fds whose reference must be dropped after routing
             return
-        fdref = FdRef(fds) if fds else None
+        fdref = None
+        if fds:
+            if self.fd_quota.refuses(peer.account, len(fds)):  # the sender pays: never a receiver
+                self._over_fd_share(peer, h, fds)
+                return
+            fdref = FdRef(fds, peer.account)
         try:
             if peer.unique_name is None:
                 self._to_monitors(peer, h, fdref)
@@ -211,6 +217,16 @@ class Bus:
         finally:
             if fdref is not None:
                 fdref.decref()
+
+    def _over_fd_share(self, peer: Peer, h, fds) -> None:
+        acct = peer.account
+        why = (f"uid {acct.uid} holds its share of the broker's fds "
+               f"({acct.message_fds + acct.held_fds} of {self.fd_quota.share(acct)}: fd share)")  # fmt: skip
+        self.stats["limits"] += 1
+        log.warning("refused a message with %d fds from %s: %s", len(fds), peer.describe(), why)
+        FdRef(fds).decref()
+        if h.type == wm.METHOD_CALL and not h.no_reply_expected and peer.unique_name is not None:
+            self.send_error(peer, h.serial, E + "LimitsExceeded", why)
 
     def _route(self, peer: Peer, h, fdref: FdRef | None) -> None:
         if fdref is not None and self.fd_vetter is not None:

@@ -64,16 +64,22 @@ class Connection:
         self.dead: str | None = None
         self.dying = False
         self.completed = False  # authenticated and registered with the bus
+        self.evicted = False  # closed unauthenticated to make room (Server._make_room_for)
+        self.held_fds = 0  # fds of a message in progress, charged to the user's fd share
 
     # -- lifecycle ----------------------------------------------------------
 
     async def run(self) -> None:
         """Authenticate, then hand the socket to the reactor (and return)."""
+        if self.evicted:  # before its task first ran
+            return
         try:
             sasl = await self._authenticate()
         except BaseException:
             self._close_unauthenticated()
             raise
+        finally:
+            self.server.authentication_ended(self)
         if sasl is None:
             self._close_unauthenticated()
             return
@@ -85,7 +91,6 @@ class Connection:
             return
         self.peer = self.bus.connect(self.creds, unix_fds=sasl.unix_fd)
         self.completed = True
-        self.server.incomplete -= 1
         self.peer.wake = self.server.mark_dirty
         self.peer.kill = self._on_kill
         self.server.connections[self.peer] = self
@@ -101,7 +106,16 @@ class Connection:
             self.server.reactor.finish_closing()
 
     def _close_unauthenticated(self) -> None:
+        if self.evicted:
+            return  # closed already; its fd number may belong to a newer connection by now
         self.server.reactor.unwatch(self.fd)
+        self.sock.close()
+
+    def evict(self) -> None:
+        """Close this unauthenticated connection now; its task, if waiting on the socket, ends."""
+        self.evicted = True
+        self.server.reactor.unwatch(self.fd)
+        trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
 
     def describe(self) -> str:
@@ -125,6 +139,10 @@ class Connection:
         try:
             if self.peer is not None:
                 self.server.connections.pop(self.peer, None)
+                self.server.fds_claimed(self)
+                if self.held_fds:
+                    self.peer.account.charge_fds(0, -self.held_fds)
+                    self.held_fds = 0
                 close_fds(self.framer.close())
                 self.bus.disconnect(self.peer, self.dead or "connection closed")
         finally:
@@ -159,7 +177,10 @@ class Connection:
                 data, anc, _flags, _ = self.sock.recvmsg(4096, ANC_SPACE, MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 self.server.reactor.trio_done(self.fd)
-                await trio.lowlevel.wait_readable(self.sock)
+                try:
+                    await trio.lowlevel.wait_readable(self.sock)
+                except trio.ClosedResourceError:  # evicted
+                    return b""
                 continue
             except OSError:
                 return b""
@@ -175,7 +196,10 @@ class Connection:
             try:
                 n = self.sock.send(view)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+                try:
+                    await trio.lowlevel.wait_writable(self.sock)
+                except trio.ClosedResourceError:  # evicted
+                    return
                 continue
             except OSError:
                 return
@@ -211,10 +235,37 @@ class Connection:
             self._on_kill("")
             return
         framer.commit(n, fds)
+        held = self.held_fds
+        if held:  # they may be claimed now; charged again below if not
+            self.held_fds = 0
+            peer.account.charge_fds(0, -held)
         self._process()
+        if framer.fds:
+            self._hold_fds()
+        elif held:
+            self.server.fds_claimed(self)
         # No flush here: the reactor flushes once every ready connection was read, so messages
         # that several peers sent to one receiver in this pass leave in one sendmsg.
         self.server.reactor.touched.add(self)  # its buffer is given back once it stops reading
+
+    def _hold_fds(self) -> None:
+        """Fds left after every complete message took its own: the message in progress may claim
+        them, within the user's fd share, until pending_fd_timeout; any other fd is a violation."""
+        if self.dying:
+            return  # closing: its fds are closed with the framer
+        peer = self.peer
+        try:
+            self.framer.check_fds()
+        except WireError as e:
+            self.bus.kill(peer, f"protocol violation: {e}")
+            return
+        n = len(self.framer.fds)
+        if self.bus.fd_quota.refuses(peer.account, n):
+            self.bus.kill(peer, f"{n} fds of a message in progress exceed uid {peer.creds.uid}'s fd share")
+            return
+        peer.account.charge_fds(0, n)
+        self.held_fds = n
+        self.server.hold_fds(self)
 
     def _process(self) -> None:
         """Route every complete message in the buffer."""

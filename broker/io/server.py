@@ -20,7 +20,13 @@ class Server:
         self.bus = bus
         self.connections: dict = {}
         self.dirty: set = set()
+        # connections not authenticated yet, per uid, oldest first (dicts keep insertion order)
+        self.unauthenticated: dict[int, dict[Connection, None]] = {}
         self.incomplete = 0
+        # connections holding fds of a message still in progress -> deadline (pending_fd_timeout);
+        # the timeout is the same for all, so the first entry is due first
+        self.fds_pending: dict[Connection, float] = {}
+        self._fds_pending_added: trio.Event | None = None
         self.reactor = Reactor(self, busy_poll_us)
 
     def mark_dirty(self, peer) -> None:
@@ -54,23 +60,75 @@ class Server:
                 log.warning("cannot read peer credentials: %s", e)
                 csock.close()
                 continue
-            if self.incomplete >= self.bus.limits.max_incomplete_connections:
-                log.warning("refused connection uid=%d pid=%d: too many incomplete connections",
-                            creds.uid, creds.pid)  # fmt: skip
-                csock.close()
-                continue
-            self.incomplete += 1  # until authenticated (Connection.run decrements)
+            self._make_room_for(creds.uid)
+            conn = Connection(self, csock, creds)
+            self.unauthenticated.setdefault(creds.uid, {})[conn] = None
+            self.incomplete += 1  # until authenticated or gone (authentication_ended)
             # its SASL lines end the reactor's linger, from before its task first runs
             self.reactor.watch_for_trio(csock.fileno(), pending=True)
-            nursery.start_soon(self._run_connection, csock, creds)
+            nursery.start_soon(conn.run)
 
-    async def _run_connection(self, csock, creds) -> None:
-        conn = Connection(self, csock, creds)
-        try:
-            await conn.run()
-        finally:
-            if not conn.completed:
-                self.incomplete -= 1
+    def _make_room_for(self, uid: int) -> None:
+        """Keep unauthenticated connections within their limits by evicting, never by refusing.
+
+        The uid is known at accept (SO_PEERCRED). A uid at its share of
+        max_incomplete_connections loses its own oldest one; at the global
+        limit, the uid holding most loses its oldest. Sockets that never
+        authenticate thus cost their owner its own slots and nobody else
+        theirs (dbus-daemon refuses everyone once one user holds them all).
+        Root, exempt from max_connections_per_user too, may start many
+        services at once at boot: only the global limit applies to it.
+        """
+        limit = self.bus.limits.max_incomplete_connections
+        mine = self.unauthenticated.get(uid)
+        if mine and len(mine) >= incomplete_share(limit) and uid != 0:  # root: only the global limit
+            self._evict(next(iter(mine)), "its uid holds its share of incomplete connections")
+        if self.incomplete >= limit and self.unauthenticated:
+            most = max(self.unauthenticated.values(), key=len)  # at most max_incomplete_connections uids
+            self._evict(next(iter(most)), "too many incomplete connections (max_incomplete_connections)")
+
+    def _evict(self, conn: Connection, why: str) -> None:
+        log.warning("dropped unauthenticated connection %s: %s", conn.describe(), why)
+        self.authentication_ended(conn)
+        conn.evict()
+
+    def authentication_ended(self, conn: Connection) -> None:
+        """``conn`` authenticated, failed, timed out or was evicted: it no longer counts as incomplete."""
+        mine = self.unauthenticated.get(conn.creds.uid)
+        if mine is not None and mine.pop(conn, False) is None:
+            self.incomplete -= 1
+            if not mine:
+                del self.unauthenticated[conn.creds.uid]
+
+    # -- fds of messages in progress (pending_fd_timeout) ----------------------
+
+    def hold_fds(self, conn: Connection) -> None:
+        """``conn`` holds fds of a message in progress: it must complete it within pending_fd_timeout."""
+        if conn not in self.fds_pending:
+            self.fds_pending[conn] = trio.current_time() + self.bus.limits.pending_fd_timeout / 1000
+            if self._fds_pending_added is not None:
+                self._fds_pending_added.set()
+
+    def fds_claimed(self, conn: Connection) -> None:
+        self.fds_pending.pop(conn, None)
+
+    async def expire_pending_fds(self) -> None:
+        """Disconnect clients that hold fds in a message they do not finish (dbus-daemon's pending_fd_timeout)."""
+        pending = self.fds_pending
+        while True:
+            if not pending:
+                self._fds_pending_added = trio.Event()
+                await self._fds_pending_added.wait()
+                self._fds_pending_added = None
+                continue
+            conn, deadline = next(iter(pending.items()))
+            if trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                continue
+            del pending[conn]
+            if not conn.dying and conn.peer is not None:
+                self.bus.kill(conn.peer, "held fds of an unfinished message longer than pending_fd_timeout")
+                self.reactor.finish_closing()
 
 
 def read_machine_id() -> str:
@@ -85,12 +143,23 @@ def read_machine_id() -> str:
     return ""
 
 
+def incomplete_share(max_incomplete: int) -> int:
+    """Unauthenticated connections one uid may hold: a quarter of max_incomplete_connections."""
+    return max(1, max_incomplete // 4)
+
+
+def fd_pool(soft: int) -> int:
+    """The fds users may make the broker hold (FdQuota); the rest is the broker's own reserve."""
+    return max(64, soft - max(64, soft // 8))
+
+
 def raise_fd_limit(limits) -> int:
     """Raise RLIMIT_NOFILE to its hard limit and keep fd quotas below it.
 
-    Running out of fds would stop the bus from accepting anyone: no single
-    user may pin more than a quarter of them in queues, and a client can
-    never make the broker exceed the limit by itself.
+    Running out of fds would stop the bus from accepting anyone: users share
+    ``fd_pool(soft)`` fairly (FdQuota), an eighth of the limit (at least 64)
+    stays with the broker, and a client can never make the broker exceed
+    the limit by itself.
     """
     import resource
 
@@ -101,15 +170,14 @@ def raise_fd_limit(limits) -> int:
             soft = hard
         except (ValueError, OSError):
             pass
-    budget = max(64, soft // 4)
-    limits.max_inflight_fds_per_user = min(limits.max_inflight_fds_per_user, budget)
-    limits.max_outgoing_unix_fds = min(limits.max_outgoing_unix_fds, budget)
+    limits.max_outgoing_unix_fds = min(limits.max_outgoing_unix_fds, max(64, soft // 4))
     return soft
 
 
 def make_bus(settings: BusSettings) -> Bus:
-    raise_fd_limit(settings.limits)
+    soft = raise_fd_limit(settings.limits)
     bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
+    bus.fd_quota.pool = fd_pool(soft)
     bus.policy = settings.policy
     if settings.selinux is not None:
         from ..access.mediator import BusPolicy
@@ -138,6 +206,7 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
     async with trio.open_nursery() as nursery:
         bus.spawn = nursery.start_soon
         nursery.start_soon(server.reactor.run)
+        nursery.start_soon(server.expire_pending_fds)
         from ..payload.bus_glue import note_listening_sockets
 
         socks = [getattr(lst, "sock", lst) for lst in listeners]

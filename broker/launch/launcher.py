@@ -20,7 +20,7 @@ import time
 
 from ..access.config import load_config
 from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
-from ..bus.limits import Limits
+from ..bus.limits import limits_for
 from ..io.address import listen, systemd_listeners
 from . import control, sandbox
 from .audit import AuditWriter
@@ -97,8 +97,7 @@ def policy_json(cfg, owner_uid: int | None = None) -> str | None:
 
 
 def broker_settings(cfg, user: pwd.struct_passwd, owner_uid: int | None = None) -> dict:
-    lim = Limits()
-    lim.update(cfg.limits)
+    lim = limits_for(cfg.type or "system", cfg.limits)
     return {
         "type": "settings", "bus_type": cfg.type or "system", "limits": vars(lim),
         "fd_mode": cfg.sealbus.fd_mode or "any",

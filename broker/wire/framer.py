@@ -13,7 +13,7 @@ from collections import deque
 from typing import NamedTuple
 
 from .errors import HeaderError, LimitExceededError
-from .message import DEFAULT_MAX_MESSAGE_SIZE, FIXED_HEADER_SIZE, HeaderView, WireCache, message_size
+from .message import _ENDIAN, _FIXED, DEFAULT_MAX_MESSAGE_SIZE, FIXED_HEADER_SIZE, HeaderView, WireCache, message_size
 
 DEFAULT_BUFFER = 64 * 1024
 MIN_FREE = 4096
@@ -50,6 +50,7 @@ class Framer:
         self._end = 0  # first free byte
         self._need = 0  # size of the message at _start, once known
         self.fds: deque[int] = deque()  # received, not yet attached to a message
+        self._claim = (b"", 0)  # (fixed header, UNIX_FDS) of the message in progress, once its fields were read
 
     # -- input ------------------------------------------------------------
 
@@ -170,6 +171,47 @@ class Framer:
         finally:
             self._view = memoryview(buf)
         return True
+
+    def check_fds(self) -> None:
+        """Raise if an fd is held that no message can claim; call once ``next_message`` returned None.
+
+        Fds go to messages in the order they arrived (as libdbus does); the
+        kernel delivers them with the bytes of the sendmsg that carried them,
+        so a client sending a message with fds has them claimed by the time
+        the message is complete. Fds beyond what the message in progress can
+        still claim (its UNIX_FDS once its header fields are in,
+        ``max_fds_per_message`` before; none when no message is in progress)
+        would be held by nobody: a protocol violation (libdbus cannot even
+        receive more than one message's worth: MSG_CTRUNC, disconnect).
+        """
+        held = len(self.fds)
+        if held and held > self._claimable():
+            raise HeaderError(f"{held} fds arrived that no message claims")
+
+    def _claimable(self) -> int:
+        start = self._start
+        avail = self._end - start
+        if not avail:
+            return 0
+        if avail < FIXED_HEADER_SIZE:
+            return self.max_fds_per_message
+        view = self._view
+        fixed = view[start : start + FIXED_HEADER_SIZE].tobytes()  # its serial tells it from earlier ones
+        if self._claim[0] == fixed:
+            return self._claim[1]
+        if not self._need:
+            self._need = message_size(view, self.max_message_size, start)
+        fields_end = FIXED_HEADER_SIZE + _FIXED[_ENDIAN[view[start]]].unpack_from(view, start)[2]
+        if avail < fields_end:
+            return self.max_fds_per_message
+        # parse the field array alone (the body may be far from complete); malformed fields raise now
+        h = HeaderView.__new__(HeaderView)
+        h.unix_fds = h.unknown_fields = h.reply_serial = 0
+        with view[start : start + fields_end] as raw:
+            h._parse_fields(raw, _ENDIAN[view[start]], fields_end)
+        claim = min(h.unix_fds, self.max_fds_per_message)  # more is refused when the message is complete
+        self._claim = (fixed, claim)
+        return claim
 
     def messages(self):
         while (m := self.next_message()) is not None:
