@@ -90,6 +90,9 @@ class Bus:
         self.stats = {"messages": 0, "broadcasts": 0, "dropped_replies": 0, "limits": 0}
         self.reload_hook = None
         self.payload = None  # set by the payload layer: claim service, stats
+        # Actions for the I/O shell: (fds, sender peer or None) the core is done with; the shell drains
+        # this after each routing pass and closes them off the loop where that may block (see FdRef).
+        self.closing: list[tuple[list[int], Peer | None]] = []
         from .driver import Driver
 
         self.driver = Driver(self)
@@ -185,7 +188,7 @@ class Bus:
         h, fds = msg
         if peer.dying:
             if fds:
-                FdRef(fds).decref()
+                FdRef(fds, self.closing, peer).decref()
             return
         stats = peer.stats
         stats["in_messages"] += 1
@@ -194,7 +197,7 @@ class Bus:
         if not fds and peer.unique_name is not None and not peer.monitor:
             self._route(peer, h, None)  # the common case: no fds whose reference must be dropped after routing
             return
-        fdref = FdRef(fds) if fds else None
+        fdref = FdRef(fds, self.closing, peer) if fds else None
         try:
             if peer.unique_name is None:
                 self._to_monitors(peer, h, fdref)
@@ -510,7 +513,7 @@ class Bus:
         raw = wm.build_message(wm.METHOD_RETURN, self.next_serial(), reply_serial=reply_to,
                                destination=target.unique_name, sender=DBUS_NAME, signature=signature,
                                body=body, flags=wm.NO_REPLY_EXPECTED, unix_fds=len(fds))  # fmt: skip
-        fdref = FdRef(fds)
+        fdref = FdRef(fds, self.closing)
         h = wm.HeaderView(memoryview(raw))
         try:
             if self.monitors:

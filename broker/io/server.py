@@ -8,7 +8,8 @@ import trio
 
 from ..bus.router import Bus
 from ..bus.settings import BusSettings
-from .connection import Connection
+from ..payload.closer import closer
+from .connection import Connection, drain_closing
 from .creds import peer_creds
 from .reactor import Reactor
 
@@ -22,6 +23,8 @@ class Server:
         self.dirty: set = set()
         self.incomplete = 0
         self.reactor = Reactor(self, busy_poll_us)
+        # queued closes one uid may have: as many fds as it may have in flight (a uid over it is refused)
+        closer.uid_share = bus.limits.max_inflight_fds_per_user
 
     def mark_dirty(self, peer) -> None:
         self.dirty.add(peer)
@@ -32,6 +35,8 @@ class Server:
             conn = self.connections.get(peer)
             if conn is not None and not conn.dying:
                 conn.flush()
+        if self.bus.closing:  # fds the core is done with (written, dropped or refused)
+            drain_closing(self.bus)
 
     async def serve_listener(self, lsock: socket.socket, nursery) -> None:
         lsock.setblocking(False)
@@ -52,6 +57,11 @@ class Server:
                 creds = peer_creds(csock)
             except OSError as e:
                 log.warning("cannot read peer credentials: %s", e)
+                csock.close()
+                continue
+            if closer.over_share(creds.uid):
+                log.warning("refused connection uid=%d pid=%d: %d fds it sent still wait to be closed",
+                            creds.uid, creds.pid, closer.charged.get(creds.uid, 0))  # fmt: skip
                 csock.close()
                 continue
             if self.incomplete >= self.bus.limits.max_incomplete_connections:

@@ -46,7 +46,9 @@ class PayloadService:
                 bus.send_error(peer, serial, e.error_name, e.message)
         else:
             if peer.dying:
-                os.close(fd)
+                from .closer import closer
+
+                closer.close(fd)  # a file of our own FUSE mount: close() from this thread would wait for us
             else:
                 bus.send_reply_fds(peer, serial, "ht", (0, size), [fd])
         bus.server.flush_dirty()
