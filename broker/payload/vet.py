@@ -298,6 +298,9 @@ class FdClassifier:
         return t
 
     def mnt_id(self, fd: int) -> int | None:
+        """The mount of ``fd`` as /proc/self/fdinfo tells it; None if that cannot be read."""
+        if self._pid != os.getpid():
+            self.prepare()
         try:
             f = os.open(str(fd), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._fdinfo_dir)
         except OSError:
