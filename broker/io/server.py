@@ -9,6 +9,7 @@ import trio
 from ..bus.router import Bus
 from ..bus.settings import BusSettings
 from ..payload.closer import closer
+from ..payload.vet import classifier
 from .connection import Connection, drain_closing
 from .creds import peer_creds
 from .reactor import Reactor
@@ -25,6 +26,7 @@ class Server:
         self.reactor = Reactor(self, busy_poll_us)
         # queued closes one uid may have: as many fds as it may have in flight (a uid over it is refused)
         closer.uid_share = bus.limits.max_inflight_fds_per_user
+        classifier.prepare()  # its /proc fds, opened once now rather than at the first fd a client passes
 
     def mark_dirty(self, peer) -> None:
         self.dirty.add(peer)
