@@ -305,3 +305,46 @@ def test_classifier_works_in_the_broker_sandbox():
     assert out.returncode == 0, (out.returncode, out.stderr)
     assert out.stdout.split() == [str(want), "None", "None", "None"], out.stdout
     assert out.returncode != -signal.SIGSYS
+
+
+# -- the same in the privilege-separated system bus (Landlock + seccomp broker) ----------------------
+
+
+@pytest.mark.timeout(120)
+def test_system_bus_broker_keeps_closing_behind_a_stuck_private_mount(test_users):
+    """`sealbus run --system`: the sandboxed broker classifies a user's private FUSE file (it cannot stat
+    it) by its mount through /proc/self/fdinfo, so another user's regular files are still closed: had the
+    sandbox hidden fdinfo, both would share one "unknown" queue behind the stuck close."""
+    from .test_privsep import SystemBus
+
+    bus = SystemBus()
+    bus.path = bus.socket  # what RawClient connects to
+    try:
+        attacker, other = test_users
+        with ExitStack() as st:
+            mnt = st.enter_context(hostile(attacker))
+            proc, lines = st.enter_context(sender(attacker, bus, mnt / "f", 3))
+            assert lines[0].startswith("reply"), lines
+            bus_serves_new_clients(bus)
+            count = lambda: len(os.listdir(f"/proc/{bus.broker_pid}/fd"))  # noqa: E731
+            script = ("import os, sys\nfrom jeepney import DBusAddress, new_method_call, message_bus\n"
+                      "from jeepney.io.blocking import open_dbus_connection\n"
+                      "c = open_dbus_connection(sys.argv[1], enable_fds=True)\n"
+                      "c.send_and_get_reply(message_bus.GetId(), timeout=5)\n"
+                      "print('ready', flush=True)\nsys.stdin.readline()\n"
+                      "a = DBusAddress('/', bus_name='org.sealbus.Test.Nobody', interface='org.sealbus.Test')\n"
+                      "fds = [os.open('/etc/passwd', os.O_RDONLY) for _ in range(8)]\n"
+                      "r = c.send_and_get_reply(new_method_call(a, 'Take', 'h' * 8, tuple(fds)), timeout=5)\n"
+                      "print(r.header.fields.get(4), flush=True)\nsys.stdin.readline()\n")  # fmt: skip
+            victim = popen_as(other, [sys.executable, "-c", script, bus.address], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd="/")  # fmt: skip
+            st.callback(victim.kill)
+            assert victim.stdout.readline().strip() == "ready"
+            baseline = count()
+            victim.stdin.write("\n")
+            victim.stdin.flush()
+            assert victim.stdout.readline().strip() == "org.freedesktop.DBus.Error.ServiceUnknown"
+            assert wait_for(lambda: count() <= baseline), (baseline, fd_links(bus.broker_pid))
+        reap(proc)
+    finally:
+        assert bus.stop() == 0, bus.logtext()[-3000:]
