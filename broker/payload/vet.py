@@ -267,11 +267,18 @@ class FdClassifier:
         if fd < 0:
             return
         mounts = {}
+        chunks, size = [], 0
         try:
             os.lseek(fd, 0, os.SEEK_SET)
-            data = b"".join(iter(lambda: os.read(fd, 65536), b""))
+            while size < MOUNTS_MAX * 256:  # bounded: the rest of a huge table stays unknown ("may block")
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
         except OSError:
             return
+        data = b"".join(chunks)
         for line in data.split(b"\n")[:MOUNTS_MAX]:
             # "36 35 98:0 /root /mnt opts [optional fields] - fstype source superopts"
             head, sep, tail = line.partition(b" - ")
