@@ -1,4 +1,5 @@
-"""FdCloser: a client's FUSE file (FLUSH never answered) is closed off the caller's thread."""
+"""FdCloser: a client's FUSE file (FLUSH never answered) is closed off the caller's thread, and the
+workers are shared fairly: per mount, per uid, with queued closes charged to the sender."""
 
 import os
 import queue

@@ -331,10 +331,11 @@ def test_close_keys_name_the_filesystem(fds, tmp_path, hostile_fuse):
     assert isinstance(disk, int) and isinstance(fuse, int) and disk != fuse
     assert classifier.fstype(fuse) == "fuse" and classifier.fstype(disk) not in SAFE_FSTYPES
     r, w = os.pipe()
-    fds += [r, w, os.eventfd(0), os.pidfd_open(os.getpid()), memfd_with(fds, 0)]
+    fds += [r, w, os.eventfd(0), os.pidfd_open(os.getpid())]
+    m = memfd_with(fds, 0)  # (appended by the helper)
     shm = os.open("/dev/shm", os.O_RDONLY | os.O_DIRECTORY)  # a tmpfs directory: known by its mount
     fds.append(shm)
-    for fd in (r, w, fds[-4], fds[-3], fds[-2], shm):
+    for fd in (r, w, fds[-4], fds[-3], m, shm):
         assert classifier.close_key(fd) is None, os.readlink(f"/proc/self/fd/{fd}")
     tcp = socket.create_server(("127.0.0.1", 0))
     assert classifier.close_key(tcp.fileno()) == "socket"
