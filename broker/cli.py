@@ -14,6 +14,7 @@ import sys
 import trio
 
 from .bus.settings import BusSettings
+from .launch.logs import setup_logging
 
 DESCRIPTION = """\
 sealbus: a privilege-separated userspace D-Bus broker that carries sealed
@@ -30,14 +31,6 @@ commands:
   cat-payload   write a payload fd's contents to stdout
   bench         compare sealbus with dbus-daemon and dbus-broker
 """
-
-
-def setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"sealbus[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def settings_from_config(path: str | None, fd_mode: str | None = None, payload_fs: str | None = None,

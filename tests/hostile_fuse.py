@@ -1,8 +1,11 @@
 """A hostile FUSE server for tests: one file ``f`` whose FLUSH is never answered.
 
-Run as ``python hostile_fuse.py MOUNTPOINT``; prints ``ready`` once mounted.
-Any process that close()s an fd of ``MOUNTPOINT/f`` hangs until this server
-dies (the kernel then aborts the connection and the close returns).
+Run as ``python hostile_fuse.py MOUNTPOINT [--private]``; prints ``ready`` once
+mounted. Any process that close()s an fd of ``MOUNTPOINT/f`` hangs until this
+server dies (the kernel then aborts the connection and the close returns).
+``--private`` mounts without allow_other, as a user's plain fusermount3 mount
+is: other users, root included, get EACCES from stat on it (but their close()
+of an fd they were passed still waits for FLUSH).
 """
 
 import errno
@@ -40,21 +43,33 @@ class NeverFlush(pyfuse3.Operations):
 
 
 if __name__ == "__main__":
-    pyfuse3.init(NeverFlush(), sys.argv[1], {"allow_other", "fsname=sealbus-test-hostile"})
+    opts = {"fsname=sealbus-test-hostile"} | (set() if "--private" in sys.argv else {"allow_other"})
+    pyfuse3.init(NeverFlush(), sys.argv[1], opts)
     print("ready", flush=True)
     trio.run(pyfuse3.main)
 
 
-def mount(mnt):
-    """Context manager for tests: serve the hostile fs at ``mnt`` in a child process; kill it on exit."""
+def mount(mnt, user=None):
+    """Context manager for tests: serve the hostile fs at ``mnt`` in a child process; kill it on exit.
+
+    With ``user`` (a pwd entry) the server runs as that user and mounts through fusermount3 without
+    allow_other (``mnt`` is chowned to the user; its parents must let the user reach it)."""
     import contextlib
     import os
     import subprocess
 
+    def demote():
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+
     @contextlib.contextmanager
     def cm():
-        srv = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(mnt)], stdout=subprocess.PIPE,
-                               text=True)  # fmt: skip
+        argv = [sys.executable, os.path.abspath(__file__), str(mnt)]
+        if user is not None:
+            os.chown(mnt, user.pw_uid, user.pw_gid)
+            argv.append("--private")
+        srv = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, preexec_fn=demote if user else None)
         try:
             assert srv.stdout.readline().strip() == "ready"
             yield mnt

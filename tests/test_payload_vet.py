@@ -12,9 +12,12 @@ from broker.payload.seals import seal_names
 from broker.payload.vet import (
     E_REFUSED,
     E_UNSEALED,
+    SAFE_FSTYPES,
+    FdClassifier,
     FdRefused,
     PayloadStats,
     VetContext,
+    classifier,
     close_may_block,
     fd_stat,
     vet_fds,
@@ -259,3 +262,108 @@ def hostile_fuse(tmp_path):
     (tmp_path / "hostile").mkdir()
     with hf.mount(tmp_path / "hostile") as mnt:
         yield mnt
+
+
+# -- the close classifier: nothing it cannot prove harmless is closed on the loop ---------------------
+
+
+def fd_from_user(user, path):
+    """An fd of ``path`` opened by ``user`` (root cannot open a private FUSE mount), passed to us."""
+    import subprocess
+    import sys
+
+    ours, theirs = socket.socketpair()
+    script = ("import os, socket, sys\ns = socket.socket(fileno=int(sys.argv[2]))\n"
+              "socket.send_fds(s, [b'x'], [os.open(sys.argv[1], os.O_RDONLY)])\nsys.stdin.readline()\n")  # fmt: skip
+
+    def demote():
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+
+    # it keeps its copy open until killed with the mount (its close would hang as well)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path), str(theirs.fileno())], cwd="/",
+                            pass_fds=[theirs.fileno()], preexec_fn=demote, stdin=subprocess.PIPE)  # fmt: skip
+    theirs.close()
+    try:
+        ours.settimeout(20)
+        _msg, got, _flags, _addr = socket.recv_fds(ours, 1, 1)
+    finally:
+        ours.close()
+    return got[0], proc
+
+
+@pytest.mark.timeout(60)
+def test_a_private_fuse_file_may_block(test_users):
+    """A user's own fusermount3 mount (no allow_other): stat fails with EACCES for everybody else, so the
+    old classifier concluded "cannot block" and the broker closed it on its loop, hanging in FLUSH."""
+    import tempfile
+
+    from tests import hostile_fuse as hf
+
+    d = tempfile.mkdtemp(prefix="sealbus-hostile-")
+    os.chmod(d, 0o755)
+    os.mkdir(f"{d}/mnt")
+    try:
+        with hf.mount(f"{d}/mnt", user=test_users[0]) as mnt:
+            fd, proc = fd_from_user(test_users[0], f"{mnt}/f")  # never closed by us: it would hang
+            try:
+                with pytest.raises(PermissionError):
+                    fd_stat(fd)
+                assert close_may_block(fd)
+                key = classifier.close_key(fd)
+                assert isinstance(key, int) and classifier.fstype(key).startswith("fuse")
+                assert refused([fd], "any").reason == "stat"  # vetting refuses it, without blocking either
+            finally:
+                proc.kill()
+    finally:
+        os.rmdir(f"{d}/mnt")
+        os.rmdir(d)
+
+
+def test_close_keys_name_the_filesystem(fds, tmp_path, hostile_fuse):
+    """What may block is keyed by its mount (the closer serves mounts fairly); safe kinds are None."""
+    fuse_fd = os.open(hostile_fuse / "f", os.O_RDONLY)  # never closed by us: it would hang until teardown
+    fds.append(os.open(__file__, os.O_RDONLY))
+    disk = classifier.close_key(fds[-1])
+    fuse = classifier.close_key(fuse_fd)
+    assert isinstance(disk, int) and isinstance(fuse, int) and disk != fuse
+    assert classifier.fstype(fuse) == "fuse" and classifier.fstype(disk) not in SAFE_FSTYPES
+    r, w = os.pipe()
+    fds += [r, w, os.eventfd(0), os.pidfd_open(os.getpid())]
+    m = memfd_with(fds, 0)  # (appended by the helper)
+    shm = os.open("/dev/shm", os.O_RDONLY | os.O_DIRECTORY)  # a tmpfs directory: known by its mount
+    fds.append(shm)
+    for fd in (r, w, fds[-4], fds[-3], m, shm):
+        assert classifier.close_key(fd) is None, os.readlink(f"/proc/self/fd/{fd}")
+    tcp = socket.create_server(("127.0.0.1", 0))
+    assert classifier.close_key(tcp.fileno()) == "socket"
+    tcp.close()
+    assert classifier.close_key(123456) is None  # not open: close() returns at once
+
+
+def test_mount_table_is_reread_only_when_it_changed(fds, tmp_path):
+    """A mount made after the table was read is found (re-read on an unknown mnt_id, once the kernel says
+    the table changed); an unknown mnt_id with no change since costs no re-read."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    c = FdClassifier()
+    c.prepare()
+    reads = []
+    real = c._read_mounts
+    c._read_mounts = lambda: (reads.append(1), real())
+    assert c.fstype(10**9) is None and c.fstype(10**9 + 1) is None
+    assert reads == []  # nothing changed: no re-read
+    mnt = tmp_path / "ram"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        fd = os.open(mnt / "x", os.O_RDWR | os.O_CREAT, 0o600)
+        fds.append(fd)
+        assert c.close_key(fd) is None  # ramfs: no seals, known safe through the (re-read) mount table
+        assert reads == [1]
+        assert c.close_key(fd) is None and reads == [1]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

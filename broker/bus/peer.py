@@ -2,7 +2,8 @@
 
 The outbox is plain data (buffers + fds). The I/O shell installs ``wake``
 (called when the outbox gains data) and ``kill`` (called when the core decides
-to disconnect the peer); nothing here performs I/O.
+to disconnect the peer), and closes the fds the core is done with (see
+``FdRef``); nothing here performs I/O.
 """
 
 from collections import deque
@@ -23,15 +24,21 @@ class FdRef:
     """Fds of one received message, shared by every copy that is queued.
 
     Multicast sends the same open files to N receivers; the broker's copies
-    are closed once the last queued copy has been written or dropped.
+    are released once the last queued copy has been written or dropped. The
+    core never closes them itself (a FUSE file's close may block): it appends
+    ``(fds, sender)`` to ``sink``, the bus's declared ``closing`` list, which
+    the I/O shell drains after each routing pass. ``sender`` is the Peer
+    charged for their closing (None: the bus's own fds).
     """
 
-    __slots__ = ("fds", "owner", "refs")
+    __slots__ = ("fds", "owner", "refs", "sender", "sink")
 
-    def __init__(self, fds: list[int], owner: "UserAccount | None" = None):
+    def __init__(self, fds: list[int], sink: list, sender=None, owner: "UserAccount | None" = None):
         self.fds = fds
         self.refs = 1
-        self.owner = owner  # the user whose fd share these count against until they are closed
+        self.sink = sink  # the bus's list of fds the I/O shell must close
+        self.sender = sender
+        self.owner = owner  # the user whose fd share these count against until they are released
         if owner is not None:
             owner.charge_fds(len(fds))
 
@@ -41,9 +48,7 @@ class FdRef:
     def decref(self) -> None:
         self.refs -= 1
         if self.refs == 0:
-            from ..payload.closer import closer  # a FUSE file's close may block: not on the loop
-
-            closer.close_all(self.fds)
+            self.sink.append((self.fds, self.sender))
             if self.owner is not None:
                 self.owner.charge_fds(-len(self.fds))
                 self.owner = None

@@ -91,6 +91,9 @@ class Bus:
         self.stats = {"messages": 0, "broadcasts": 0, "dropped_replies": 0, "limits": 0}
         self.reload_hook = None
         self.payload = None  # set by the payload layer: claim service, stats
+        # Actions for the I/O shell: (fds, sender peer or None) the core is done with; the shell drains
+        # this after each routing pass and closes them off the loop where that may block (see FdRef).
+        self.closing: list[tuple[list[int], Peer | None]] = []
         from .driver import Driver
 
         self.driver = Driver(self)
@@ -186,7 +189,7 @@ class Bus:
         h, fds = msg
         if peer.dying:
             if fds:
-                FdRef(fds).decref()
+                FdRef(fds, self.closing, peer).decref()
             return
         stats = peer.stats
         stats["in_messages"] += 1
@@ -200,7 +203,7 @@ class Bus:
             if self.fd_quota.refuses(peer.account, len(fds)):  # the sender pays: never a receiver
                 self._over_fd_share(peer, h, fds)
                 return
-            fdref = FdRef(fds, peer.account)
+            fdref = FdRef(fds, self.closing, peer, peer.account)
         try:
             if peer.unique_name is None:
                 self._to_monitors(peer, h, fdref)
@@ -224,7 +227,7 @@ class Bus:
                f"({acct.message_fds + acct.held_fds} of {self.fd_quota.share(acct)}: fd share)")  # fmt: skip
         self.stats["limits"] += 1
         log.warning("refused a message with %d fds from %s: %s", len(fds), peer.describe(), why)
-        FdRef(fds).decref()
+        FdRef(fds, self.closing, peer).decref()
         if h.type == wm.METHOD_CALL and not h.no_reply_expected and peer.unique_name is not None:
             self.send_error(peer, h.serial, E + "LimitsExceeded", why)
 
@@ -526,7 +529,7 @@ class Bus:
         raw = wm.build_message(wm.METHOD_RETURN, self.next_serial(), reply_serial=reply_to,
                                destination=target.unique_name, sender=DBUS_NAME, signature=signature,
                                body=body, flags=wm.NO_REPLY_EXPECTED, unix_fds=len(fds))  # fmt: skip
-        fdref = FdRef(fds)
+        fdref = FdRef(fds, self.closing)
         h = wm.HeaderView(memoryview(raw))
         try:
             if self.monitors:

@@ -43,9 +43,31 @@ def fds_from_ancdata(ancdata) -> list[int]:
     return fds
 
 
-def close_fds(fds) -> None:
-    """Close received fds; kinds whose close may block (FUSE files...) go to worker threads."""
-    closer.close_all(fds)
+def close_fds(fds, creds=None) -> bool:
+    """Close received fds; kinds whose close may block (FUSE files...) go to worker threads, charged to
+    the sender's uid (``creds``). True if that uid now has more queued than its share."""
+    return closer.close_all(fds, creds.uid if creds is not None else None)
+
+
+def drain_closing(bus) -> None:
+    """Perform the core's close actions (``bus.closing``, see ``FdRef``), after each routing pass.
+
+    A sender whose uid has more fds waiting for a close than its share is
+    disconnected: the broker already holds every fd it was sent, so refusing
+    the message would free nothing while the client kept sending more; the
+    server also refuses that uid's new connections until the charge drains.
+    """
+    closing = bus.closing
+    while closing:
+        batch = closing[:]
+        closing.clear()
+        for fds, sender in batch:
+            if sender is None:
+                closer.close_all(fds)
+            elif closer.close_all(fds, sender.creds.uid) and not sender.dying:
+                uid = sender.creds.uid
+                bus.kill(sender, f"uid {uid} has {closer.charged.get(uid, 0)} fds waiting to be closed (share "
+                         f"{closer.uid_share}): the filesystem they are on does not let them close")  # fmt: skip
 
 
 class Connection:
@@ -143,7 +165,7 @@ class Connection:
                 if self.held_fds:
                     self.peer.account.charge_fds(0, -self.held_fds)
                     self.held_fds = 0
-                close_fds(self.framer.close())
+                close_fds(self.framer.close(), self.creds)
                 self.bus.disconnect(self.peer, self.dead or "connection closed")
         finally:
             sock.close()
@@ -185,7 +207,7 @@ class Connection:
             except OSError:
                 return b""
             if anc:
-                close_fds(fds_from_ancdata(anc))
+                close_fds(fds_from_ancdata(anc), self.creds)
                 log.warning("fds sent during authentication by uid=%d pid=%d", self.creds.uid, self.creds.pid)
                 return b""
             return data
@@ -223,15 +245,15 @@ class Connection:
             buf.release()  # our view of the free space must not pin the buffer
         fds = fds_from_ancdata(anc) if anc else ()
         if flags & MSG_CTRUNC:
-            close_fds(fds)
+            close_fds(fds, self.creds)
             self.bus.kill(peer, "control data truncated (too many fds in one read)")
             return
         if fds and not peer.unix_fds:
-            close_fds(fds)
+            close_fds(fds, self.creds)
             self.bus.kill(peer, "sent fds without negotiating Unix fd passing")
             return
         if n == 0:
-            close_fds(fds)
+            close_fds(fds, self.creds)
             self._on_kill("")
             return
         framer.commit(n, fds)

@@ -8,7 +8,9 @@ import trio
 
 from ..bus.router import Bus
 from ..bus.settings import BusSettings
-from .connection import Connection
+from ..payload.closer import closer
+from ..payload.vet import classifier
+from .connection import Connection, drain_closing
 from .creds import peer_creds
 from .reactor import Reactor
 
@@ -28,6 +30,9 @@ class Server:
         self.fds_pending: dict[Connection, float] = {}
         self._fds_pending_added: trio.Event | None = None
         self.reactor = Reactor(self, busy_poll_us)
+        # queued closes one uid may have: as many fds as it may have in flight (a uid over it is refused)
+        closer.uid_share = bus.limits.max_inflight_fds_per_user
+        classifier.prepare()  # its /proc fds, opened once now rather than at the first fd a client passes
 
     def mark_dirty(self, peer) -> None:
         self.dirty.add(peer)
@@ -38,6 +43,8 @@ class Server:
             conn = self.connections.get(peer)
             if conn is not None and not conn.dying:
                 conn.flush()
+        if self.bus.closing:  # fds the core is done with (written, dropped or refused)
+            drain_closing(self.bus)
 
     async def serve_listener(self, lsock: socket.socket, nursery) -> None:
         lsock.setblocking(False)
@@ -58,6 +65,11 @@ class Server:
                 creds = peer_creds(csock)
             except OSError as e:
                 log.warning("cannot read peer credentials: %s", e)
+                csock.close()
+                continue
+            if closer.over_share(creds.uid):
+                log.warning("refused connection uid=%d pid=%d: %d fds it sent still wait to be closed",
+                            creds.uid, creds.pid, closer.charged.get(creds.uid, 0))  # fmt: skip
                 csock.close()
                 continue
             self._make_room_for(creds.uid)
@@ -214,11 +226,11 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         for sock in socks:
             nursery.start_soon(server.serve_listener, sock, nursery)
         if settings.payload_fs or fuse_fd is not None:
-            from ..payload.bus_glue import start_payload_fs
+            from .fuse import start_payload_fs
 
             await start_payload_fs(bus, settings, nursery, fuse_fd=fuse_fd)
         if control is not None:
-            from ..launch.control import control_loop
+            from .control import control_loop
 
             nursery.start_soon(control_loop, control, lambda msg: apply_control(bus, msg))
         task_status.started(bus)

@@ -35,9 +35,10 @@ from broker.access.policy import Policy
 from broker.access.selinux import make_mediator
 from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
-from broker.cli import setup_logging
+from broker.io import control
 from broker.io.server import apply_control, serve
-from broker.launch import control, sandbox
+from broker.launch import sandbox
+from broker.launch.logs import setup_logging
 
 log = logging.getLogger("sealbus.broker")
 

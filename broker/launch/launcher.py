@@ -21,8 +21,9 @@ import time
 from ..access.config import load_config
 from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
 from ..bus.limits import limits_for
+from ..io import control
 from ..io.address import listen, systemd_listeners
-from . import control, sandbox
+from . import sandbox
 from .audit import AuditWriter
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
 

@@ -79,10 +79,18 @@ def _best_effort(what: str, without: str, required: bool, install) -> bool:
 
 def apply_landlock(required: bool, selinuxfs: bool = False, payload_fs: str | None = None) -> bool:
     """A ruleset that handles every filesystem right and allows none, except: selinuxfs when mediating,
-    and opening + unlinking its own snapshot files beneath the payload fs's parent directory (the rule
+    reading the broker's own /proc/self/fdinfo entries (to tell which fds' close() may block), and
+    opening + unlinking its own snapshot files beneath the payload fs's parent directory (the rule
     is set on the parent: looking up the mount itself would wait for the FUSE server, which is us)."""
 
+    from ..payload.vet import classifier
+
+    # Telling whether an fd's close() may block reads /proc/self/fdinfo/N (its mount): the directory is
+    # opened (and so pinned) now and only reading beneath it is granted; mountinfo stays open.
+    classifier.prepare()
     rules = []
+    if classifier.fdinfo_dir >= 0:
+        rules.append((f"/proc/self/fd/{classifier.fdinfo_dir}", ("READ_FILE",)))
     if selinuxfs:
         rules.append((SELINUXFS, ("READ_FILE", "WRITE_FILE", "READ_DIR")))
     if payload_fs:

@@ -52,7 +52,9 @@ class PayloadService:
                 bus.send_error(peer, serial, e.error_name, e.message)
         else:
             if peer.dying:
-                os.close(fd)
+                from .closer import closer
+
+                closer.close(fd)  # a file of our own FUSE mount: close() from this thread would wait for us
             else:
                 bus.send_reply_fds(peer, serial, "ht", (0, size), [fd])
         bus.server.flush_dirty()
@@ -83,15 +85,3 @@ def note_listening_sockets(bus, socks) -> None:
     for s in socks:
         st = os.fstat(s.fileno())
         bus.payload.ctx.listening.add((st.st_dev, st.st_ino))
-
-
-async def start_payload_fs(bus, settings, nursery, fuse_fd=None) -> None:
-    """Compatibility shim for io/server.py: the function is ``broker.io.fuse.start_payload_fs``.
-
-    Importing io from payload is an upward import (listed in
-    scripts/layers-known.txt); once io/server.py imports it from ``.fuse``,
-    delete this shim and that line.
-    """
-    from ..io.fuse import start_payload_fs as start
-
-    await start(bus, settings, nursery, fuse_fd=fuse_fd)

@@ -10,9 +10,11 @@ import ctypes
 import errno
 import fcntl
 import os
+import select
 import socket
 import stat
 import struct
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -74,6 +76,9 @@ def fd_stat(fd: int):
             dev = os.makedev(*struct.unpack_from("<II", raw, 0x88))
             ino = struct.unpack_from("<Q", raw, 0x20)[0]
             return mode, size, dev, ino
+        e = ctypes.get_errno()
+        if e not in (errno.ENOSYS, errno.EINVAL):  # EACCES (a FUSE mount without allow_other)...: fstat
+            raise OSError(e, os.strerror(e))  # would fail alike, or ask the FUSE server (GETATTR)
     st = os.fstat(fd)
     return st.st_mode, st.st_size, st.st_dev, st.st_ino
 
@@ -192,6 +197,172 @@ class PayloadStats:
         return out
 
 
+# -- may close() of an fd wait on somebody else? --------------------------------------------
+
+# close() of a file on one of these cannot wait on anybody: shmem and ramfs keep their pages in memory.
+SAFE_FSTYPES = frozenset(("tmpfs", "ramfs", "hugetlbfs"))
+# names the kernel gives fds that no filesystem path names (pipefs, sockfs, anon_inodefs): a real path
+# always starts with "/", so a FUSE file cannot make its link look like one of these
+_PIPE, _SOCKET, _ANON = "pipe:", "socket:", "anon_inode:"
+MOUNTS_MAX = 16384  # mount table entries kept; beyond that a mount is unknown, so "may block"
+UNKNOWN = "?"  # the closer's queue key for fds whose filesystem could not be told
+
+
+class FdClassifier:
+    """Whether close() of an fd may block, decided without any call into the fd's filesystem.
+
+    A FUSE file's close() waits for the server's FLUSH reply, and fstat,
+    statx or fstatfs on it may themselves send GETATTR/STATFS to that server
+    (or fail with EACCES on a mount without allow_other). So this looks only
+    at what the kernel answers from its own tables:
+
+    - ``readlinkat(/proc/self/fd, N)``: pipes, sockets and anonymous inodes
+      (eventfd, epoll, pidfd...) have kernel-made names that no path can
+      take; unix sockets (SO_DOMAIN) are safe, other sockets may linger.
+    - ``fcntl(F_GET_SEALS)``: answered by the memfd code for shmem files only
+      (memfds, whose link reads ``/memfd:NAME (deleted)``, and tmpfs files).
+    - ``/proc/self/fdinfo/N`` ``mnt_id`` looked up in ``/proc/self/mountinfo``
+      (procfs generates both from kernel tables): tmpfs/ramfs/hugetlbfs are
+      safe; fuse*, devices, disk and network filesystems and anything not
+      found may block.
+
+    Whatever cannot be read counts as "may block". The answer also names the
+    filesystem (its mnt_id), so the closer can keep one stuck mount from
+    holding up closes on others. The mount table is cached and re-read only
+    when an mnt_id is missing and the kernel reports (poll on mountinfo) that
+    the table changed since, so a missing mnt_id costs one re-read at most.
+    The /proc directories are opened once and kept open (before the sandbox:
+    see ``broker.launch.sandbox.apply_landlock``, which grants reading fdinfo).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._fd_dir = self._fdinfo_dir = self._mountinfo = -1
+        self.mounts: dict[int, str] = {}  # mnt_id -> fstype
+
+    def prepare(self) -> None:
+        """Open /proc/self/{fd,fdinfo,mountinfo} (again after a fork); idempotent."""
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+            self._fd_dir = self._fdinfo_dir = self._mountinfo = -1
+            try:
+                self._fd_dir = os.open("/proc/self/fd", flags)
+                self._fdinfo_dir = os.open("/proc/self/fdinfo", flags)
+                self._mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return  # without /proc every fd but a shmem file "may block"
+            self._read_mounts()
+
+    @property
+    def fdinfo_dir(self) -> int:
+        return self._fdinfo_dir
+
+    def _read_mounts(self) -> None:
+        """Re-read the mount table (caller holds the lock); the poll state is consumed first."""
+        fd = self._mountinfo
+        if fd < 0:
+            return
+        mounts = {}
+        chunks, size = [], 0
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            while size < MOUNTS_MAX * 256:  # bounded: the rest of a huge table stays unknown ("may block")
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        except OSError:
+            return
+        data = b"".join(chunks)
+        for line in data.split(b"\n")[:MOUNTS_MAX]:
+            # "36 35 98:0 /root /mnt opts [optional fields] - fstype source superopts"
+            head, sep, tail = line.partition(b" - ")
+            if sep:
+                try:
+                    mounts[int(head.split(b" ", 1)[0])] = tail.split(b" ", 1)[0].decode("ascii", "replace")
+                except ValueError:
+                    continue
+        self.mounts = mounts
+
+    def _mounts_changed(self) -> bool:
+        p = select.poll()
+        p.register(self._mountinfo, select.POLLPRI)
+        return bool(p.poll(0))
+
+    def fstype(self, mnt_id: int) -> str | None:
+        """The filesystem type of a mount of ours; None if not in the mount table."""
+        t = self.mounts.get(mnt_id)
+        if t is None and self._mountinfo >= 0:
+            with self._lock:
+                if self._mounts_changed():
+                    self._read_mounts()
+                t = self.mounts.get(mnt_id)
+        return t
+
+    def mnt_id(self, fd: int) -> int | None:
+        """The mount of ``fd`` as /proc/self/fdinfo tells it; None if that cannot be read."""
+        if self._pid != os.getpid():
+            self.prepare()
+        try:
+            f = os.open(str(fd), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._fdinfo_dir)
+        except OSError:
+            return None
+        try:
+            info = os.read(f, 4096)
+        except OSError:
+            return None
+        finally:
+            os.close(f)
+        i = info.find(b"mnt_id:")
+        if i < 0:
+            return None
+        try:
+            return int(info[i + 7 : info.index(b"\n", i)])
+        except ValueError:
+            return None
+
+    def close_key(self, fd: int):
+        """None when close(fd) cannot block (close it now); otherwise a key naming what it may wait on:
+        the mnt_id of its filesystem, "socket" (a lingering network socket) or UNKNOWN."""
+        if get_seals(fd) is not None:
+            return None  # shmem: a memfd (the common payload) or a tmpfs file; answered by the memfd code
+        if self._pid != os.getpid():
+            self.prepare()
+        try:
+            link = os.readlink(str(fd), dir_fd=self._fd_dir) if self._fd_dir >= 0 else ""
+        except FileNotFoundError:
+            return None  # not an open fd: close() returns EBADF at once
+        except OSError:
+            link = ""
+        if link.startswith((_PIPE, _ANON)):
+            return None
+        if link.startswith(_SOCKET):
+            try:
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                return "socket"
+            try:
+                return None if sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN) == socket.AF_UNIX else "socket"
+            except OSError:
+                return "socket"
+            finally:
+                sock.close()
+        if not link.startswith("/"):
+            return UNKNOWN  # a name no path has and we do not know (e.g. a newer kernel's pidfs)
+        mnt = self.mnt_id(fd)
+        if mnt is None:
+            return UNKNOWN
+        return None if self.fstype(mnt) in SAFE_FSTYPES else mnt
+
+
+classifier = FdClassifier()  # process-wide: its /proc fds are opened once, before the sandbox
+
+
 def close_may_block(fd: int) -> bool:
     """Whether close() of this fd may wait on somebody else, so the broker must not do it on its loop.
 
@@ -200,26 +371,7 @@ def close_may_block(fd: int) -> bool:
     answer, stalling the whole bus (refusing the message does not help, the
     broker already holds its copy). Block and character devices may sync or
     drain on release (a tty waits up to 30 s), and a TCP socket with SO_LINGER
-    waits for its unsent data. What never blocks: memfds and other shmem files
-    (they have seals), pipes, unix sockets, anonymous-inode fds (eventfd,
-    epoll, pidfd...: st_dev of the anon-inode fs, mode 0). Only statx/fcntl/
-    getsockopt on the fd, none of which reaches a FUSE server.
+    waits for its unsent data. See :class:`FdClassifier`: what it cannot
+    prove harmless may block.
     """
-    try:
-        fmode, _size, _dev, _ino = fd_stat(fd)
-    except OSError:
-        return False  # not an open fd: closing it cannot block
-    if stat.S_ISFIFO(fmode) or stat.S_ISDIR(fmode) or stat.S_IFMT(fmode) == 0:
-        return False
-    if stat.S_ISREG(fmode):
-        return get_seals(fd) is None  # shmem (memfd, tmpfs) answers F_GET_SEALS; other files may be FUSE
-    if stat.S_ISSOCK(fmode):
-        try:
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            return True
-        try:
-            return sock.getsockopt(socket.SOL_SOCKET, _SO_DOMAIN) != socket.AF_UNIX
-        finally:
-            sock.close()
-    return True  # block and character devices, anything unknown
+    return classifier.close_key(fd) is not None
