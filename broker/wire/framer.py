@@ -207,6 +207,7 @@ class Framer:
         # parse the field array alone (the body may be far from complete); malformed fields raise now
         h = HeaderView.__new__(HeaderView)
         h.unix_fds = h.unknown_fields = h.reply_serial = 0
+        h.cache = None  # a one-off parse: nothing is kept
         with view[start : start + fields_end] as raw:
             h._parse_fields(raw, _ENDIAN[view[start]], fields_end)
         claim = min(h.unix_fds, self.max_fds_per_message)  # more is refused when the message is complete
