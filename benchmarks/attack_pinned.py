@@ -107,11 +107,13 @@ def attack(path: str, pid: int, rounds: int = 60, big: int = 8 * MiB) -> dict:
             "queued_small_bytes": rounds * len(small)}  # fmt: skip
 
 
-def config(sock: str, limits: dict) -> str:
+def config(sock: str | None, limits: dict) -> str:
+    """A bus config allowing everything, with ``limits``; ``sock`` None: no <listen> (given on the command line)."""
     rows = "".join(f'<limit name="{k}">{v}</limit>' for k, v in limits.items())
+    listen = f"<listen>unix:path={sock}</listen>" if sock else ""
     return (
         "<busconfig><type>session</type>"
-        f"<listen>unix:path={sock}</listen><auth>EXTERNAL</auth>"
+        f"{listen}<auth>EXTERNAL</auth>"
         '<policy context="default"><allow send_destination="*"/><allow receive_sender="*"/>'
         f'<allow own="*"/></policy>{rows}</busconfig>\n'
     )

@@ -7,6 +7,13 @@ buffer; when space runs out a *new* buffer is allocated (only an incomplete
 tail is copied), so views already handed out stay valid and bodies are never
 copied. A message whose declared sizes are invalid is rejected as soon as its
 16-byte fixed header is in, before its body is buffered.
+
+A message larger than the default buffer gets a buffer of its own, sized to
+it, and that buffer never holds another message: reading stops at its end,
+and the next message starts in a default-size buffer even when the large one
+is free again. So a queued view pins either a default-size buffer (which
+``broker.bus.peer`` copies small messages out of when they stay queued) or
+one large message's own bytes, never a large buffer for a small message.
 """
 
 from collections import deque
@@ -67,7 +74,7 @@ class Framer:
             self._start = self._end = 0
         too_small = self._need and self._start + self._need > len(self._buf)
         short = len(self._buf) - self._end < MIN_FREE
-        if short and not pending and not too_small and self._unused():
+        if short and not pending and not too_small and len(self._buf) == self._bufsize and self._unused():
             self._start = self._end = 0  # every message left it: start again at its head
         elif too_small or short:
             size = max(self._bufsize, want)
