@@ -59,8 +59,8 @@ class Client:
         return self.serial
 
     def call_driver(self, member: str, signature: str = "", body=()) -> tuple:
-        serial = self.send(type=1, path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
-                           member=member, destination="org.freedesktop.DBus", signature=signature, body=body)  # fmt: skip
+        serial = self.send(type=1, path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", member=member,
+                           destination="org.freedesktop.DBus", signature=signature, body=body)  # fmt: skip
         while True:
             msg = self.parser.get_next_message()
             if msg is None:
@@ -172,8 +172,8 @@ def main() -> None:
     ap.add_argument("--big-mib", type=int, default=8)
     ap.add_argument("targets", nargs="*", default=["sealbus", "dbus-daemon", "dbus-broker"])
     args = ap.parse_args()
-    print(f"limits: {LIMITS} (sealbus also {SEALBUS_LIMITS}); {FILL_COUNT} x {FILL // 1024} KiB filler, "
-          f"then {args.rounds} x (80-byte signal to the non-reader + {args.big_mib} MiB broadcast to nobody)")  # fmt: skip
+    print(f"limits: {LIMITS} (sealbus also {SEALBUS_LIMITS}); {FILL_COUNT} x {FILL // 1024} KiB filler, then "
+          f"{args.rounds} x (80-byte signal to the non-reader + {args.big_mib} MiB broadcast to nobody)")  # fmt: skip
     print(f"{'broker':<12} {'RSS before':>12} {'RSS after':>12} {'growth':>10}  small bytes queued")
     for kind in args.targets:
         wd = tempfile.mkdtemp(prefix="attack-pinned.")

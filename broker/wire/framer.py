@@ -77,7 +77,7 @@ class Framer:
         if short and not pending and not too_small and len(self._buf) == self._bufsize and self._unused():
             self._start = self._end = 0  # every message left it: start again at its head
         elif too_small or short:
-            size = max(self._bufsize, want)
+            size = max(self._bufsize, self._need or want)  # a large message: exactly its size
             new = _pool.pop() if _pool and size == self._bufsize else bytearray(size)
             new[:pending] = self._view[self._start : self._end]
             self._buf = new
