@@ -11,7 +11,8 @@ copied. A message whose declared sizes are invalid is rejected as soon as its
 A message larger than the default buffer gets a buffer of its own, sized to
 it, and that buffer never holds another message: reading stops at its end,
 and the next message starts in a default-size buffer even when the large one
-is free again. So a queued view pins either a default-size buffer (which
+is free again (only a later large message of about the same size may reuse
+it). So a queued view pins either a default-size buffer (which
 ``broker.bus.peer`` copies small messages out of when they stay queued) or
 one large message's own bytes, never a large buffer for a small message.
 """
@@ -54,6 +55,7 @@ class Framer:
         self._start = 0  # first byte not yet consumed
         self._end = 0  # first free byte
         self._need = 0  # size of the message at _start, once known
+        self._spare: bytearray | None = None  # the last large message's buffer (see _take_spare)
         self.fds: deque[int] = deque()  # received, not yet attached to a message
 
     # -- input ------------------------------------------------------------
@@ -77,12 +79,18 @@ class Framer:
         if short and not pending and not too_small and len(self._buf) == self._bufsize and self._unused():
             self._start = self._end = 0  # every message left it: start again at its head
         elif too_small or short:
-            size = max(self._bufsize, self._need or want)  # a large message: exactly its size
-            new = _pool.pop() if _pool and size == self._bufsize else bytearray(size)
+            old = self._buf
+            if self._need > self._bufsize:  # a large message: a buffer of (about) its size
+                new = self._take_spare(self._need) or bytearray(self._need)
+            else:
+                size = max(self._bufsize, want)
+                new = _pool.pop() if _pool and size == self._bufsize else bytearray(size)
             new[:pending] = self._view[self._start : self._end]
             self._buf = new
             self._view = memoryview(new)
             self._start, self._end = 0, pending
+            if len(old) > self._bufsize:
+                self._spare = old  # the next large message may reuse it, if nothing uses it any more then
         if self._need:
             # Never read past the current message when it is large: the next
             # message then starts at the head of a fresh, right-sized buffer.
@@ -90,6 +98,18 @@ class Framer:
             if limit > self._end and self._need > self._bufsize:
                 return self._view[self._end : limit]
         return self._view[self._end :]
+
+    def _take_spare(self, need: int) -> bytearray | None:
+        """The last large message's buffer, if it fits ``need`` (wasting at most an eighth) and is free."""
+        spare, self._spare = self._spare, None
+        if spare is None or not need <= len(spare) <= need + (need >> 3):
+            return None
+        try:
+            spare.append(0)  # fails while a view of it exists (a queued message)
+            del spare[-1]
+        except BufferError:
+            return None
+        return spare
 
     def commit(self, nbytes: int, fds=()) -> None:
         self._end += nbytes
@@ -152,8 +172,10 @@ class Framer:
 
         Messages still queued somewhere hold views of the buffer. Slices of
         our memoryview do not count as its exports, so the test is on the
-        bytearray itself: resizing it fails while any view exists.
+        bytearray itself: resizing it fails while any view exists. A large
+        message's buffer kept for reuse is let go in any case.
         """
+        self._spare = None
         if self._buf is None or self._start != self._end or self.fds or not self._unused():
             return
         buf = self._buf
