@@ -1,13 +1,16 @@
 """Attack (not a test): small queued messages pinning whole receive buffers.
 
-    .venv/bin/python -m benchmarks.attack_pinned [--rounds 60] [--big-mib 8]
+    .venv/bin/python -m benchmarks.attack_pinned [--sealbus-cmd CMD] [TARGET ...]
 
 A receiver that never reads; its socket is filled first, so the broker must
 queue what comes next for it. Then, ``rounds`` times: an 80-byte signal to it,
-and a large broadcast signal nobody receives. Each broker runs with the same
+and a broadcast signal nobody receives. Each broker runs with the same
 limits; printed: its RSS growth over the attack and the bytes the queue holds.
 A broker that forwards views of its receive buffers and keeps the small
-signal's view queued keeps the large buffer alive with it.
+signal's view queued keeps the buffer alive with it. Two variants: 60 rounds
+with an 8 MiB broadcast (its buffer, right-sized, was reused for the next
+signal), and 1000 rounds with a 63 KiB one (every signal ends up in a 64 KiB
+receive buffer of its own).
 
 sealbus, dbus-daemon and dbus-broker are started as benchmarks/run_bench.py
 starts them (dbus-broker through benchmarks/dbus-broker-wrap), with a config
@@ -16,6 +19,7 @@ holding the limits below. Results go to docs/attacks.md by hand.
 
 import argparse
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -132,7 +136,7 @@ def wait_socket(path: str, proc, timeout: float = 20) -> None:
     raise RuntimeError(f"no bus at {path}")
 
 
-def start(kind: str, wd: str):
+def start(kind: str, wd: str, sealbus_cmd: str | None = None):
     """(process to stop, broker pid, socket path)"""
     from benchmarks.run_bench import WRAP, comm, descendants
 
@@ -143,8 +147,8 @@ def start(kind: str, wd: str):
         f.write(config(sock, limits))
     log = open(os.path.join(wd, "log"), "wb")
     if kind == "sealbus":
-        exe = os.path.join(os.path.dirname(sys.executable), "sealbus")
-        proc = subprocess.Popen([exe, "run", "--config", conf, "--address", f"unix:path={sock}"],
+        exe = shlex.split(sealbus_cmd) if sealbus_cmd else [os.path.join(os.path.dirname(sys.executable), "sealbus")]
+        proc = subprocess.Popen([*exe, "run", "--config", conf, "--address", f"unix:path={sock}"],
                                 stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
     elif kind == "dbus-daemon":
         proc = subprocess.Popen(["dbus-daemon", "--config-file=" + conf, "--nofork", "--print-address=1"],
@@ -166,30 +170,35 @@ def stop(proc) -> None:
     kill_tree(proc)
 
 
+VARIANTS = ((60, 8 * MiB), (1000, 63 * 1024))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--big-mib", type=int, default=8)
+    ap.add_argument("--sealbus-cmd", help="command that runs sealbus (default: this venv's; e.g. an older tree)")
     ap.add_argument("targets", nargs="*", default=["sealbus", "dbus-daemon", "dbus-broker"])
     args = ap.parse_args()
     print(f"limits: {LIMITS} (sealbus also {SEALBUS_LIMITS}); {FILL_COUNT} x {FILL // 1024} KiB filler, then "
-          f"{args.rounds} x (80-byte signal to the non-reader + {args.big_mib} MiB broadcast to nobody)")  # fmt: skip
-    print(f"{'broker':<12} {'RSS before':>12} {'RSS after':>12} {'growth':>10}  small bytes queued")
+          "N x (80-byte signal to the non-reader + a broadcast nobody receives)")
+    cols = f"{'broker':<12} {'N x broadcast':>16} {'RSS before':>12} {'RSS after':>12} {'growth':>11}"
+    print(cols + "  small bytes queued")
     for kind in args.targets:
-        wd = tempfile.mkdtemp(prefix="attack-pinned.")
-        os.chmod(wd, 0o755)
-        proc = None
-        try:
-            proc, pid, sock = start(kind, wd)
-            r = attack(sock, pid, args.rounds, args.big_mib * MiB)
-            print(f"{kind:<12} {r['before_kib'] / 1024:>9.1f} MiB {r['after_kib'] / 1024:>9.1f} MiB "
-                  f"{r['growth_kib'] / 1024:>+7.1f} MiB  {r['queued_small_bytes']}")  # fmt: skip
-        except Exception as e:  # a broker missing on this machine must not hide the others
-            print(f"{kind:<12} failed: {e}")
-        finally:
-            if proc is not None:
-                stop(proc)
-            shutil.rmtree(wd, ignore_errors=True)
+        for rounds, big in VARIANTS:
+            wd = tempfile.mkdtemp(prefix="attack-pinned.")
+            os.chmod(wd, 0o755)
+            proc = None
+            label = f"{rounds} x {big // MiB} MiB" if big >= MiB else f"{rounds} x {big // 1024} KiB"
+            try:
+                proc, pid, sock = start(kind, wd, args.sealbus_cmd)
+                r = attack(sock, pid, rounds, big)
+                print(f"{kind:<12} {label:>16} {r['before_kib'] / 1024:>8.1f} MiB {r['after_kib'] / 1024:>8.1f} MiB "
+                      f"{r['growth_kib'] / 1024:>+7.1f} MiB  {r['queued_small_bytes']}")  # fmt: skip
+            except Exception as e:  # a broker missing on this machine must not hide the others
+                print(f"{kind:<12} {label:>16} failed: {e}")
+            finally:
+                if proc is not None:
+                    stop(proc)
+                shutil.rmtree(wd, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -301,13 +301,17 @@ def test_monitor_that_does_not_read_keeps_no_more_than_it_is_charged():
 def test_attack_does_not_grow_broker_memory_beyond_the_outgoing_limits(sealbus_factory, tmp_path):
     from benchmarks.attack_pinned import attack, config
 
-    per_conn, per_user, big, rounds = 4 * MiB, 8 * MiB, 4 * MiB, 30
+    per_conn, per_user = 4 * MiB, 8 * MiB
     conf = tmp_path / "limits.conf"
     conf.write_text(config(None, {"max_outgoing_bytes": per_conn, "max_outgoing_bytes_per_user": per_user}))
     bus = sealbus_factory("--config", str(conf))
-    r = attack(str(bus.path), bus.pid, rounds=rounds, big=big)
-    # What the queues may hold (the per-user limit), the large message being received and one
-    # just freed, and allocator slack; before the fix every round kept a 4 MiB buffer (+120 MiB).
-    bound = per_user + 2 * big + 16 * MiB
-    assert r["growth_kib"] * 1024 <= bound, f"broker RSS grew {r['growth_kib'] / 1024:.1f} MiB, bound {bound / MiB} MiB"
+    # 4 MiB broadcasts (each one's buffer was reused for the next small signal: +120 MiB before the fix),
+    # then 63 KiB ones (every small signal kept a 64 KiB buffer of its own: +60 MiB before the fix)
+    for rounds, big in ((30, 4 * MiB), (1000, 63 * 1024)):
+        r = attack(str(bus.path), bus.pid, rounds=rounds, big=big)
+        # what the queues may hold (the per-user limit), the large message being received and
+        # one just freed, and allocator slack
+        bound = per_user + 2 * big + 16 * MiB
+        growth = r["growth_kib"] * 1024
+        assert growth <= bound, f"{rounds} x {big}: broker RSS grew {growth / MiB:.1f} MiB, bound {bound / MiB:.1f} MiB"
     assert bus.proc.poll() is None
