@@ -75,6 +75,14 @@ def test_small_message_after_a_dropped_large_one_lands_in_a_default_buffer():
     assert len(bigs) == 2
     for m in bigs:
         assert len(m.header.raw.obj) == len(m.header.raw)
+        assert m.header.raw == big  # a buffer still in use was not reused
+    # a free large buffer is reused for the next large message of its size (streams stay fast)
+    bigs.clear()
+    pump(f, small, lambda m: None)
+    pump(f, big, lambda m: None)
+    first = f._buf
+    pump(f, small + big, lambda m: bigs.append(m) if m.header.member == "Big" else None)
+    assert bigs[0].header.raw.obj is first and bigs[0].header.raw == big
 
 
 # -- outbox accounting: settle what stays queued ---------------------------------------
