@@ -103,11 +103,14 @@ def settle(item: OutItem) -> int:
     item (a small message in a shared 64 KiB buffer). A small item is copied
     out into one bytes object, so the buffer is freed as soon as nothing else
     uses it; a large one (over COPY_MAX) is charged the whole buffer instead
-    (the framer gives a large message a buffer of its own, sized to it, so
-    that is its own size plus the header bytes the bus left out), unless
-    that is more than twice what it sends. A ``buffers`` list shared with
-    other queued copies is replaced in place: they are the same bytes, so one
-    copy serves them all.
+    (the framer gives a large message a buffer of its own, at most a
+    sixteenth larger than it, so that is its own size plus the header bytes
+    the bus left out and that slack), unless that is over an eighth more
+    than it sends: then it is copied too. The router checked the limits
+    against ``nbytes``, so a queue's charge may exceed its limit by that
+    eighth of one message; the next message is then refused. A ``buffers``
+    list shared with other queued copies is replaced in place: they are the
+    same bytes, so one copy serves them all.
     """
     item.settled = True
     bufs = item.buffers
@@ -119,9 +122,10 @@ def settle(item: OutItem) -> int:
                 break
         return nbytes
     kept = pinned_bytes(bufs)
-    if kept > 2 * nbytes:
-        # Only a message whose header fields the bus stripped (unknown fields) keeps more than twice
-        # what it sends: copying costs the broker less than half of what the sender sent it.
+    if kept > nbytes + (nbytes >> 3):
+        # The framer wastes at most a sixteenth of a large message's buffer, so only a message whose
+        # header fields the bus stripped (unknown fields) gets here: copying costs the broker less
+        # than what the sender sent it, and leaves no charge above what the limit check saw.
         bufs[:] = [b"".join(bufs)]
         return nbytes
     return max(nbytes, kept)

@@ -100,9 +100,9 @@ class Framer:
         return self._view[self._end :]
 
     def _take_spare(self, need: int) -> bytearray | None:
-        """The last large message's buffer, if it fits ``need`` (wasting at most an eighth) and is free."""
+        """The last large message's buffer, if it fits ``need`` (wasting at most a sixteenth) and is free."""
         spare, self._spare = self._spare, None
-        if spare is None or not need <= len(spare) <= need + (need >> 3):
+        if spare is None or not need <= len(spare) <= need + (need >> 4):
             return None
         try:
             spare.append(0)  # fails while a view of it exists (a queued message)
