@@ -83,6 +83,15 @@ def test_small_message_after_a_dropped_large_one_lands_in_a_default_buffer():
     first = f._buf
     pump(f, small + big, lambda m: bigs.append(m) if m.header.member == "Big" else None)
     assert bigs[0].header.raw.obj is first and bigs[0].header.raw == big
+    # reused for a slightly smaller one, it is cut to it: what follows is not read into its tail
+    smaller = build_message(4, 3, path="/a", interface="org.x.I", member="Big", signature="ay",
+                            body=(b"c" * (8 * MiB - 64 * 1024),))  # fmt: skip
+    bigs.clear()
+    held.clear()
+    first = f._buf
+    pump(f, small + smaller + small, lambda m: (bigs if m.header.member == "Big" else held).append(m))
+    assert bigs[0].header.raw.obj is first and len(first) == len(smaller) and bigs[0].header.raw == smaller
+    assert len(held[1].header.raw.obj) == DEFAULT_BUFFER
 
 
 # -- outbox accounting: settle what stays queued ---------------------------------------

@@ -100,15 +100,20 @@ class Framer:
         return self._view[self._end :]
 
     def _take_spare(self, need: int) -> bytearray | None:
-        """The last large message's buffer, if it fits ``need`` (wasting at most a sixteenth) and is free."""
+        """The last large message's buffer, cut to ``need`` bytes, if it is at most a sixteenth
+        larger and free. Cut, so that nothing is ever read past the message into it; a bytearray
+        shrinks and grows back within what it has allocated without copying."""
         spare, self._spare = self._spare, None
         if spare is None or not need <= len(spare) <= need + (need >> 4):
             return None
         try:
-            spare.append(0)  # fails while a view of it exists (a queued message)
-            del spare[-1]
+            del spare[-1:]  # fails while a view of it exists (a queued message)
         except BufferError:
             return None
+        if len(spare) < need:
+            spare.append(0)
+        else:
+            del spare[need:]
         return spare
 
     def commit(self, nbytes: int, fds=()) -> None:
