@@ -41,13 +41,14 @@ def kept_alive(outbox) -> int:
     return total
 
 
-def pump(framer: Framer, data: bytes, keep) -> None:
-    """Feed ``data`` the way the I/O shell does (recv_buffer/commit, then take every message);
-    ``keep(msg)`` says whether a message is held (queued somewhere) or dropped at once."""
+def pump(framer: Framer, data: bytes, keep, chunk: int = 208 * 1024) -> None:
+    """Feed ``data`` the way the I/O shell does (recv_buffer/commit, then take every message), at most
+    ``chunk`` bytes a read (about what a unix socket holds); ``keep(msg)`` says whether a message is
+    held (queued somewhere) or dropped at once."""
     view = memoryview(data)
     while view:
         buf = framer.recv_buffer()
-        n = min(len(buf), len(view))
+        n = min(len(buf), len(view), chunk)
         buf[:n] = view[:n]
         buf.release()
         view = view[n:]
@@ -59,39 +60,42 @@ def pump(framer: Framer, data: bytes, keep) -> None:
 # -- framer: a large message's buffer is its own --------------------------------------
 
 
-def test_small_message_after_a_dropped_large_one_lands_in_a_default_buffer():
+def _sig(serial: int, member: str, size: int = 0) -> bytes:
+    body = dict(signature="ay", body=(b"%d" % serial * size,)) if size else {}
+    return build_message(4, serial, path="/a", interface="org.x.I", member=member, **body)
+
+
+def test_large_message_coming_in_is_read_into_a_buffer_of_its_own_size():
+    small, big, mid = _sig(1, "S"), _sig(2, "Big", 8 * MiB), _sig(3, "Mid", MiB)
+    # The 8 MiB message is dropped, and its free buffer is reused from its head: the small message
+    # after it may land there, but the 1 MiB one after that, still coming in, moves to a buffer of
+    # its own size (a queued view of it would otherwise keep the 8 MiB alive)
     f = Framer(max_message_size=32 * MiB)
-    small = build_message(4, 1, path="/a", interface="org.x.I", member="S", destination=":1.9")
-    big = build_message(4, 2, path="/a", interface="org.x.I", member="Big", signature="ay", body=(b"b" * 8 * MiB,))
     held = []
-    pump(f, small + big + small + big, lambda m: held.append(m) if m.header.member == "S" else None)
-    assert [m.header.serial for m in held] == [1, 1]
-    # The second small message was read after the 8 MiB one was dropped: it must not sit in
-    # (and so keep alive) the 8 MiB buffer; it shares a default-size buffer instead.
-    assert len(held[1].header.raw.obj) == DEFAULT_BUFFER
-    # and each large message has a buffer of its own, sized to it
+    pump(f, small + big + small + mid, lambda m: held.append(m) if m.header.member != "Big" else None)
+    assert [m.header.member for m in held] == ["S", "S", "Mid"]
+    assert len(held[2].header.raw.obj) == len(mid) and held[2].header.raw == mid
+    # large messages in use keep their own buffers, each of its size and intact
+    f = Framer(max_message_size=32 * MiB)
     bigs = []
-    pump(f, big + small + big, lambda m: bigs.append(m) if m.header.member == "Big" else None)
-    assert len(bigs) == 2
-    for m in bigs:
-        assert len(m.header.raw.obj) == len(m.header.raw)
-        assert m.header.raw == big  # a buffer still in use was not reused
-    # a free large buffer is reused for the next large message of its size (streams stay fast)
-    bigs.clear()
-    pump(f, small, lambda m: None)
+    pump(f, big + small + big + mid, lambda m: bigs.append(m) if m.header.member != "S" else None)
+    assert [len(m.header.raw.obj) for m in bigs] == [len(big), len(big), len(mid)]
+    assert [m.header.raw for m in bigs] == [big, big, mid]
+
+
+def test_free_large_buffer_is_reused_for_the_next_large_message_of_its_size():
+    big = _sig(2, "Big", 8 * MiB)
+    smaller = _sig(3, "Big", 8 * MiB - 64 * 1024)
+    f = Framer(max_message_size=32 * MiB)
     pump(f, big, lambda m: None)
     first = f._buf
-    pump(f, small + big, lambda m: bigs.append(m) if m.header.member == "Big" else None)
+    bigs = []
+    pump(f, big, bigs.append)  # a stream of one size: read from the head of the same buffer
     assert bigs[0].header.raw.obj is first and bigs[0].header.raw == big
-    # reused for a slightly smaller one, it is cut to it: what follows is not read into its tail
-    smaller = build_message(4, 3, path="/a", interface="org.x.I", member="Big", signature="ay",
-                            body=(b"c" * (8 * MiB - 64 * 1024),))  # fmt: skip
-    bigs.clear()
-    held.clear()
-    first = f._buf
-    pump(f, small + smaller + small, lambda m: (bigs if m.header.member == "Big" else held).append(m))
+    pump(f, _sig(4, "S"), lambda m: None)  # the buffer is in use: the framer moves on, keeping it aside
+    bigs.clear()  # now it is free: a slightly smaller message takes it, cut to its size (no copy)
+    pump(f, smaller, bigs.append)
     assert bigs[0].header.raw.obj is first and len(first) == len(smaller) and bigs[0].header.raw == smaller
-    assert len(held[1].header.raw.obj) == DEFAULT_BUFFER
 
 
 # -- outbox accounting: settle what stays queued ---------------------------------------
