@@ -56,7 +56,7 @@ class UserAccount:
 
 # An item that stays queued and keeps alive more memory than it sends is
 # copied out into bytes of its own when it sends at most this much; a larger
-# one is charged what it keeps alive instead (its payload is never copied).
+# one is charged what it keeps alive instead (see settle()).
 COPY_MAX = 64 * 1024
 
 
@@ -123,9 +123,10 @@ def settle(item: OutItem) -> int:
         return nbytes
     kept = pinned_bytes(bufs)
     if kept > nbytes + (nbytes >> 3):
-        # The framer wastes at most a sixteenth of a large message's buffer, so only a message whose
-        # header fields the bus stripped (unknown fields) gets here: copying costs the broker less
-        # than what the sender sent it, and leaves no charge above what the limit check saw.
+        # The framer reads a large message still coming in into a buffer at most a sixteenth larger,
+        # so only one whose header fields the bus stripped (unknown fields), or one that arrived
+        # whole in a larger free buffer, gets here: copying costs the broker less than what the
+        # sender sent it, and leaves no charge above what the limit check saw.
         bufs[:] = [b"".join(bufs)]
         return nbytes
     return max(nbytes, kept)

@@ -99,7 +99,7 @@ class Framer:
                 self._spare = old  # the next large message may reuse it, if nothing uses it any more then
         if need:
             # Never read past the current message when it is large: the next
-            # message then starts at the head of a fresh, right-sized buffer.
+            # message then starts at the head of a buffer.
             limit = self._start + need
             if limit > self._end and need > self._bufsize:
                 return self._view[self._end : limit]
@@ -110,8 +110,8 @@ class Framer:
         larger and free. Cut, so that nothing is ever read past the message into it; a bytearray
         shrinks and grows back within what it has allocated without copying."""
         spare, self._spare = self._spare, None
-        if spare is None or not need <= len(spare) <= need + (need >> 4):
-            return None
+        if spare is None or len(spare) < need or spare.__alloc__() > need + (need >> 4):
+            return None  # (what it has allocated counts: cutting it leaves that as it is)
         try:
             del spare[-1:]  # fails while a view of it exists (a queued message)
         except BufferError:
