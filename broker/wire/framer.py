@@ -56,7 +56,6 @@ class Framer:
         self._start = 0  # first byte not yet consumed
         self._end = 0  # first free byte
         self._need = 0  # size of the message at _start, once known
-        self._spare: bytearray | None = None  # the last large message's buffer (see _take_spare)
         self.fds: deque[int] = deque()  # received, not yet attached to a message
 
     # -- input ------------------------------------------------------------
@@ -85,9 +84,8 @@ class Framer:
         if short and not pending and not too_small and self._unused():
             self._start = self._end = 0  # every message left it: start again at its head
         elif too_small or misfit or short:
-            old = self._buf
             if need > self._bufsize:
-                new = self._take_spare(need) or bytearray(need)
+                new = bytearray(need)
             else:
                 size = max(self._bufsize, want)
                 new = _pool.pop() if _pool and size == self._bufsize else bytearray(size)
@@ -95,8 +93,6 @@ class Framer:
             self._buf = new
             self._view = memoryview(new)
             self._start, self._end = 0, pending
-            if len(old) > self._bufsize:
-                self._spare = old  # the next large message may reuse it, if nothing uses it any more then
         if need:
             # Never read past the current message when it is large: the next
             # message then starts at the head of a buffer.
@@ -104,23 +100,6 @@ class Framer:
             if limit > self._end and need > self._bufsize:
                 return self._view[self._end : limit]
         return self._view[self._end :]
-
-    def _take_spare(self, need: int) -> bytearray | None:
-        """The last large message's buffer, cut to ``need`` bytes, if it is at most a sixteenth
-        larger and free. Cut, so that nothing is ever read past the message into it; a bytearray
-        shrinks and grows back within what it has allocated without copying."""
-        spare, self._spare = self._spare, None
-        if spare is None or len(spare) < need or spare.__alloc__() > need + (need >> 4):
-            return None  # (what it has allocated counts: cutting it leaves that as it is)
-        try:
-            del spare[-1:]  # fails while a view of it exists (a queued message)
-        except BufferError:
-            return None
-        if len(spare) < need:
-            spare.append(0)
-        else:
-            del spare[need:]
-        return spare
 
     def commit(self, nbytes: int, fds=()) -> None:
         self._end += nbytes
@@ -183,10 +162,8 @@ class Framer:
 
         Messages still queued somewhere hold views of the buffer. Slices of
         our memoryview do not count as its exports, so the test is on the
-        bytearray itself: resizing it fails while any view exists. A large
-        message's buffer kept for reuse is let go in any case.
+        bytearray itself: resizing it fails while any view exists.
         """
-        self._spare = None
         if self._buf is None or self._start != self._end or self.fds or not self._unused():
             return
         buf = self._buf
