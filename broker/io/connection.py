@@ -308,7 +308,12 @@ class Connection:
         self.flush()
 
     def flush(self) -> None:
-        """Write as much of the outbox as the socket takes now, never blocking."""
+        """Write as much of the outbox as the socket takes now, never blocking.
+
+        Queued items are views of their senders' receive buffers; whatever a
+        write leaves queued is settled (``Peer.settle_outbox``) so that it
+        keeps no more memory alive than the queue is charged for. Items that
+        go out at once cost nothing extra."""
         peer = self.peer
         ob = peer.outbox
         sock = self.sock
@@ -327,6 +332,7 @@ class Connection:
             try:
                 n = sock.sendmsg(iov, anc) if anc else sock.sendmsg(iov)
             except BlockingIOError:
+                peer.settle_outbox()  # what stays queued must not pin more than it is charged for
                 self.server.reactor.want_write(self)
                 return
             except OSError as e:
@@ -343,6 +349,7 @@ class Connection:
             self.head_sent = n
             if n and ob:
                 # partial write: the socket is full; continue when writable
+                peer.settle_outbox()
                 self.server.reactor.want_write(self)
                 return
         if self.fd in self.server.reactor.writing:

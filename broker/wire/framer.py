@@ -7,6 +7,15 @@ buffer; when space runs out a *new* buffer is allocated (only an incomplete
 tail is copied), so views already handed out stay valid and bodies are never
 copied. A message whose declared sizes are invalid is rejected as soon as its
 16-byte fixed header is in, before its body is buffered.
+
+A message larger than the default buffer is read into a buffer of about its
+own size (at most a sixteenth larger), starting at its head, and reading
+stops at its end. A free buffer is reused from its head, whatever its size,
+so a stream of large messages of one size reads each with as few reads as
+the socket allows; whatever else lands in a large buffer then (small
+messages, or a large one that arrived whole in one read) is small enough or
+whole, and ``broker.bus.peer.settle`` copies it out if it stays queued. So
+what a queue keeps alive is what it is charged for.
 """
 
 from collections import deque
@@ -63,27 +72,35 @@ class Framer:
 
     def _make_room(self) -> memoryview:
         pending = self._end - self._start
-        want = max(self._need, pending + MIN_FREE)
+        need = self._need
+        want = max(need, pending + MIN_FREE)
         if self._buf is None:
             self._buf = _pool.pop() if _pool and want <= self._bufsize else bytearray(max(self._bufsize, want))
             self._view = memoryview(self._buf)
             self._start = self._end = 0
-        too_small = self._need and self._start + self._need > len(self._buf)
-        short = len(self._buf) - self._end < MIN_FREE
+        size = len(self._buf)
+        too_small = need and self._start + need > size
+        # A large message still coming in is read into a buffer of about its own size, from its
+        # head, so that a queued view of it keeps no more than itself alive.
+        misfit = need > self._bufsize and (self._start or size > need + (need >> 4))
+        short = size - self._end < MIN_FREE
         if short and not pending and not too_small and self._unused():
             self._start = self._end = 0  # every message left it: start again at its head
-        elif too_small or short:
-            size = max(self._bufsize, want)
-            new = _pool.pop() if _pool and size == self._bufsize else bytearray(size)
+        elif too_small or misfit or short:
+            if need > self._bufsize:
+                new = bytearray(need)
+            else:
+                size = max(self._bufsize, want)
+                new = _pool.pop() if _pool and size == self._bufsize else bytearray(size)
             new[:pending] = self._view[self._start : self._end]
             self._buf = new
             self._view = memoryview(new)
             self._start, self._end = 0, pending
-        if self._need:
+        if need:
             # Never read past the current message when it is large: the next
-            # message then starts at the head of a fresh, right-sized buffer.
-            limit = self._start + self._need
-            if limit > self._end and self._need > self._bufsize:
+            # message then starts at the head of a buffer.
+            limit = self._start + need
+            if limit > self._end and need > self._bufsize:
                 return self._view[self._end : limit]
         return self._view[self._end :]
 
@@ -164,8 +181,8 @@ class Framer:
         buf = self._buf
         self._view.release()
         try:
+            del buf[-1:]  # shrinking first: a large buffer is never reallocated by this test
             buf.append(0)
-            del buf[-1]
         except BufferError:
             return False
         finally:
