@@ -12,6 +12,7 @@ copied. A message whose declared sizes are invalid is rejected as soon as its
 from collections import deque
 from typing import NamedTuple
 
+from .body_check import BodyChecker
 from .errors import HeaderError, LimitExceededError
 from .message import DEFAULT_MAX_MESSAGE_SIZE, FIXED_HEADER_SIZE, HeaderView, message_size
 
@@ -38,8 +39,10 @@ class Framer:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_fds_per_message: int = 16,
         buffer_size: int = DEFAULT_BUFFER,
+        body_checker: BodyChecker | None = None,
     ):
         self.max_message_size = max_message_size
+        self.body_checker = body_checker or BodyChecker()  # every body is validated before it is handed out
         self.max_fds_per_message = max_fds_per_message
         self._bufsize = buffer_size
         self._buf: bytearray | None = None
@@ -130,6 +133,8 @@ class Framer:
         self._start = start + need
         self._need = 0
         header = HeaderView(self._view[start : start + need], self.max_message_size, sized=True)
+        if header.signature:
+            self.body_checker.check(header)  # before the fds are taken: on error close() returns them
         n = header.unix_fds
         if not n:
             return _new_message(Message, (header, []))

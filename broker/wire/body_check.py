@@ -1,0 +1,371 @@
+"""Body validation: a walk over a message body's bytes against its signature.
+
+Every message a client sends is checked here before it is routed, so a
+receiver never gets a body that breaks the D-Bus rules (libdbus receivers
+treat such a stream as corrupt and drop off the bus). Nothing is unmarshalled:
+the walk reads lengths and the few values that have a restricted domain
+(booleans, fd indexes) and checks bytes in place; the bytes that are
+forwarded are the ones that were checked.
+
+What is checked, as the specification and libdbus require: alignment padding
+is zero (also before the elements of an empty array); ``b`` is 0 or 1;
+``s`` is UTF-8 without NUL and NUL-terminated; ``o`` is a valid object path;
+``g`` and a variant's signature are valid signatures, a variant's one single
+complete type; arrays are at most 64 MiB and end exactly on an element
+boundary; ``h`` is below the header's UNIX_FDS; the body is consumed exactly.
+Value nesting follows libdbus: each struct, dict entry, element of an array of
+non-fixed elements and variant value is one level deeper, and no value may be
+deeper than 64 (so variants cannot nest without bound).
+
+A signature is compiled once into a *plan* (a small tree of closures; a
+fixed-layout body becomes a length check plus the few offsets that need a
+look). Plans live in a :class:`BodyChecker`'s bounded cache, one checker per
+framer, so one client's signatures never evict another's.
+"""
+
+import re
+import struct
+
+from .errors import (
+    FdIndexError,
+    InvalidNameError,
+    InvalidValueError,
+    LimitExceededError,
+    PaddingError,
+    SignatureError,
+    TruncatedError,
+)
+from .signature import ALIGNMENT, FIXED_SIZE, split_signature, struct_members
+
+MAX_ARRAY_LENGTH = 64 * 1024 * 1024
+MAX_DEPTH = 64  # libdbus: 2 * DBUS_MAXIMUM_TYPE_RECURSION_DEPTH, variants included
+MAX_PLANS = 256  # signatures (header and variant) a checker keeps compiled
+
+_U32 = {"l": struct.Struct("<I").unpack_from, "B": struct.Struct(">I").unpack_from}
+_ZEROS = [bytes(n) for n in range(8)]
+_PATH = re.compile(rb"/|(?:/[A-Za-z0-9_]+)+")
+
+
+def _truncated(p: int, what: str):
+    return TruncatedError(f"body ends inside {what} at offset {p}")
+
+
+def _pad(b, p: int, q: int) -> None:
+    """Check the padding b[p:q] (q past p, at most 7 bytes) is present and zero."""
+    if q > len(b):
+        raise _truncated(p, "alignment padding")
+    if b[p:q] != _ZEROS[q - p]:
+        raise PaddingError(f"non-zero padding at offset {p}")
+
+
+class BodyChecker:
+    """Validates message bodies; holds compiled plans (bounded) for the signatures it has seen."""
+
+    __slots__ = ("_plans",)
+
+    def __init__(self):
+        # header signature (str) or variant/``g`` signature (bytes) -> plan; big-endian keys carry a
+        # "B" prefix (never a type code, so the two byte orders cannot collide)
+        self._plans: dict = {}
+
+    def check(self, h) -> None:
+        """Validate the body of the parsed message ``h`` (a HeaderView); raises WireError."""
+        sig = h.signature
+        endian = h.endian
+        plan = self._plans.get(sig if endian == "l" else "B" + sig)
+        if plan is None:
+            plan = self._top_plan(sig, endian)
+        plan(h.raw, h.header_len, h.unix_fds)
+
+    def check_body(self, signature: str, body, endian: str = "l", n_fds: int = 0) -> None:
+        """Validate ``body`` (which must start 8-aligned in its message) against ``signature``."""
+        split_signature(signature)
+        plan = self._plans.get(signature if endian == "l" else "B" + signature)
+        if plan is None:
+            plan = self._top_plan(signature, endian)
+        plan(memoryview(body).cast("B"), 0, n_fds)
+
+    # -- plan cache -----------------------------------------------------------
+
+    def _store(self, key, plan):
+        plans = self._plans
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        plans[key] = plan
+        return plan
+
+    def _top_plan(self, sig: str, endian: str):
+        """The plan for a whole body of signature ``sig`` (already validated by the header view)."""
+        types = split_signature(sig)
+        layout = _fixed_layout(types)
+        if layout is not None:
+            plan = _fixed_body_plan(layout, endian)
+        else:
+            walk = self._sequence([self._compile(t, 0, endian) for t in types])
+
+            def plan(b, start, f):
+                end = walk(b, start, 0, f)
+                if end != len(b):
+                    raise InvalidValueError(f"{len(b) - end} bytes left after the body")
+
+        return self._store(sig if endian == "l" else "B" + sig, plan)
+
+    def _signature_value(self, raw: bytes, endian: str):
+        """Validate the signature bytes ``raw`` from a body; the plan of its single complete type, or
+        False if it is valid but not one single complete type (fine for ``g``, not for ``v``)."""
+        key = raw if endian == "l" else b"B" + raw
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        if not raw.isascii():
+            raise SignatureError("signature value is not ASCII")
+        types = split_signature(raw.decode())  # at most 255 bytes: its length is one byte
+        plan = self._compile(types[0], 0, endian) if len(types) == 1 else False
+        return self._store(key, plan)
+
+    # -- compilation ----------------------------------------------------------
+
+    @staticmethod
+    def _sequence(fns):
+        if len(fns) == 1:
+            return fns[0]
+
+        def walk(b, p, d, f):
+            for fn in fns:
+                p = fn(b, p, d, f)
+            return p
+
+        return walk
+
+    def _compile(self, t: str, depth: int, endian: str):
+        """A function ``(buf, pos, base depth, n_fds) -> pos after`` checking one value of type ``t``
+        whose value sits at static nesting ``depth`` within its signature."""
+        c = t[0]
+        u32 = _U32[endian]
+        if c == "y":
+
+            def byte(b, p, d, f):
+                if p >= len(b):
+                    raise _truncated(p, "a byte")
+                return p + 1
+
+            return byte
+        if c in "bh":
+            is_bool = c == "b"
+            kind = "a boolean" if is_bool else "an fd index"
+
+            def word(b, p, d, f):
+                if p & 3:
+                    q = (p + 3) & ~3
+                    _pad(b, p, q)
+                    p = q
+                if p + 4 > len(b):
+                    raise _truncated(p, kind)
+                v = u32(b, p)[0]
+                if is_bool:
+                    if v > 1:
+                        raise InvalidValueError(f"boolean value {v} at offset {p} is neither 0 nor 1")
+                elif v >= f:
+                    raise FdIndexError(f"fd index {v} but the message carries {f} fds")
+                return p + 4
+
+            return word
+        if c in FIXED_SIZE:
+            size = FIXED_SIZE[c]
+            m = size - 1
+
+            def fixed(b, p, d, f):
+                if p & m:
+                    q = (p + m) & ~m
+                    _pad(b, p, q)
+                    p = q
+                p += size
+                if p > len(b):
+                    raise _truncated(p - size, f"a {c!r} value")
+                return p
+
+            return fixed
+        if c in "so":
+
+            def string(b, p, d, f):
+                if p & 3:
+                    q = (p + 3) & ~3
+                    _pad(b, p, q)
+                    p = q
+                e = p + 4
+                if e > len(b):
+                    raise _truncated(p, "a string length")
+                q = e + u32(b, p)[0]
+                if q >= len(b):
+                    raise TruncatedError(f"string at offset {p} runs past the end of the body")
+                if b[q]:
+                    raise InvalidValueError(f"string at offset {p} is not NUL-terminated")
+                if c == "o":
+                    if _PATH.fullmatch(b, e, q) is None:
+                        raise InvalidNameError(f"invalid object path at offset {p}")
+                elif q > e:
+                    try:
+                        s = str(b[e:q], "utf-8")
+                    except UnicodeDecodeError as err:
+                        raise InvalidValueError(f"string at offset {p} is not valid UTF-8: {err.reason}") from None
+                    if "\0" in s:
+                        raise InvalidValueError(f"string at offset {p} contains NUL")
+                return q + 1
+
+            return string
+        if c in "gv":
+            sig_value = self._signature_value
+            inner = depth + 1
+
+            def signature(b, p, d, f):
+                if p >= len(b):
+                    raise _truncated(p, "a signature length")
+                q = p + 1 + b[p]
+                if q >= len(b):
+                    raise TruncatedError(f"signature at offset {p} runs past the end of the body")
+                if b[q]:
+                    raise InvalidValueError(f"signature at offset {p} is not NUL-terminated")
+                plan = sig_value(b[p + 1 : q].tobytes(), endian)
+                if c == "g":
+                    return q + 1
+                if not plan:
+                    raise SignatureError(f"variant signature at offset {p} is not one single complete type")
+                if d + inner > MAX_DEPTH:
+                    raise LimitExceededError(f"variant at offset {p} nests values deeper than {MAX_DEPTH}")
+                return plan(b, q + 1, d + inner, f)
+
+            return signature
+        if c == "(":
+            return self._container(
+                [self._compile(m, depth + 1, endian) for m in struct_members(t)], depth + 1, "struct"
+            )
+        if c == "a":
+            return self._array(t[1:], depth, endian)
+        raise SignatureError(f"type {t!r} cannot stand here")  # "{": only as an array element
+
+    def _container(self, members, inner: int, what: str):
+        """A struct or dict entry: 8-aligned, its members one level deeper."""
+        walk = self._sequence(members)
+
+        def container(b, p, d, f):
+            if p & 7:
+                q = (p + 7) & ~7
+                _pad(b, p, q)
+                p = q
+            if d + inner > MAX_DEPTH:
+                raise LimitExceededError(f"{what} at offset {p} nests values deeper than {MAX_DEPTH}")
+            return walk(b, p, d, f)
+
+        return container
+
+    def _array(self, elem: str, depth: int, endian: str):
+        u32 = _U32[endian]
+        e0 = elem[0]
+        am = ALIGNMENT[e0] - 1
+        inner = depth + 1
+        size = FIXED_SIZE.get(elem, 0)
+        each = None  # fixed-size elements other than b and h: the length says it all
+        if e0 == "{":
+            k, v = struct_members(elem)
+            # the dict entry is the array's element (depth + 1), its key and value one deeper
+            each = self._container(
+                [self._compile(k, depth + 2, endian), self._compile(v, depth + 2, endian)], depth + 2, "dict entry"
+            )
+        elif not size or elem in "bh":  # b and h are fixed-size, but each value needs a look
+            each = self._compile(elem, inner, endian)
+
+        def array(b, p, d, f):
+            if p & 3:
+                q = (p + 3) & ~3
+                _pad(b, p, q)
+                p = q
+            if p + 4 > len(b):
+                raise _truncated(p, "an array length")
+            n = u32(b, p)[0]
+            p += 4
+            if n > MAX_ARRAY_LENGTH:
+                raise LimitExceededError(f"array of {n} bytes exceeds {MAX_ARRAY_LENGTH}")
+            if p & am:  # padding to the element alignment, even when the array is empty
+                q = (p + am) & ~am
+                _pad(b, p, q)
+                p = q
+            end = p + n
+            if end > len(b):
+                raise TruncatedError(f"array of {n} bytes at offset {p} runs past the end of the body")
+            if size:
+                if n % size:
+                    raise InvalidValueError(f"array of {n} bytes is not a multiple of its {size}-byte elements")
+                if e0 not in "bh":
+                    return end
+            elif n and d + inner > MAX_DEPTH:
+                raise LimitExceededError(f"array at offset {p} nests values deeper than {MAX_DEPTH}")
+            while p < end:
+                p = each(b, p, d, f)
+            if p != end:
+                raise InvalidValueError(f"array contents at offset {p} do not end at its length")
+            return end
+
+        return array
+
+
+def _fixed_layout(types):
+    """For a body of fixed-size values only: (size, padding ranges, boolean offsets, fd index offsets)."""
+    pads, bools, fds = [], [], []
+    pos = 0
+
+    def lay(t: str) -> bool:
+        nonlocal pos
+        c = t[0]
+        if c == "(":
+            align, size = 8, 0
+        elif c in FIXED_SIZE:
+            align = size = FIXED_SIZE[c]
+        else:
+            return False
+        q = (pos + align - 1) & -align
+        if q != pos:
+            pads.append((pos, q))
+            pos = q
+        if c == "(":
+            return all(lay(m) for m in struct_members(t))
+        if c == "b":
+            bools.append(pos)
+        elif c == "h":
+            fds.append(pos)
+        pos += size
+        return True
+
+    if not all(lay(t) for t in types):
+        return None
+    return pos, tuple(pads), tuple(bools), tuple(fds)
+
+
+def _fixed_body_plan(layout, endian: str):
+    size, pads, bools, fds = layout
+    u32 = _U32[endian]
+
+    def fixed_body(b, start, f):
+        if len(b) - start != size:
+            if len(b) - start < size:
+                raise TruncatedError(f"body of {len(b) - start} bytes, its signature needs {size}")
+            raise InvalidValueError(f"{len(b) - start - size} bytes left after the body")
+        for p, q in pads:
+            if b[start + p : start + q] != _ZEROS[q - p]:
+                raise PaddingError(f"non-zero padding at offset {p}")
+        for p in bools:
+            v = u32(b, start + p)[0]
+            if v > 1:
+                raise InvalidValueError(f"boolean value {v} at offset {p} is neither 0 nor 1")
+        for p in fds:
+            v = u32(b, start + p)[0]
+            if v >= f:
+                raise FdIndexError(f"fd index {v} but the message carries {f} fds")
+
+    if not (pads or bools or fds):
+
+        def fixed_size(b, start, f):  # 'u', 'uu', 'ii', 'x', 't'...: the length says it all
+            if len(b) - start != size:
+                fixed_body(b, start, f)
+
+        return fixed_size
+    return fixed_body
