@@ -44,18 +44,118 @@ MAX_PLANS = 256  # signatures (header and variant) a checker keeps compiled
 _U32 = {"l": struct.Struct("<I").unpack_from, "B": struct.Struct(">I").unpack_from}
 _ZEROS = [bytes(n) for n in range(8)]
 _PATH = re.compile(rb"/|(?:/[A-Za-z0-9_]+)+")
+# A body of at most this many bytes whose signature has strings is copied once to ``bytes`` before
+# the walk (slicing and decoding bytes is cheaper than through a memoryview); a larger one is walked
+# in place. Either way the buffer holds the body 8-aligned, as alignment is relative to its start.
+COPY_MAX = 16 * 1024
 
 
 def _truncated(p: int, what: str):
     return TruncatedError(f"body ends inside {what} at offset {p}")
 
 
-def _pad(b, p: int, q: int) -> None:
-    """Check the padding b[p:q] (q past p, at most 7 bytes) is present and zero."""
+def _bad_pad(b, p: int, q: int):
     if q > len(b):
-        raise _truncated(p, "alignment padding")
-    if b[p:q] != _ZEROS[q - p]:
-        raise PaddingError(f"non-zero padding at offset {p}")
+        return _truncated(p, "alignment padding")
+    return PaddingError(f"non-zero padding at offset {p}")
+
+
+def _basic(c: str, endian: str):
+    """The check of one value of basic type ``c`` other than ``g``: ``(buf, pos, depth, n_fds) -> pos after``.
+
+    Every check has this shape: ``depth`` is the nesting added by enclosing variants, ``n_fds`` the
+    message's UNIX_FDS. Basic checks hold no state, so they are built once per byte order.
+    """
+    u32 = _U32[endian]
+    if c == "y":
+
+        def byte(b, p, d, f):
+            if p >= len(b):
+                raise _truncated(p, "a byte")
+            return p + 1
+
+        return byte
+    if c == "b":
+
+        def boolean(b, p, d, f):
+            if p & 3:
+                q = (p + 3) & -4
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            if p + 4 > len(b):
+                raise _truncated(p, "a boolean")
+            if u32(b, p)[0] > 1:
+                raise InvalidValueError(f"boolean value {u32(b, p)[0]} at offset {p} is neither 0 nor 1")
+            return p + 4
+
+        return boolean
+    if c == "h":
+
+        def fd_index(b, p, d, f):
+            if p & 3:
+                q = (p + 3) & -4
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            if p + 4 > len(b):
+                raise _truncated(p, "an fd index")
+            if u32(b, p)[0] >= f:
+                raise FdIndexError(f"fd index {u32(b, p)[0]} but the message carries {f} fds")
+            return p + 4
+
+        return fd_index
+    if c in FIXED_SIZE:
+        size = FIXED_SIZE[c]
+        m = size - 1
+
+        def fixed(b, p, d, f):
+            if p & m:
+                q = (p + m) & ~m
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            p += size
+            if p > len(b):
+                raise _truncated(p - size, f"a {c!r} value")
+            return p
+
+        return fixed
+    is_path = c == "o"
+
+    def string(b, p, d, f):
+        if p & 3:
+            q = (p + 3) & -4
+            if b[p:q] != _ZEROS[q - p]:
+                raise _bad_pad(b, p, q)
+            p = q
+        e = p + 4
+        if e > len(b):
+            raise _truncated(p, "a string length")
+        q = e + u32(b, p)[0]
+        if q >= len(b):
+            raise TruncatedError(f"string at offset {p} runs past the end of the body")
+        if b[q]:
+            raise InvalidValueError(f"string at offset {p} is not NUL-terminated")
+        if is_path:
+            if _PATH.fullmatch(b, e, q) is None:
+                raise InvalidNameError(f"invalid object path at offset {p}")
+        elif q > e:
+            # Decoding is the cheapest complete UTF-8 check measured (strict: no surrogates, no
+            # overlong forms, nothing past U+10FFFF, as libdbus); NUL is valid UTF-8, so it is looked for.
+            try:
+                s = str(b[e:q], "utf-8")
+            except UnicodeDecodeError as err:
+                raise InvalidValueError(f"string at offset {p} is not valid UTF-8: {err.reason}") from None
+            if "\0" in s:
+                raise InvalidValueError(f"string at offset {p} contains NUL")
+        return q + 1
+
+    return string
+
+
+_BASIC = {e: {c: _basic(c, e) for c in "ybnqiuxtdhso"} for e in "lB"}
+_BASIC_CODES = {e: {ord(c): fn for c, fn in _BASIC[e].items()} for e in "lB"}  # variant "one basic type" path
 
 
 class BodyChecker:
@@ -64,8 +164,8 @@ class BodyChecker:
     __slots__ = ("_plans",)
 
     def __init__(self):
-        # header signature (str) or variant/``g`` signature (bytes) -> plan; big-endian keys carry a
-        # "B" prefix (never a type code, so the two byte orders cannot collide)
+        # header signature (str) -> plan of a whole body; variant/``g`` signature (bytes) -> check of
+        # one value. Big-endian keys carry a "B" prefix (never a type code: no collision).
         self._plans: dict = {}
 
     def check(self, h) -> None:
@@ -102,8 +202,12 @@ class BodyChecker:
             plan = _fixed_body_plan(layout, endian)
         else:
             walk = self._sequence([self._compile(t, 0, endian) for t in types])
+            copy = any(c in sig for c in "sogv")
 
             def plan(b, start, f):
+                if copy and len(b) - start <= COPY_MAX:
+                    b = bytes(b[start:])
+                    start = 0
                 end = walk(b, start, 0, f)
                 if end != len(b):
                     raise InvalidValueError(f"{len(b) - end} bytes left after the body")
@@ -111,7 +215,7 @@ class BodyChecker:
         return self._store(sig if endian == "l" else "B" + sig, plan)
 
     def _signature_value(self, raw: bytes, endian: str):
-        """Validate the signature bytes ``raw`` from a body; the plan of its single complete type, or
+        """Validate the signature bytes ``raw`` from a body; the check of its single complete type, or
         False if it is valid but not one single complete type (fine for ``g``, not for ``v``)."""
         key = raw if endian == "l" else b"B" + raw
         plan = self._plans.get(key)
@@ -138,123 +242,75 @@ class BodyChecker:
         return walk
 
     def _compile(self, t: str, depth: int, endian: str):
-        """A function ``(buf, pos, base depth, n_fds) -> pos after`` checking one value of type ``t``
-        whose value sits at static nesting ``depth`` within its signature."""
+        """The check of one value of type ``t`` at static nesting ``depth`` within its signature."""
         c = t[0]
-        u32 = _U32[endian]
-        if c == "y":
-
-            def byte(b, p, d, f):
-                if p >= len(b):
-                    raise _truncated(p, "a byte")
-                return p + 1
-
-            return byte
-        if c in "bh":
-            is_bool = c == "b"
-            kind = "a boolean" if is_bool else "an fd index"
-
-            def word(b, p, d, f):
-                if p & 3:
-                    q = (p + 3) & ~3
-                    _pad(b, p, q)
-                    p = q
-                if p + 4 > len(b):
-                    raise _truncated(p, kind)
-                v = u32(b, p)[0]
-                if is_bool:
-                    if v > 1:
-                        raise InvalidValueError(f"boolean value {v} at offset {p} is neither 0 nor 1")
-                elif v >= f:
-                    raise FdIndexError(f"fd index {v} but the message carries {f} fds")
-                return p + 4
-
-            return word
-        if c in FIXED_SIZE:
-            size = FIXED_SIZE[c]
-            m = size - 1
-
-            def fixed(b, p, d, f):
-                if p & m:
-                    q = (p + m) & ~m
-                    _pad(b, p, q)
-                    p = q
-                p += size
-                if p > len(b):
-                    raise _truncated(p - size, f"a {c!r} value")
-                return p
-
-            return fixed
-        if c in "so":
-
-            def string(b, p, d, f):
-                if p & 3:
-                    q = (p + 3) & ~3
-                    _pad(b, p, q)
-                    p = q
-                e = p + 4
-                if e > len(b):
-                    raise _truncated(p, "a string length")
-                q = e + u32(b, p)[0]
-                if q >= len(b):
-                    raise TruncatedError(f"string at offset {p} runs past the end of the body")
-                if b[q]:
-                    raise InvalidValueError(f"string at offset {p} is not NUL-terminated")
-                if c == "o":
-                    if _PATH.fullmatch(b, e, q) is None:
-                        raise InvalidNameError(f"invalid object path at offset {p}")
-                elif q > e:
-                    try:
-                        s = str(b[e:q], "utf-8")
-                    except UnicodeDecodeError as err:
-                        raise InvalidValueError(f"string at offset {p} is not valid UTF-8: {err.reason}") from None
-                    if "\0" in s:
-                        raise InvalidValueError(f"string at offset {p} contains NUL")
-                return q + 1
-
-            return string
         if c in "gv":
-            sig_value = self._signature_value
-            inner = depth + 1
-
-            def signature(b, p, d, f):
-                if p >= len(b):
-                    raise _truncated(p, "a signature length")
-                q = p + 1 + b[p]
-                if q >= len(b):
-                    raise TruncatedError(f"signature at offset {p} runs past the end of the body")
-                if b[q]:
-                    raise InvalidValueError(f"signature at offset {p} is not NUL-terminated")
-                plan = sig_value(b[p + 1 : q].tobytes(), endian)
-                if c == "g":
-                    return q + 1
-                if not plan:
-                    raise SignatureError(f"variant signature at offset {p} is not one single complete type")
-                if d + inner > MAX_DEPTH:
-                    raise LimitExceededError(f"variant at offset {p} nests values deeper than {MAX_DEPTH}")
-                return plan(b, q + 1, d + inner, f)
-
-            return signature
+            return self._signature(c == "v", depth + 1, endian)
         if c == "(":
             return self._container(
                 [self._compile(m, depth + 1, endian) for m in struct_members(t)], depth + 1, "struct"
             )
         if c == "a":
             return self._array(t[1:], depth, endian)
-        raise SignatureError(f"type {t!r} cannot stand here")  # "{": only as an array element
+        if c == "{":
+            raise SignatureError(f"type {t!r} cannot stand here")  # only as an array element
+        return _BASIC[endian][c]
+
+    def _signature(self, variant: bool, inner: int, endian: str):
+        """``g``, or ``v`` (a signature, then one value of it, one level deeper)."""
+        sig_value = self._signature_value
+        simple = _BASIC_CODES[endian]
+
+        def signature(b, p, d, f):
+            if p >= len(b):
+                raise _truncated(p, "a signature length")
+            n = b[p]
+            q = p + 1 + n
+            if q >= len(b):
+                raise TruncatedError(f"signature at offset {p} runs past the end of the body")
+            if b[q]:
+                raise InvalidValueError(f"signature at offset {p} is not NUL-terminated")
+            plan = simple.get(b[p + 1]) if n == 1 else None
+            if plan is None:
+                plan = sig_value(bytes(b[p + 1 : q]), endian)
+            if not variant:
+                return q + 1
+            if not plan:
+                raise SignatureError(f"variant signature at offset {p} is not one single complete type")
+            if d + inner > MAX_DEPTH:
+                raise LimitExceededError(f"variant at offset {p} nests values deeper than {MAX_DEPTH}")
+            return plan(b, q + 1, d + inner, f)
+
+        return signature
 
     def _container(self, members, inner: int, what: str):
         """A struct or dict entry: 8-aligned, its members one level deeper."""
-        walk = self._sequence(members)
+        if len(members) == 2:
+            first, second = members
+
+            def pair(b, p, d, f):
+                if p & 7:
+                    q = (p + 7) & -8
+                    if b[p:q] != _ZEROS[q - p]:
+                        raise _bad_pad(b, p, q)
+                    p = q
+                if d + inner > MAX_DEPTH:
+                    raise LimitExceededError(f"{what} at offset {p} nests values deeper than {MAX_DEPTH}")
+                return second(b, first(b, p, d, f), d, f)
+
+            return pair
 
         def container(b, p, d, f):
             if p & 7:
-                q = (p + 7) & ~7
-                _pad(b, p, q)
+                q = (p + 7) & -8
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
                 p = q
             if d + inner > MAX_DEPTH:
                 raise LimitExceededError(f"{what} at offset {p} nests values deeper than {MAX_DEPTH}")
-            return walk(b, p, d, f)
+            for fn in members:
+                p = fn(b, p, d, f)
+            return p
 
         return container
 
@@ -266,18 +322,15 @@ class BodyChecker:
         size = FIXED_SIZE.get(elem, 0)
         each = None  # fixed-size elements other than b and h: the length says it all
         if e0 == "{":
-            k, v = struct_members(elem)
-            # the dict entry is the array's element (depth + 1), its key and value one deeper
-            each = self._container(
-                [self._compile(k, depth + 2, endian), self._compile(v, depth + 2, endian)], depth + 2, "dict entry"
-            )
-        elif not size or elem in "bh":  # b and h are fixed-size, but each value needs a look
+            return self._dict_array(elem, depth, endian)
+        if not size or elem in "bh":  # b and h are fixed-size, but each value needs a look
             each = self._compile(elem, inner, endian)
 
         def array(b, p, d, f):
             if p & 3:
-                q = (p + 3) & ~3
-                _pad(b, p, q)
+                q = (p + 3) & -4
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
                 p = q
             if p + 4 > len(b):
                 raise _truncated(p, "an array length")
@@ -287,7 +340,8 @@ class BodyChecker:
                 raise LimitExceededError(f"array of {n} bytes exceeds {MAX_ARRAY_LENGTH}")
             if p & am:  # padding to the element alignment, even when the array is empty
                 q = (p + am) & ~am
-                _pad(b, p, q)
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
                 p = q
             end = p + n
             if end > len(b):
@@ -295,7 +349,7 @@ class BodyChecker:
             if size:
                 if n % size:
                     raise InvalidValueError(f"array of {n} bytes is not a multiple of its {size}-byte elements")
-                if e0 not in "bh":
+                if each is None:
                     return end
             elif n and d + inner > MAX_DEPTH:
                 raise LimitExceededError(f"array at offset {p} nests values deeper than {MAX_DEPTH}")
@@ -306,6 +360,51 @@ class BodyChecker:
             return end
 
         return array
+
+
+    def _dict_array(self, elem: str, depth: int, endian: str):
+        """``a{kv}``: as an array whose elements are pairs, with the dict entry itself inlined (the most
+        common container: every property map)."""
+        u32 = _U32[endian]
+        k, v = struct_members(elem)
+        key = self._compile(k, depth + 2, endian)
+        value = self._compile(v, depth + 2, endian)
+        inner = depth + 2  # the entries are one level deeper than the array, their key and value two
+
+        def dict_array(b, p, d, f):
+            if p & 3:
+                q = (p + 3) & -4
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            if p + 4 > len(b):
+                raise _truncated(p, "an array length")
+            n = u32(b, p)[0]
+            p += 4
+            if n > MAX_ARRAY_LENGTH:
+                raise LimitExceededError(f"array of {n} bytes exceeds {MAX_ARRAY_LENGTH}")
+            if p & 7:  # padding to the entries' alignment, even when the array is empty
+                q = (p + 7) & -8
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            end = p + n
+            if end > len(b):
+                raise TruncatedError(f"array of {n} bytes at offset {p} runs past the end of the body")
+            if n and d + inner > MAX_DEPTH:
+                raise LimitExceededError(f"dict entry at offset {p} nests values deeper than {MAX_DEPTH}")
+            while p < end:
+                if p & 7:
+                    q = (p + 7) & -8
+                    if b[p:q] != _ZEROS[q - p]:
+                        raise _bad_pad(b, p, q)
+                    p = q
+                p = value(b, key(b, p, d, f), d, f)
+            if p != end:
+                raise InvalidValueError(f"array contents at offset {p} do not end at its length")
+            return end
+
+        return dict_array
 
 
 def _fixed_layout(types):
@@ -369,3 +468,4 @@ def _fixed_body_plan(layout, endian: str):
 
         return fixed_size
     return fixed_body
+
