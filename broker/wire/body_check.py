@@ -39,7 +39,11 @@ from .signature import ALIGNMENT, FIXED_SIZE, split_signature, struct_members
 
 MAX_ARRAY_LENGTH = 64 * 1024 * 1024
 MAX_DEPTH = 64  # libdbus: 2 * DBUS_MAXIMUM_TYPE_RECURSION_DEPTH, variants included
-MAX_PLANS = 256  # signatures (header and variant) a checker keeps compiled
+# A checker keeps at most this many compiled signatures (header and variant), of at most this
+# many type codes in all: a plan takes about 200 bytes per type code, so one checker holds at
+# most about 200 KiB however many distinct signatures its client sends (typically a few KiB).
+MAX_PLANS = 128
+MAX_PLAN_CODES = 1024
 
 _U32 = {"l": struct.Struct("<I").unpack_from, "B": struct.Struct(">I").unpack_from}
 _ZEROS = [bytes(n) for n in range(8)]
@@ -161,12 +165,13 @@ _BASIC_CODES = {e: {ord(c): fn for c, fn in _BASIC[e].items()} for e in "lB"}  #
 class BodyChecker:
     """Validates message bodies; holds compiled plans (bounded) for the signatures it has seen."""
 
-    __slots__ = ("_plans",)
+    __slots__ = ("_codes", "_plans")
 
     def __init__(self):
         # header signature (str) -> plan of a whole body; variant/``g`` signature (bytes) -> check of
         # one value. Big-endian keys carry a "B" prefix (never a type code: no collision).
         self._plans: dict = {}
+        self._codes = 0  # type codes in the cached signatures
 
     def check(self, h) -> None:
         """Validate the body of the parsed message ``h`` (a HeaderView); raises WireError."""
@@ -189,9 +194,11 @@ class BodyChecker:
 
     def _store(self, key, plan):
         plans = self._plans
-        if len(plans) >= MAX_PLANS:
+        if len(plans) >= MAX_PLANS or self._codes + len(key) > MAX_PLAN_CODES:
             plans.clear()
+            self._codes = 0
         plans[key] = plan
+        self._codes += len(key)
         return plan
 
     def _top_plan(self, sig: str, endian: str):
