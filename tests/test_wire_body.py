@@ -95,6 +95,29 @@ def test_array_over_64_mib_rejected_from_its_length(endian):
     rejects("as", u32(endian, 0xFFFFFFFF), endian, LimitExceededError)
 
 
+def test_array_over_64_mib_rejected_even_when_all_there():
+    n = 64 * 1024 * 1024 + 8
+    for sig, head in (("ay", b""), ("tuay", bytes(12))):
+        body = bytearray(len(head) + 4 + n)
+        struct.pack_into("<I", body, len(head), n)
+        with pytest.raises(LimitExceededError):
+            BodyChecker().check_body(sig, body)
+        del body
+
+
+@pytest.mark.parametrize("endian", "lB")
+def test_fixed_values_then_a_byte_array(endian):
+    c = BodyChecker()
+    ok = b"\1" + bytes(3) + u32(endian, 3) + b"abc"
+    c.check_body("yay", ok, endian)
+    for bad in (b"\1\0\1\0" + ok[4:], ok + b"\0", ok[:-1], b"\1" + bytes(3) + u32(endian, 4) + b"abc"):
+        with pytest.raises(WireError):
+            c.check_body("yay", bad, endian)
+    c.check_body("tuat", bytes(12) + u32(endian, 8) + bytes(8), endian)  # no padding: 16 is 8-aligned
+    with pytest.raises(PaddingError):
+        c.check_body("yuat", b"\1\0\0\0" + u32(endian, 5) + u32(endian, 0) + b"\0\0\0\1", endian)
+
+
 @pytest.mark.parametrize("endian", "lB")
 def test_100_nested_variants_rejected(endian):
     body = b"\1v\0" * 100 + b"\1y\0\x2a"

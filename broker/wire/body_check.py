@@ -415,64 +415,99 @@ class BodyChecker:
 
 
 def _fixed_layout(types):
-    """For a body of fixed-size values only: (size, padding ranges, boolean offsets, fd index offsets)."""
+    """For a body of fixed-size values, optionally ending in one array of fixed-size elements other
+    than ``b``/``h`` (``u``, ``(ii)``, ``ay``, ``tuay``...): everything is at a static offset.
+
+    Returns (size, padding ranges, boolean offsets, fd index offsets, tail), offsets relative to
+    the body; tail is None or (array length offset, element size) and then ``size`` is where the
+    array's elements start. None if the signature has another shape.
+    """
     pads, bools, fds = [], [], []
     pos = 0
+
+    def align(a: int) -> None:
+        nonlocal pos
+        q = (pos + a - 1) & -a
+        if q != pos:
+            pads.append((pos, q))
+            pos = q
 
     def lay(t: str) -> bool:
         nonlocal pos
         c = t[0]
         if c == "(":
-            align, size = 8, 0
-        elif c in FIXED_SIZE:
-            align = size = FIXED_SIZE[c]
-        else:
-            return False
-        q = (pos + align - 1) & -align
-        if q != pos:
-            pads.append((pos, q))
-            pos = q
-        if c == "(":
+            align(8)
             return all(lay(m) for m in struct_members(t))
+        if c not in FIXED_SIZE:
+            return False
+        align(FIXED_SIZE[c])
         if c == "b":
             bools.append(pos)
         elif c == "h":
             fds.append(pos)
-        pos += size
+        pos += FIXED_SIZE[c]
         return True
 
-    if not all(lay(t) for t in types):
+    tail = None
+    last = types[-1] if types else ""
+    tail_elem = last[1] if last[:1] == "a" and last[1:] in FIXED_SIZE and last[1] not in "bh" else None
+    if not all(lay(t) for t in (types[:-1] if tail_elem else types)):
         return None
-    return pos, tuple(pads), tuple(bools), tuple(fds)
+    if tail_elem:
+        align(4)
+        len_at = pos
+        pos += 4
+        align(FIXED_SIZE[tail_elem])  # present even when the array is empty
+        tail = (len_at, FIXED_SIZE[tail_elem])
+    return pos, tuple(pads), tuple(bools), tuple(fds), tail
 
 
 def _fixed_body_plan(layout, endian: str):
-    size, pads, bools, fds = layout
+    size, pads, bools, fds, tail = layout
     u32 = _U32[endian]
+    len_at, esize = tail or (0, 0)
 
     def fixed_body(b, start, f):
-        if len(b) - start != size:
-            if len(b) - start < size:
-                raise TruncatedError(f"body of {len(b) - start} bytes, its signature needs {size}")
-            raise InvalidValueError(f"{len(b) - start - size} bytes left after the body")
+        have = len(b) - start
+        if have < size:
+            raise TruncatedError(f"body of {have} bytes, its signature needs at least {size}")
+        want = size
+        if tail is not None:
+            n = u32(b, start + len_at)[0]
+            if n > MAX_ARRAY_LENGTH:
+                raise LimitExceededError(f"array of {n} bytes exceeds {MAX_ARRAY_LENGTH}")
+            if n % esize:
+                raise InvalidValueError(f"array of {n} bytes is not a multiple of its {esize}-byte elements")
+            want += n
+        if have != want:
+            if have < want:
+                raise TruncatedError(f"array of {want - size} bytes runs past the end of the body")
+            raise InvalidValueError(f"{have - want} bytes left after the body")
         for p, q in pads:
             if b[start + p : start + q] != _ZEROS[q - p]:
-                raise PaddingError(f"non-zero padding at offset {p}")
+                raise PaddingError(f"non-zero padding at body offset {p}")
         for p in bools:
             v = u32(b, start + p)[0]
             if v > 1:
-                raise InvalidValueError(f"boolean value {v} at offset {p} is neither 0 nor 1")
+                raise InvalidValueError(f"boolean value {v} at body offset {p} is neither 0 nor 1")
         for p in fds:
             v = u32(b, start + p)[0]
             if v >= f:
                 raise FdIndexError(f"fd index {v} but the message carries {f} fds")
 
-    if not (pads or bools or fds):
+    if pads or bools or fds:
+        return fixed_body
+    if tail is None:
 
         def fixed_size(b, start, f):  # 'u', 'uu', 'ii', 'x', 't'...: the length says it all
             if len(b) - start != size:
                 fixed_body(b, start, f)
 
         return fixed_size
-    return fixed_body
 
+    def fixed_then_array(b, start, f):  # 'ay', 'uay', 'tuay'...: the lengths say it all
+        n = len(b) - start - size  # what the array must hold
+        if n < 0 or n > MAX_ARRAY_LENGTH or n % esize or u32(b, start + len_at)[0] != n:
+            fixed_body(b, start, f)  # says what is wrong
+
+    return fixed_then_array
