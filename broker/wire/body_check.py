@@ -134,10 +134,11 @@ def _basic(c: str, endian: str):
                 raise _bad_pad(b, p, q)
             p = q
         e = p + 4
-        if e > len(b):
+        end = len(b)
+        if e > end:
             raise _truncated(p, "a string length")
         q = e + u32(b, p)[0]
-        if q >= len(b):
+        if q >= end:
             raise TruncatedError(f"string at offset {p} runs past the end of the body")
         if b[q]:
             raise InvalidValueError(f"string at offset {p} is not NUL-terminated")
