@@ -239,6 +239,7 @@ class BodyChecker:
 
     @staticmethod
     def _sequence(fns):
+        """The check of consecutive values."""
         if len(fns) == 1:
             return fns[0]
 
@@ -255,9 +256,7 @@ class BodyChecker:
         if c in "gv":
             return self._signature(c == "v", depth + 1, endian)
         if c == "(":
-            return self._container(
-                [self._compile(m, depth + 1, endian) for m in struct_members(t)], depth + 1, "struct"
-            )
+            return self._struct([self._compile(m, depth + 1, endian) for m in struct_members(t)], depth + 1)
         if c == "a":
             return self._array(t[1:], depth, endian)
         if c == "{":
@@ -291,8 +290,8 @@ class BodyChecker:
 
         return signature
 
-    def _container(self, members, inner: int, what: str):
-        """A struct or dict entry: 8-aligned, its members one level deeper."""
+    def _struct(self, members, inner: int):
+        """A struct: 8-aligned, its members one level deeper."""
         if len(members) == 2:
             first, second = members
 
@@ -303,7 +302,7 @@ class BodyChecker:
                         raise _bad_pad(b, p, q)
                     p = q
                 if d + inner > MAX_DEPTH:
-                    raise LimitExceededError(f"{what} at offset {p} nests values deeper than {MAX_DEPTH}")
+                    raise LimitExceededError(f"struct at offset {p} nests values deeper than {MAX_DEPTH}")
                 return second(b, first(b, p, d, f), d, f)
 
             return pair
@@ -315,7 +314,7 @@ class BodyChecker:
                     raise _bad_pad(b, p, q)
                 p = q
             if d + inner > MAX_DEPTH:
-                raise LimitExceededError(f"{what} at offset {p} nests values deeper than {MAX_DEPTH}")
+                raise LimitExceededError(f"struct at offset {p} nests values deeper than {MAX_DEPTH}")
             for fn in members:
                 p = fn(b, p, d, f)
             return p
@@ -368,7 +367,6 @@ class BodyChecker:
             return end
 
         return array
-
 
     def _dict_array(self, elem: str, depth: int, endian: str):
         """``a{kv}``: as an array whose elements are pairs, with the dict entry itself inlined (the most
