@@ -277,9 +277,12 @@ class BodyChecker:
                 raise TruncatedError(f"signature at offset {p} runs past the end of the body")
             if b[q]:
                 raise InvalidValueError(f"signature at offset {p} is not NUL-terminated")
-            plan = simple.get(b[p + 1]) if n == 1 else None
-            if plan is None:
+            if n == 1:
+                plan = simple.get(b[p + 1]) or sig_value(bytes(b[p + 1 : q]), endian)
+            elif n:
                 plan = sig_value(bytes(b[p + 1 : q]), endian)
+            else:
+                plan = False  # the empty signature: valid, but no type for a variant
             if not variant:
                 return q + 1
             if not plan:
