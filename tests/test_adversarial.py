@@ -251,3 +251,34 @@ print(len(conns), refused)
     assert out.stdout.split() == ["2", "0"], out.stderr  # another uid is unaffected
     assert "max_connections_per_user" in bus.log_path.read_text()
     ensure_test_users()
+
+
+BAD_BODIES = {
+    "invalid UTF-8 in a string": ("s", lambda e: (b"\2\0\0\0" if e == "l" else b"\0\0\0\2") + b"\xc3\x28\0"),
+    "boolean of 2": ("b", lambda e: b"\2\0\0\0" if e == "l" else b"\0\0\0\2"),
+    "100 nested variants": ("v", lambda e: b"\1v\0" * 100 + b"\1y\0\x2a"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("endian", "lB")
+@pytest.mark.parametrize("kind", sorted(BAD_BODIES))
+def test_malformed_body_disconnects_the_sender_and_never_reaches_the_receiver(sealbus, kind, endian):
+    from broker.wire.message import encode_header
+
+    receiver = connected(sealbus)
+    sender = connected(sealbus)
+    sig, body = BAD_BODIES[kind]
+    body = body(endian)
+    sender.send_raw(encode_header(endian, 1, 0, len(body), sender.next_serial(), path="/x", interface="org.x.I",
+                                  member="Bad", destination=receiver.unique_name, signature=sig) + body)  # fmt: skip
+    assert sender.closed_by_peer()
+    assert "protocol violation" in sealbus.log_path.read_text()
+    # Anything the sender got through would reach the receiver before this marker from a third client.
+    other = connected(sealbus)
+    other.send_raw(build_message(4, other.next_serial(), path="/", interface="org.x.Marker", member="Marker",
+                                 destination=receiver.unique_name))  # fmt: skip
+    got = receiver.until(lambda m: describe_msg(m)[1] == "Marker")
+    assert [describe_msg(m)[:2] for m in got] == [("signal", "Marker")], got
+    serial = receiver.call("GetId")  # and the receiver is still connected
+    assert describe_msg(receiver.reply_to(serial)[-1])[0] == "method_return"
+    assert bus_is_alive(sealbus)

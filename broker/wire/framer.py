@@ -21,6 +21,7 @@ what a queue keeps alive is what it is charged for.
 from collections import deque
 from typing import NamedTuple
 
+from .body_check import BodyChecker
 from .errors import HeaderError, LimitExceededError
 from .message import _ENDIAN, _FIXED, DEFAULT_MAX_MESSAGE_SIZE, FIXED_HEADER_SIZE, HeaderView, WireCache, message_size
 
@@ -48,8 +49,10 @@ class Framer:
         max_fds_per_message: int = 16,
         buffer_size: int = DEFAULT_BUFFER,
         cache: WireCache | None = None,
+        body_checker: BodyChecker | None = None,
     ):
         self.max_message_size = max_message_size
+        self.body_checker = body_checker or BodyChecker()  # every body is validated before it is handed out
         self.max_fds_per_message = max_fds_per_message
         self._bufsize = buffer_size
         self.cache = WireCache() if cache is None else cache  # this connection's header caches
@@ -150,6 +153,8 @@ class Framer:
         self._start = start + need
         self._need = 0
         header = HeaderView(self._view[start : start + need], self.max_message_size, True, self.cache)
+        if header.signature:
+            self.body_checker.check(header)  # before the fds are taken: on error close() returns them
         n = header.unix_fds
         if not n:
             return _new_message(Message, (header, []))

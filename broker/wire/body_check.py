@@ -1,0 +1,515 @@
+"""Body validation: a walk over a message body's bytes against its signature.
+
+Every message a client sends is checked here before it is routed, so a
+receiver never gets a body that breaks the D-Bus rules (libdbus receivers
+treat such a stream as corrupt and drop off the bus). Nothing is unmarshalled:
+the walk reads lengths and the few values that have a restricted domain
+(booleans, fd indexes) and checks bytes in place; the bytes that are
+forwarded are the ones that were checked.
+
+What is checked, as the specification and libdbus require: alignment padding
+is zero (also before the elements of an empty array); ``b`` is 0 or 1;
+``s`` is UTF-8 without NUL and NUL-terminated; ``o`` is a valid object path;
+``g`` and a variant's signature are valid signatures, a variant's one single
+complete type; arrays are at most 64 MiB and end exactly on an element
+boundary; ``h`` is below the header's UNIX_FDS; the body is consumed exactly.
+Value nesting follows libdbus: each struct, dict entry, element of an array of
+non-fixed elements and variant value is one level deeper, and no value may be
+deeper than 64 (so variants cannot nest without bound).
+
+A signature is compiled once into a *plan* (a small tree of closures; a
+fixed-layout body becomes a length check plus the few offsets that need a
+look). Plans live in a :class:`BodyChecker`'s bounded cache, one checker per
+framer, so one client's signatures never evict another's.
+"""
+
+import re
+import struct
+
+from .errors import (
+    FdIndexError,
+    InvalidNameError,
+    InvalidValueError,
+    LimitExceededError,
+    PaddingError,
+    SignatureError,
+    TruncatedError,
+)
+from .signature import ALIGNMENT, FIXED_SIZE, split_signature, struct_members
+
+MAX_ARRAY_LENGTH = 64 * 1024 * 1024
+MAX_DEPTH = 64  # libdbus: 2 * DBUS_MAXIMUM_TYPE_RECURSION_DEPTH, variants included
+# A checker keeps at most this many compiled signatures (header and variant), of at most this
+# many type codes in all: a plan takes about 200 bytes per type code, so one checker holds at
+# most about 200 KiB however many distinct signatures its client sends (typically a few KiB).
+MAX_PLANS = 128
+MAX_PLAN_CODES = 1024
+
+_U32 = {"l": struct.Struct("<I").unpack_from, "B": struct.Struct(">I").unpack_from}
+_ZEROS = [bytes(n) for n in range(8)]
+_PATH = re.compile(rb"/|(?:/[A-Za-z0-9_]+)+")
+# A body of at most this many bytes whose signature has strings is copied once to ``bytes`` before
+# the walk (slicing and decoding bytes is cheaper than through a memoryview); a larger one is walked
+# in place. Either way the buffer holds the body 8-aligned, as alignment is relative to its start.
+COPY_MAX = 16 * 1024
+
+
+def _truncated(p: int, what: str):
+    return TruncatedError(f"body ends inside {what} at offset {p}")
+
+
+def _bad_pad(b, p: int, q: int):
+    if q > len(b):
+        return _truncated(p, "alignment padding")
+    return PaddingError(f"non-zero padding at offset {p}")
+
+
+def _basic(c: str, endian: str):
+    """The check of one value of basic type ``c`` other than ``g``: ``(buf, pos, depth, n_fds) -> pos after``.
+
+    Every check has this shape: ``depth`` is the nesting added by enclosing variants, ``n_fds`` the
+    message's UNIX_FDS. Basic checks hold no state, so they are built once per byte order.
+    """
+    u32 = _U32[endian]
+    if c == "y":
+
+        def byte(b, p, d, f):
+            if p >= len(b):
+                raise _truncated(p, "a byte")
+            return p + 1
+
+        return byte
+    if c == "b":
+
+        def boolean(b, p, d, f):
+            if p & 3:
+                q = (p + 3) & -4
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            if p + 4 > len(b):
+                raise _truncated(p, "a boolean")
+            if u32(b, p)[0] > 1:
+                raise InvalidValueError(f"boolean value {u32(b, p)[0]} at offset {p} is neither 0 nor 1")
+            return p + 4
+
+        return boolean
+    if c == "h":
+
+        def fd_index(b, p, d, f):
+            if p & 3:
+                q = (p + 3) & -4
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            if p + 4 > len(b):
+                raise _truncated(p, "an fd index")
+            if u32(b, p)[0] >= f:
+                raise FdIndexError(f"fd index {u32(b, p)[0]} but the message carries {f} fds")
+            return p + 4
+
+        return fd_index
+    if c in FIXED_SIZE:
+        size = FIXED_SIZE[c]
+        m = size - 1
+
+        def fixed(b, p, d, f):
+            if p & m:
+                q = (p + m) & ~m
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            p += size
+            if p > len(b):
+                raise _truncated(p - size, f"a {c!r} value")
+            return p
+
+        return fixed
+    is_path = c == "o"
+
+    def string(b, p, d, f):
+        if p & 3:
+            q = (p + 3) & -4
+            if b[p:q] != _ZEROS[q - p]:
+                raise _bad_pad(b, p, q)
+            p = q
+        e = p + 4
+        end = len(b)
+        if e > end:
+            raise _truncated(p, "a string length")
+        q = e + u32(b, p)[0]
+        if q >= end:
+            raise TruncatedError(f"string at offset {p} runs past the end of the body")
+        if b[q]:
+            raise InvalidValueError(f"string at offset {p} is not NUL-terminated")
+        if is_path:
+            if _PATH.fullmatch(b, e, q) is None:
+                raise InvalidNameError(f"invalid object path at offset {p}")
+        elif q > e:
+            # Decoding is the cheapest complete UTF-8 check measured (strict: no surrogates, no
+            # overlong forms, nothing past U+10FFFF, as libdbus); NUL is valid UTF-8, so it is looked for.
+            try:
+                s = str(b[e:q], "utf-8")
+            except UnicodeDecodeError as err:
+                raise InvalidValueError(f"string at offset {p} is not valid UTF-8: {err.reason}") from None
+            if "\0" in s:
+                raise InvalidValueError(f"string at offset {p} contains NUL")
+        return q + 1
+
+    return string
+
+
+_BASIC = {e: {c: _basic(c, e) for c in "ybnqiuxtdhso"} for e in "lB"}
+_BASIC_CODES = {e: {ord(c): fn for c, fn in _BASIC[e].items()} for e in "lB"}  # variant "one basic type" path
+
+
+class BodyChecker:
+    """Validates message bodies; holds compiled plans (bounded) for the signatures it has seen."""
+
+    __slots__ = ("_codes", "_plans")
+
+    def __init__(self):
+        # header signature (str) -> plan of a whole body; variant/``g`` signature (bytes) -> check of
+        # one value. Big-endian keys carry a "B" prefix (never a type code: no collision).
+        self._plans: dict = {}
+        self._codes = 0  # type codes in the cached signatures
+
+    def check(self, h) -> None:
+        """Validate the body of the parsed message ``h`` (a HeaderView); raises WireError."""
+        sig = h.signature
+        endian = h.endian
+        plan = self._plans.get(sig if endian == "l" else "B" + sig)
+        if plan is None:
+            plan = self._top_plan(sig, endian)
+        plan(h.raw, h.header_len, h.unix_fds)
+
+    def check_body(self, signature: str, body, endian: str = "l", n_fds: int = 0) -> None:
+        """Validate ``body`` (which must start 8-aligned in its message) against ``signature``."""
+        split_signature(signature)
+        plan = self._plans.get(signature if endian == "l" else "B" + signature)
+        if plan is None:
+            plan = self._top_plan(signature, endian)
+        plan(memoryview(body).cast("B"), 0, n_fds)
+
+    # -- plan cache -----------------------------------------------------------
+
+    def _store(self, key, plan):
+        plans = self._plans
+        if len(plans) >= MAX_PLANS or self._codes + len(key) > MAX_PLAN_CODES:
+            plans.clear()
+            self._codes = 0
+        plans[key] = plan
+        self._codes += len(key)
+        return plan
+
+    def _top_plan(self, sig: str, endian: str):
+        """The plan for a whole body of signature ``sig`` (already validated by the header view)."""
+        types = split_signature(sig)
+        layout = _fixed_layout(types)
+        if layout is not None:
+            plan = _fixed_body_plan(layout, endian)
+        else:
+            walk = self._sequence([self._compile(t, 0, endian) for t in types])
+            copy = any(c in sig for c in "sogv")
+
+            def plan(b, start, f):
+                if copy and len(b) - start <= COPY_MAX:
+                    b = bytes(b[start:])
+                    start = 0
+                end = walk(b, start, 0, f)
+                if end != len(b):
+                    raise InvalidValueError(f"{len(b) - end} bytes left after the body")
+
+        return self._store(sig if endian == "l" else "B" + sig, plan)
+
+    def _signature_value(self, raw: bytes, endian: str):
+        """Validate the signature bytes ``raw`` from a body; the check of its single complete type, or
+        False if it is valid but not one single complete type (fine for ``g``, not for ``v``)."""
+        key = raw if endian == "l" else b"B" + raw
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        if not raw.isascii():
+            raise SignatureError("signature value is not ASCII")
+        types = split_signature(raw.decode())  # at most 255 bytes: its length is one byte
+        plan = self._compile(types[0], 0, endian) if len(types) == 1 else False
+        return self._store(key, plan)
+
+    # -- compilation ----------------------------------------------------------
+
+    @staticmethod
+    def _sequence(fns):
+        """The check of consecutive values."""
+        if len(fns) == 1:
+            return fns[0]
+
+        def walk(b, p, d, f):
+            for fn in fns:
+                p = fn(b, p, d, f)
+            return p
+
+        return walk
+
+    def _compile(self, t: str, depth: int, endian: str):
+        """The check of one value of type ``t`` at static nesting ``depth`` within its signature."""
+        c = t[0]
+        if c in "gv":
+            return self._signature(c == "v", depth + 1, endian)
+        if c == "(":
+            return self._struct([self._compile(m, depth + 1, endian) for m in struct_members(t)], depth + 1)
+        if c == "a":
+            return self._array(t[1:], depth, endian)
+        if c == "{":
+            raise SignatureError(f"type {t!r} cannot stand here")  # only as an array element
+        return _BASIC[endian][c]
+
+    def _signature(self, variant: bool, inner: int, endian: str):
+        """``g``, or ``v`` (a signature, then one value of it, one level deeper)."""
+        sig_value = self._signature_value
+        simple = _BASIC_CODES[endian]
+
+        def signature(b, p, d, f):
+            if p >= len(b):
+                raise _truncated(p, "a signature length")
+            n = b[p]
+            q = p + 1 + n
+            if q >= len(b):
+                raise TruncatedError(f"signature at offset {p} runs past the end of the body")
+            if b[q]:
+                raise InvalidValueError(f"signature at offset {p} is not NUL-terminated")
+            if n == 1:
+                plan = simple.get(b[p + 1]) or sig_value(bytes(b[p + 1 : q]), endian)
+            elif n:
+                plan = sig_value(bytes(b[p + 1 : q]), endian)
+            else:
+                plan = False  # the empty signature: valid, but no type for a variant
+            if not variant:
+                return q + 1
+            if not plan:
+                raise SignatureError(f"variant signature at offset {p} is not one single complete type")
+            if d + inner > MAX_DEPTH:
+                raise LimitExceededError(f"variant at offset {p} nests values deeper than {MAX_DEPTH}")
+            return plan(b, q + 1, d + inner, f)
+
+        return signature
+
+    def _struct(self, members, inner: int):
+        """A struct: 8-aligned, its members one level deeper."""
+        if len(members) == 2:
+            first, second = members
+
+            def pair(b, p, d, f):
+                if p & 7:
+                    q = (p + 7) & -8
+                    if b[p:q] != _ZEROS[q - p]:
+                        raise _bad_pad(b, p, q)
+                    p = q
+                if d + inner > MAX_DEPTH:
+                    raise LimitExceededError(f"struct at offset {p} nests values deeper than {MAX_DEPTH}")
+                return second(b, first(b, p, d, f), d, f)
+
+            return pair
+
+        def container(b, p, d, f):
+            if p & 7:
+                q = (p + 7) & -8
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            if d + inner > MAX_DEPTH:
+                raise LimitExceededError(f"struct at offset {p} nests values deeper than {MAX_DEPTH}")
+            for fn in members:
+                p = fn(b, p, d, f)
+            return p
+
+        return container
+
+    def _array(self, elem: str, depth: int, endian: str):
+        u32 = _U32[endian]
+        e0 = elem[0]
+        am = ALIGNMENT[e0] - 1
+        inner = depth + 1
+        size = FIXED_SIZE.get(elem, 0)
+        each = None  # fixed-size elements other than b and h: the length says it all
+        if e0 == "{":
+            return self._dict_array(elem, depth, endian)
+        if not size or elem in "bh":  # b and h are fixed-size, but each value needs a look
+            each = self._compile(elem, inner, endian)
+
+        def array(b, p, d, f):
+            if p & 3:
+                q = (p + 3) & -4
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            if p + 4 > len(b):
+                raise _truncated(p, "an array length")
+            n = u32(b, p)[0]
+            p += 4
+            if n > MAX_ARRAY_LENGTH:
+                raise LimitExceededError(f"array of {n} bytes exceeds {MAX_ARRAY_LENGTH}")
+            if p & am:  # padding to the element alignment, even when the array is empty
+                q = (p + am) & ~am
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            end = p + n
+            if end > len(b):
+                raise TruncatedError(f"array of {n} bytes at offset {p} runs past the end of the body")
+            if size:
+                if n % size:
+                    raise InvalidValueError(f"array of {n} bytes is not a multiple of its {size}-byte elements")
+                if each is None:
+                    return end
+            elif n and d + inner > MAX_DEPTH:
+                raise LimitExceededError(f"array at offset {p} nests values deeper than {MAX_DEPTH}")
+            while p < end:
+                p = each(b, p, d, f)
+            if p != end:
+                raise InvalidValueError(f"array contents at offset {p} do not end at its length")
+            return end
+
+        return array
+
+    def _dict_array(self, elem: str, depth: int, endian: str):
+        """``a{kv}``: as an array whose elements are pairs, with the dict entry itself inlined (the most
+        common container: every property map)."""
+        u32 = _U32[endian]
+        k, v = struct_members(elem)
+        key = self._compile(k, depth + 2, endian)
+        value = self._compile(v, depth + 2, endian)
+        inner = depth + 2  # the entries are one level deeper than the array, their key and value two
+
+        def dict_array(b, p, d, f):
+            if p & 3:
+                q = (p + 3) & -4
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            if p + 4 > len(b):
+                raise _truncated(p, "an array length")
+            n = u32(b, p)[0]
+            p += 4
+            if n > MAX_ARRAY_LENGTH:
+                raise LimitExceededError(f"array of {n} bytes exceeds {MAX_ARRAY_LENGTH}")
+            if p & 7:  # padding to the entries' alignment, even when the array is empty
+                q = (p + 7) & -8
+                if b[p:q] != _ZEROS[q - p]:
+                    raise _bad_pad(b, p, q)
+                p = q
+            end = p + n
+            if end > len(b):
+                raise TruncatedError(f"array of {n} bytes at offset {p} runs past the end of the body")
+            if n and d + inner > MAX_DEPTH:
+                raise LimitExceededError(f"dict entry at offset {p} nests values deeper than {MAX_DEPTH}")
+            while p < end:
+                if p & 7:
+                    q = (p + 7) & -8
+                    if b[p:q] != _ZEROS[q - p]:
+                        raise _bad_pad(b, p, q)
+                    p = q
+                p = value(b, key(b, p, d, f), d, f)
+            if p != end:
+                raise InvalidValueError(f"array contents at offset {p} do not end at its length")
+            return end
+
+        return dict_array
+
+
+def _fixed_layout(types):
+    """For a body of fixed-size values, optionally ending in one array of fixed-size elements other
+    than ``b``/``h`` (``u``, ``(ii)``, ``ay``, ``tuay``...): everything is at a static offset.
+
+    Returns (size, padding ranges, boolean offsets, fd index offsets, tail), offsets relative to
+    the body; tail is None or (array length offset, element size) and then ``size`` is where the
+    array's elements start. None if the signature has another shape.
+    """
+    pads, bools, fds = [], [], []
+    pos = 0
+
+    def align(a: int) -> None:
+        nonlocal pos
+        q = (pos + a - 1) & -a
+        if q != pos:
+            pads.append((pos, q))
+            pos = q
+
+    def lay(t: str) -> bool:
+        nonlocal pos
+        c = t[0]
+        if c == "(":
+            align(8)
+            return all(lay(m) for m in struct_members(t))
+        if c not in FIXED_SIZE:
+            return False
+        align(FIXED_SIZE[c])
+        if c == "b":
+            bools.append(pos)
+        elif c == "h":
+            fds.append(pos)
+        pos += FIXED_SIZE[c]
+        return True
+
+    tail = None
+    last = types[-1] if types else ""
+    tail_elem = last[1] if last[:1] == "a" and last[1:] in FIXED_SIZE and last[1] not in "bh" else None
+    if not all(lay(t) for t in (types[:-1] if tail_elem else types)):
+        return None
+    if tail_elem:
+        align(4)
+        len_at = pos
+        pos += 4
+        align(FIXED_SIZE[tail_elem])  # present even when the array is empty
+        tail = (len_at, FIXED_SIZE[tail_elem])
+    return pos, tuple(pads), tuple(bools), tuple(fds), tail
+
+
+def _fixed_body_plan(layout, endian: str):
+    size, pads, bools, fds, tail = layout
+    u32 = _U32[endian]
+    len_at, esize = tail or (0, 0)
+
+    def fixed_body(b, start, f):
+        have = len(b) - start
+        if have < size:
+            raise TruncatedError(f"body of {have} bytes, its signature needs at least {size}")
+        want = size
+        if tail is not None:
+            n = u32(b, start + len_at)[0]
+            if n > MAX_ARRAY_LENGTH:
+                raise LimitExceededError(f"array of {n} bytes exceeds {MAX_ARRAY_LENGTH}")
+            if n % esize:
+                raise InvalidValueError(f"array of {n} bytes is not a multiple of its {esize}-byte elements")
+            want += n
+        if have != want:
+            if have < want:
+                raise TruncatedError(f"array of {want - size} bytes runs past the end of the body")
+            raise InvalidValueError(f"{have - want} bytes left after the body")
+        for p, q in pads:
+            if b[start + p : start + q] != _ZEROS[q - p]:
+                raise PaddingError(f"non-zero padding at body offset {p}")
+        for p in bools:
+            v = u32(b, start + p)[0]
+            if v > 1:
+                raise InvalidValueError(f"boolean value {v} at body offset {p} is neither 0 nor 1")
+        for p in fds:
+            v = u32(b, start + p)[0]
+            if v >= f:
+                raise FdIndexError(f"fd index {v} but the message carries {f} fds")
+
+    if pads or bools or fds:
+        return fixed_body
+    if tail is None:
+
+        def fixed_size(b, start, f):  # 'u', 'uu', 'ii', 'x', 't'...: the length says it all
+            if len(b) - start != size:
+                fixed_body(b, start, f)
+
+        return fixed_size
+
+    def fixed_then_array(b, start, f):  # 'ay', 'uay', 'tuay'...: the lengths say it all
+        n = len(b) - start - size  # what the array must hold
+        if n < 0 or n > MAX_ARRAY_LENGTH or n % esize or u32(b, start + len_at)[0] != n:
+            fixed_body(b, start, f)  # says what is wrong
+
+    return fixed_then_array
