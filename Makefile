@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 SEALBUS:= $(VENV)/bin/sealbus
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup run test test-fast lint bench vm-test vm-image fuzz install clean
+.PHONY: setup run test test-fast lint bench conformance vm-test vm-image fuzz install clean
 
 setup:
 	@scripts/setup.sh
@@ -26,6 +26,7 @@ lint: setup
 # VM tier when /dev/kvm is present.
 test: setup lint
 	$(PYTEST) -q -ra tests
+	$(MAKE) conformance
 	@if [ -e /dev/kvm ] || [ -n "$$SEALBUS_VM" ]; then $(MAKE) vm-test; else echo "vm-test: skipped (no /dev/kvm)"; fi
 
 test-fast: setup
@@ -33,6 +34,11 @@ test-fast: setup
 
 fuzz: setup
 	SEALBUS_FUZZ_SECONDS=$${SEALBUS_FUZZ_SECONDS:-300} $(PYTEST) -q tests/test_fuzz.py
+
+# dbus-daemon's own test programs (Debian's dbus-tests), case by case, against
+# dbus-daemon and sealbus; the table is docs/conformance.md.
+conformance: setup
+	$(PY) scripts/conformance.py --md docs/conformance.md
 
 bench: setup
 	$(PY) -m benchmarks.run --md docs/benchmarks.md

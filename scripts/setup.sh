@@ -8,7 +8,7 @@ PKGS="python3-venv python3-dev gcc pkg-config make
 fuse3 libfuse3-dev libcap-dev libsystemd-dev
 python3-selinux python3-setools python3-matplotlib
 selinux-policy-dev selinux-policy-default checkpolicy setools policycoreutils semodule-utils
-dbus dbus-bin dbus-daemon dbus-broker libglib2.0-bin systemd
+dbus dbus-bin dbus-daemon dbus-broker dbus-tests libglib2.0-bin systemd
 qemu-system-x86 qemu-utils mmdebstrap e2fsprogs linux-image-amd64 passwd util-linux"
 
 missing=""
