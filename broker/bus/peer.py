@@ -84,6 +84,9 @@ class Peer:
     stats: dict = field(default_factory=lambda: {"in_messages": 0, "out_messages": 0, "in_bytes": 0})
     wake: object = None
     kill: object = None
+    # this peer's own share of the bus registries, so that its cleanup walks only what it owns
+    calls: dict = field(default_factory=dict)  # serial -> ReplySlot: its calls awaiting a reply (bus/replies.py)
+    owed: dict = field(default_factory=dict)  # ReplySlot -> None: others' calls awaiting its reply
 
     def describe(self) -> str:
         """For log lines: who this is, in terms a sysadmin can act on."""

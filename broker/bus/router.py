@@ -18,6 +18,7 @@ from .limits import Limits
 from .match import MatchRule
 from .names import NameRegistry
 from .peer import Creds, FdRef, OutItem, Peer, UserAccount
+from .replies import ReplyRegistry
 
 METHOD_CALL, METHOD_RETURN, ERROR, NO_REPLY_EXPECTED = wm.METHOD_CALL, wm.METHOD_RETURN, wm.ERROR, wm.NO_REPLY_EXPECTED
 
@@ -79,9 +80,7 @@ class Bus:
         self.eavesdroppers: set[Peer] = set()
         # match index: member -> [(peer, rule)]; rules without member under None
         self.match_index: dict[str | None, list[tuple[Peer, MatchRule]]] = defaultdict(list)
-        # expected replies: (caller peer id, call serial) -> replier peer
-        self.pending: dict[tuple[int, int], Peer] = {}
-        self.pending_by_replier: dict[int, set[tuple[int, int]]] = defaultdict(set)
+        self.replies = ReplyRegistry()  # expected replies (see replies.py)
         self.next_peer_id = 1
         self.serial = 0
         self.policy = None  # allow-all when None; see broker.access
@@ -140,15 +139,11 @@ class Bus:
         for rule in peer.matches:
             self._unindex(peer, rule)
         peer.matches.clear()
-        # callers still waiting on this peer get NoReply
-        for key in self.pending_by_replier.pop(peer.id, ()):
-            if self.pending.pop(key, None) is None:
-                continue
-            caller = self._peer_by_id(key[0])
-            if caller is not None:
-                caller.replies_pending -= 1
-                self.send_error(caller, key[1], E + "NoReply",
-                                "Message recipient disconnected from message bus without replying")  # fmt: skip
+        # its own calls are forgotten (a late reply is dropped); callers still waiting on it get NoReply
+        self.replies.drop_caller(peer)
+        for slot in self.replies.drop_replier(peer):
+            self.send_error(slot.caller, slot.serial, E + "NoReply",
+                            "Message recipient disconnected from message bus without replying")  # fmt: skip
         if peer.unique_name:
             for ch in self.registry.release_all(peer):
                 self._announce_owner_change(ch)
@@ -156,11 +151,17 @@ class Bus:
                 self._name_owner_changed(peer.unique_name, peer.unique_name, "")
             log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "")
 
-    def _peer_by_id(self, pid: int) -> Peer | None:
-        for p in self.all_peers:
-            if p.id == pid:
-                return p
-        return None
+    @property
+    def pending(self) -> ReplyRegistry:
+        """Expected replies (its ``len`` is how many)."""
+        return self.replies
+
+    def expire_replies(self, now: float) -> None:
+        """Called by the I/O shell with its clock (see ReplyRegistry.expire): callers whose
+        reply_timeout passed get NoReply from the bus."""
+        for slot in self.replies.expire(now):
+            self.send_error(slot.caller, slot.serial, E + "NoReply",
+                            "Message did not receive a reply (timeout by message bus)")  # fmt: skip
 
     def kill(self, peer: Peer, reason: str) -> None:
         """Disconnect a misbehaving peer, with a log line naming it.
@@ -244,7 +245,9 @@ class Bus:
         target = self.peers.get(dest) if dest[0] == ":" else self.registry.owner(dest)  # resolve(), inlined
         if target is None:
             self._to_monitors(peer, h, fdref)
-            if h.type == wm.METHOD_CALL and not h.no_reply_expected:
+            if h.type == METHOD_RETURN or h.type == ERROR:
+                self.stats["dropped_replies"] += 1  # e.g. its caller left before the answer came
+            elif h.type == wm.METHOD_CALL and not h.no_reply_expected:
                 if h.flags & wm.NO_AUTO_START:
                     self.send_error(peer, h.serial, E + "NameHasNoOwner", f'Name "{dest}" does not exist')
                 else:
@@ -304,23 +307,14 @@ class Bus:
             return
         self._push(target, bufs, nbytes, fdref, peer)
         if wants_reply:
-            key = (peer.id, h.serial)
-            if key not in self.pending:
-                peer.replies_pending += 1
-            self.pending[key] = target
-            self.pending_by_replier[target.id].add(key)
+            self.replies.add(peer, h.serial, target, self.limits.reply_timeout)
         if self.monitors:
             self._to_monitors(peer, h, fdref, bufs)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
 
     def _route_reply(self, peer: Peer, h, fdref, target: Peer) -> None:
-        key = (target.id, h.reply_serial)
-        requested = self.pending.get(key) is peer
-        if requested:
-            del self.pending[key]
-            self.pending_by_replier[peer.id].discard(key)
-            target.replies_pending -= 1
+        requested = self.replies.take(target, h.reply_serial, peer)
         if self.policy is not None and (requested or self.policy.policy is not None):
             # as dbus-daemon: an unrequested reply is up to the XML policy (only send/receive_requested_reply=
             # "false" rules allow one), and its sender is told when it is denied; without XML rules it is dropped
