@@ -298,8 +298,7 @@ class Driver:
         bus.send_reply(peer, h.serial)
         for ch in bus.registry.release_all(peer):
             bus._announce_owner_change(ch)
-        for rule in list(peer.matches):
-            bus.remove_match(peer, rule)
+        bus.matches.remove_all(peer)
         bus.bus_signal("NameLost", "s", (peer.unique_name,), destination=peer)
         bus._name_owner_changed(peer.unique_name, peer.unique_name, "")
         del bus.peers[peer.unique_name]

@@ -13,8 +13,12 @@ class MatchRuleInvalid(ValueError):
     """org.freedesktop.DBus.Error.MatchRuleInvalid"""
 
 
-@dataclass
+@dataclass(eq=False)
 class MatchRule:
+    """One parsed rule. Compared by identity: each AddMatch makes its own rule, which is also its
+    entry in the bus's match registry (``owner`` and ``bucket`` below, see matches.py); two rules
+    that say the same thing have the same :meth:`key`."""
+
     text: str = ""
     type: int | None = None
     sender: str | None = None
@@ -27,6 +31,11 @@ class MatchRule:
     args: dict[int, str] = field(default_factory=dict)
     arg_paths: dict[int, str] = field(default_factory=dict)
     arg0namespace: str | None = None
+    # registry entry (set by MatchRegistry.add): the peer that added the rule, the index bucket holding it
+    owner: object = field(default=None, repr=False)
+    bucket: dict | None = field(default=None, repr=False)
+    index: dict | None = field(default=None, repr=False)  # the dict holding ``bucket`` (None: never removed)
+    index_key: object = field(default=None, repr=False)
 
     @property
     def needs_body(self) -> bool:

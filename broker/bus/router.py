@@ -10,12 +10,12 @@ every recipient, and the body ``memoryview`` it arrived in.
 import logging
 import os
 import secrets
-from collections import defaultdict
 
 from ..wire import message as wm
 from ..wire.errors import WireError
 from .limits import Limits
 from .match import MatchRule
+from .matches import MatchRegistry
 from .names import NameRegistry
 from .peer import Creds, FdRef, OutItem, Peer, UserAccount
 from .replies import ReplyRegistry
@@ -77,9 +77,8 @@ class Bus:
         self.all_peers: set[Peer] = set()
         self.accounts: dict[int, UserAccount] = {}
         self.monitors: list[Peer] = []
-        self.eavesdroppers: set[Peer] = set()
-        # match index: member -> [(peer, rule)]; rules without member under None
-        self.match_index: dict[str | None, list[tuple[Peer, MatchRule]]] = defaultdict(list)
+        self.matches = MatchRegistry()  # every peer's match rules (see matches.py)
+        self.eavesdroppers = self.matches.eavesdroppers  # peers with eavesdrop='true' rules (read-only here)
         self.replies = ReplyRegistry()  # expected replies (see replies.py)
         self.next_peer_id = 1
         self.serial = 0
@@ -135,10 +134,7 @@ class Bus:
         peer.drop_outbox()
         if peer.monitor:
             self.monitors.remove(peer)
-        self.eavesdroppers.discard(peer)
-        for rule in peer.matches:
-            self._unindex(peer, rule)
-        peer.matches.clear()
+        self.matches.remove_all(peer)
         # its own calls are forgotten (a late reply is dropped); callers still waiting on it get NoReply
         self.replies.drop_caller(peer)
         for slot in self.replies.drop_replier(peer):
@@ -378,18 +374,18 @@ class Bus:
         self._to_matching(peer, h, fdref, bufs, eavesdrop_only=False)
 
     def _to_matching(self, peer, h, fdref, bufs, *, eavesdrop_only: bool, skip=None) -> None:
-        cands = self.match_index.get(h.member, ())
-        wild = self.match_index.get(None, ())
-        if not cands and not wild:
+        sender_name = peer.unique_name if peer is not None else DBUS_NAME
+        buckets = self.matches.buckets(h, sender_name, eavesdrop_only)
+        if not buckets:
             return
         body = _LazyBody(h)
-        sender_name = peer.unique_name if peer is not None else DBUS_NAME
         done = set()
         if skip is not None:
             done.add(skip)
         nbytes = 0
-        for lst in (cands, wild):
-            for target, rule in lst:
+        for bucket in buckets:
+            for rule in tuple(bucket):  # a peer killed on the way (no I/O shell) leaves its buckets
+                target = rule.owner
                 if target in done or target.dying:
                     continue
                 if eavesdrop_only and not rule.eavesdrop:
@@ -447,32 +443,11 @@ class Bus:
             self._push(mon, bufs, nbytes, fdref, None)
 
     def add_match(self, peer: Peer, rule: MatchRule) -> None:
-        peer.matches.append(rule)
-        self.match_index[rule.member].append((peer, rule))
-        if rule.eavesdrop:
-            self.eavesdroppers.add(peer)
+        self.matches.add(peer, rule)
 
     def remove_match(self, peer: Peer, rule: MatchRule) -> bool:
-        key = rule.key()
-        for i, r in enumerate(peer.matches):
-            if r.key() == key:
-                del peer.matches[i]
-                self._unindex(peer, r)
-                if not any(x.eavesdrop for x in peer.matches):
-                    self.eavesdroppers.discard(peer)
-                return True
-        return False
-
-    def _unindex(self, peer: Peer, rule: MatchRule) -> None:
-        lst = self.match_index.get(rule.member)
-        if lst is None:
-            return
-        for i, (p, r) in enumerate(lst):
-            if p is peer and r is rule:
-                del lst[i]
-                break
-        if not lst:
-            del self.match_index[rule.member]
+        """RemoveMatch: one of ``peer``'s rules equal to ``rule`` goes; False if it has none."""
+        return self.matches.remove(peer, rule)
 
     # -- messages from the bus itself ---------------------------------------
 
