@@ -25,7 +25,7 @@ DBUS_NAME = "org.freedesktop.DBus"
 
 
 class MatchIndex:
-    __slots__ = ("by_interface", "by_member", "by_path", "by_sender", "wild")
+    __slots__ = ("by_interface", "by_member", "by_path", "by_sender", "count", "keyed_other", "wild")
 
     def __init__(self):
         self.by_member: dict[str, dict] = {}
@@ -33,8 +33,14 @@ class MatchIndex:
         self.by_interface: dict[str, dict] = {}
         self.by_sender: dict[str, dict] = {}
         self.wild: dict[MatchRule, None] = {}
+        self.count = 0  # rules in this index
+        self.keyed_other = 0  # of those, keyed on path, interface or sender (lookups skipped while 0)
+
+    def __len__(self) -> int:
+        return self.count
 
     def add(self, rule: MatchRule) -> None:
+        self.count += 1
         if rule.member is not None:
             index, key = self.by_member, rule.member
         elif rule.path is not None:
@@ -47,25 +53,38 @@ class MatchIndex:
             self.wild[rule] = None
             rule.bucket, rule.index, rule.index_key = self.wild, None, None
             return
+        if index is not self.by_member:
+            self.keyed_other += 1
         bucket = index.get(key)
         if bucket is None:
             bucket = index[key] = {}
         bucket[rule] = None
         rule.bucket, rule.index, rule.index_key = bucket, index, key
 
-    @staticmethod
-    def remove(rule: MatchRule) -> None:
-        bucket = rule.bucket
+    def remove(self, rule: MatchRule) -> None:
+        bucket, index = rule.bucket, rule.index
         del bucket[rule]
-        if not bucket and rule.index is not None:
-            del rule.index[rule.index_key]
+        self.count -= 1
+        if index is not None:
+            if index is not self.by_member:
+                self.keyed_other -= 1
+            if not bucket:
+                del index[rule.index_key]
         rule.bucket = rule.index = None
 
     def buckets(self, h, sender_name: str, out: list) -> None:
         """Append to ``out`` the non-empty buckets whose rules may match ``h`` sent by ``sender_name``."""
+        if not self.count:
+            return
         b = self.by_member.get(h.member)
         if b:
             out.append(b)
+        if self.keyed_other:
+            self.buckets_other(h, sender_name, out)
+        if self.wild:
+            out.append(self.wild)
+
+    def buckets_other(self, h, sender_name: str, out: list) -> None:
         b = self.by_path.get(h.path)
         if b:
             out.append(b)
@@ -75,13 +94,6 @@ class MatchIndex:
         b = self.by_sender.get(sender_name)
         if b:
             out.append(b)
-        if self.wild:
-            out.append(self.wild)
-
-    def __len__(self) -> int:
-        return (sum(map(len, self.by_member.values())) + sum(map(len, self.by_path.values()))
-                + sum(map(len, self.by_interface.values())) + sum(map(len, self.by_sender.values()))
-                + len(self.wild))  # fmt: skip
 
 
 class MatchRegistry:
@@ -133,19 +145,31 @@ class MatchRegistry:
         return n
 
     def _unindex(self, peer, rule: MatchRule) -> None:
-        MatchIndex.remove(rule)
         if rule.eavesdrop:
+            self.eaves.remove(rule)
             left = self.eavesdroppers[peer] - 1
             if left:
                 self.eavesdroppers[peer] = left
             else:
                 del self.eavesdroppers[peer]
+        else:
+            self.index.remove(rule)
         self.count -= 1
 
     def buckets(self, h, sender_name: str, eavesdrop_only: bool) -> list:
+        """The non-empty buckets whose rules may match ``h`` sent by ``sender_name`` (eavesdrop
+        rules only if ``eavesdrop_only``). Per message: five dict lookups, or none for an index
+        that is empty."""
         out = []
-        if not eavesdrop_only:
-            self.index.buckets(h, sender_name, out)
+        ix = self.index
+        if ix.count and not eavesdrop_only:
+            b = ix.by_member.get(h.member)
+            if b:
+                out.append(b)
+            if ix.keyed_other:
+                ix.buckets_other(h, sender_name, out)
+            if ix.wild:
+                out.append(ix.wild)
         if self.eavesdroppers:
             self.eaves.buckets(h, sender_name, out)
         return out
