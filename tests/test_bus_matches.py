@@ -3,11 +3,13 @@ lookups never miss a matching rule, and costs that do not grow with other users'
 
 import random
 
+import pytest
+
 from broker.bus.limits import session_limits
 from broker.bus.match import parse_match_rule
 from broker.bus.matches import MatchRegistry
 from broker.bus.peer import Creds, Peer, UserAccount
-from broker.bus.router import Bus
+from broker.bus.router import Bus, _LazyBody
 from broker.wire.message import HeaderView, build_message
 
 from .conftest import CoreClient
@@ -20,14 +22,14 @@ def _peer(i):
     return Peer(i, Creds(1000), UserAccount(1000))
 
 
-def _sig(path="/a", interface="org.x.I", member="M", sender=":1.7", destination=None, t=4):
+def _sig(path="/a", interface="org.x.I", member="M", sender=":1.7", destination=None, t=4, signature="", body=()):
     raw = build_message(t, 1, path=path, interface=interface, member=member, sender=sender,
-                        destination=destination, **({"reply_serial": 1} if t == 2 else {}))  # fmt: skip
+                        destination=destination, signature=signature, body=body)  # fmt: skip
     return HeaderView(memoryview(raw))
 
 
 def _candidates(reg, h, sender, eavesdrop_only=False):
-    return {r for b in reg.buckets(h, sender, eavesdrop_only) for r in b}
+    return {r for b in reg.buckets(h, sender, _LazyBody(h), eavesdrop_only) for r in b}
 
 
 def test_rules_are_keyed_on_their_most_selective_exact_field():
@@ -40,10 +42,12 @@ def test_rules_are_keyed_on_their_most_selective_exact_field():
         reg.add(p, r)
     ix = reg.index
     assert set(ix.by_member) == {"M"} and set(ix.by_path) == {"/a"} and set(ix.by_interface) == {"org.x.I"}
-    assert set(ix.by_sender) == {":1.7", "org.freedesktop.DBus"} and list(ix.wild) == rules[5:]
+    assert set(ix.by_sender) == {":1.7", "org.freedesktop.DBus"} and set(ix.by_arg0) == {"x"}
+    assert list(ix.wild) == rules[5:8]
     assert len(reg) == len(ix) == 9 and list(p.matches) == rules
     assert reg.remove_all(p) == 9
-    assert len(reg) == len(ix) == 0 and not (ix.by_member or ix.by_path or ix.by_interface or ix.by_sender)
+    assert len(reg) == len(ix) == 0 and ix.keyed_other == 0
+    assert not (ix.by_member or ix.by_path or ix.by_interface or ix.by_sender or ix.by_arg0)
     assert p.matches == {} and p.match_keys == {}
 
 
@@ -66,7 +70,8 @@ def test_index_lookup_never_misses_a_matching_rule():
     rnd = random.Random(5)
     vals = {"type": ["signal", "method_call"], "interface": ["org.x.I", "org.x.J"], "member": ["M", "N"],
             "path": ["/a", "/a/b"], "path_namespace": ["/a", "/"], "sender": [":1.7", ":1.8", "org.x.Name",
-            "org.freedesktop.DBus"], "destination": [":1.3"], "eavesdrop": ["true", "false"]}  # fmt: skip
+            "org.freedesktop.DBus"], "destination": [":1.3"], "eavesdrop": ["true", "false"], "arg0": ["a", "b"],
+            "arg1": ["a"]}  # fmt: skip
     reg, rules = MatchRegistry(), []
     owners = {"org.x.Name": ":1.7", "org.freedesktop.DBus": "org.freedesktop.DBus"}
     for i in range(400):
@@ -79,11 +84,13 @@ def test_index_lookup_never_misses_a_matching_rule():
     hits = 0
     for _ in range(300):
         sender = rnd.choice([":1.7", ":1.8", "org.freedesktop.DBus"])
+        signature, body = rnd.choice([("", ()), ("s", ("a",)), ("ss", ("b", "a")), ("u", (1,)), ("as", (["a"],))])
         h = _sig(path=rnd.choice(["/a", "/a/b", "/c"]), interface=rnd.choice(["org.x.I", "org.x.J", "org.x.K"]),
                  member=rnd.choice(["M", "N", "O"]), sender=sender, destination=rnd.choice([None, ":1.3"]),
-                 t=rnd.choice([1, 4]))  # fmt: skip
+                 t=rnd.choice([1, 4]), signature=signature, body=body)  # fmt: skip
         for eavesdrop_only in (False, True):
             want = {r for r in rules if r.matches_header(h, owners.get, sender)
+                    and (not r.needs_body or r.matches_args(body, signature))
                     and (r.eavesdrop or not eavesdrop_only)}  # fmt: skip
             assert want <= _candidates(reg, h, sender, eavesdrop_only)
             hits += len(want)
@@ -134,17 +141,19 @@ def test_remove_match_costs_the_same_whatever_the_rules_around_it():
     assert costs[300] <= costs[0] * 1.1, costs
 
 
-def test_a_signal_does_not_pay_for_other_interfaces_rules():
-    """Regression: rules without a member all sat in one global bucket that every signal walked."""
+@pytest.mark.parametrize("others", ["type='signal',interface='org.other.I{p}x{i}'", "type='signal',arg0='o{p}x{i}'"])
+def test_a_signal_does_not_pay_for_other_users_unrelated_rules(others):
+    """Regression: rules without a member all sat in one global bucket that every signal walked
+    (interface-only rules, or rules that name no header field but a string arg0)."""
     costs = {}
-    for bystanders in (0, 20):
-        bus = _bus_with_bystander_rules(bystanders, 50, "type='signal',interface='org.other.I{p}x{i}'")
+    for bystanders in (2, 20):  # 100 or 1000 unrelated rules (the index itself costs a constant)
+        bus = _bus_with_bystander_rules(bystanders, 50, others)
         a, b = CoreClient(bus), CoreClient(bus)
         b.call("AddMatch", "s", ("type='signal',interface='org.x.I'",))
         b.take()
-        costs[bystanders] = work(lambda: a.signal("org.x.I", "S", path="/p"))  # noqa: B023
+        costs[bystanders] = work(lambda: a.signal("org.x.I", "S", "s", ("mine",), path="/p"))  # noqa: B023
         assert [h.member for h, _ in b.take()] == ["S"]
-    assert costs[20] <= costs[0] * 1.1, costs
+    assert costs[20] <= costs[2] * 1.1, costs
 
 
 def test_remove_match_removes_exactly_one_duplicate(core):

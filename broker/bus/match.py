@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from ..wire import names
 from ..wire.message import TYPE_NAMES
+from ..wire.signature import split_signature
 
 TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
 MAX_ARG = 63
@@ -74,8 +75,6 @@ class MatchRule:
         return True
 
     def matches_args(self, body: tuple, signature: str) -> bool:
-        from ..wire.signature import split_signature
-
         types = split_signature(signature)
         for i, want in self.args.items():
             if i >= len(types) or types[i] != "s" or body[i] != want:

@@ -3,9 +3,10 @@
 Each rule is kept once in an index bucket chosen by the most selective header
 field the rule must equal exactly: ``member``, else ``path``, else
 ``interface``, else a ``sender`` that is a unique name or the bus itself
-(whose owner never changes), else the wildcard bucket. A message is matched
-against the buckets of its own member, path, interface and sender and the
-wildcard bucket only, so rules that cannot match it because of one of those
+(whose owner never changes), else a string ``arg0``, else the wildcard
+bucket. A message is matched against the buckets of its own member, path,
+interface, sender and (if it has one, unmarshalled only when some rule is
+keyed on it) string first argument, and the wildcard bucket only, so rules that cannot match it because of one of those
 fields cost it nothing. Rules with ``eavesdrop='true'`` live in an index of
 their own, which is all that unicast messages (eavesdropping) are matched
 against.
@@ -25,16 +26,17 @@ DBUS_NAME = "org.freedesktop.DBus"
 
 
 class MatchIndex:
-    __slots__ = ("by_interface", "by_member", "by_path", "by_sender", "count", "keyed_other", "wild")
+    __slots__ = ("by_arg0", "by_interface", "by_member", "by_path", "by_sender", "count", "keyed_other", "wild")
 
     def __init__(self):
         self.by_member: dict[str, dict] = {}
         self.by_path: dict[str, dict] = {}
         self.by_interface: dict[str, dict] = {}
         self.by_sender: dict[str, dict] = {}
+        self.by_arg0: dict[str, dict] = {}
         self.wild: dict[MatchRule, None] = {}
         self.count = 0  # rules in this index
-        self.keyed_other = 0  # of those, keyed on path, interface or sender (lookups skipped while 0)
+        self.keyed_other = 0  # of those, keyed on path, interface, sender or arg0 (lookups skipped while 0)
 
     def __len__(self) -> int:
         return self.count
@@ -49,6 +51,8 @@ class MatchIndex:
             index, key = self.by_interface, rule.interface
         elif rule.sender is not None and (rule.sender[0] == ":" or rule.sender == DBUS_NAME):
             index, key = self.by_sender, rule.sender
+        elif 0 in rule.args:
+            index, key = self.by_arg0, rule.args[0]
         else:
             self.wild[rule] = None
             rule.bucket, rule.index, rule.index_key = self.wild, None, None
@@ -72,19 +76,20 @@ class MatchIndex:
                 del index[rule.index_key]
         rule.bucket = rule.index = None
 
-    def buckets(self, h, sender_name: str, out: list) -> None:
-        """Append to ``out`` the non-empty buckets whose rules may match ``h`` sent by ``sender_name``."""
+    def buckets(self, h, sender_name: str, body, out: list) -> None:
+        """Append to ``out`` the non-empty buckets whose rules may match ``h`` sent by ``sender_name``
+        (``body.get()``: its arguments, unmarshalled once and only if an arg0 bucket exists)."""
         if not self.count:
             return
         b = self.by_member.get(h.member)
         if b:
             out.append(b)
         if self.keyed_other:
-            self.buckets_other(h, sender_name, out)
+            self.buckets_other(h, sender_name, body, out)
         if self.wild:
             out.append(self.wild)
 
-    def buckets_other(self, h, sender_name: str, out: list) -> None:
+    def buckets_other(self, h, sender_name: str, body, out: list) -> None:
         b = self.by_path.get(h.path)
         if b:
             out.append(b)
@@ -94,6 +99,12 @@ class MatchIndex:
         b = self.by_sender.get(sender_name)
         if b:
             out.append(b)
+        if self.by_arg0 and h.signature[:1] == "s":  # arg0='v' matches a string first argument only
+            args = body.get()
+            if args:
+                b = self.by_arg0.get(args[0])
+                if b:
+                    out.append(b)
 
 
 class MatchRegistry:
@@ -156,7 +167,7 @@ class MatchRegistry:
             self.index.remove(rule)
         self.count -= 1
 
-    def buckets(self, h, sender_name: str, eavesdrop_only: bool) -> list:
+    def buckets(self, h, sender_name: str, body, eavesdrop_only: bool) -> list:
         """The non-empty buckets whose rules may match ``h`` sent by ``sender_name`` (eavesdrop
         rules only if ``eavesdrop_only``). Per message: five dict lookups, or none for an index
         that is empty."""
@@ -167,9 +178,9 @@ class MatchRegistry:
             if b:
                 out.append(b)
             if ix.keyed_other:
-                ix.buckets_other(h, sender_name, out)
+                ix.buckets_other(h, sender_name, body, out)
             if ix.wild:
                 out.append(ix.wild)
         if self.eavesdroppers:
-            self.eaves.buckets(h, sender_name, out)
+            self.eaves.buckets(h, sender_name, body, out)
         return out

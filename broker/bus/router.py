@@ -375,10 +375,10 @@ class Bus:
 
     def _to_matching(self, peer, h, fdref, bufs, *, eavesdrop_only: bool, skip=None) -> None:
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
-        buckets = self.matches.buckets(h, sender_name, eavesdrop_only)
+        body = _LazyBody(h)
+        buckets = self.matches.buckets(h, sender_name, body, eavesdrop_only)
         if not buckets:
             return
-        body = _LazyBody(h)
         done = set()
         if skip is not None:
             done.add(skip)
