@@ -13,6 +13,8 @@ import secrets
 
 from ..wire import message as wm
 from ..wire.errors import WireError
+from .common import DBUS_NAME, DBUS_PATH, BusError, E
+from .driver import Driver
 from .limits import Limits
 from .match import MatchRule
 from .matches import MatchRegistry
@@ -24,9 +26,6 @@ METHOD_CALL, METHOD_RETURN, ERROR, NO_REPLY_EXPECTED = wm.METHOD_CALL, wm.METHOD
 
 log = logging.getLogger("sealbus.bus")
 
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
-E = "org.freedesktop.DBus.Error."
 
 
 def own_creds() -> Creds:
@@ -39,15 +38,6 @@ def own_creds() -> Creds:
     if label in ("unconfined", "kernel"):
         label = None
     return Creds(os.getuid(), tuple(os.getgroups()), os.getpid(), label)
-
-
-class BusError(Exception):
-    """A D-Bus error reply the bus sends back to the caller."""
-
-    def __init__(self, name: str, text: str):
-        super().__init__(text)
-        self.name = name if "." in name else E + name
-        self.text = text
 
 
 class _LazyBody:
@@ -88,8 +78,8 @@ class Bus:
         self.stats = {"messages": 0, "broadcasts": 0, "dropped_replies": 0, "limits": 0}
         self.reload_hook = None
         self.payload = None  # set by the payload layer: claim service, stats
-        from .driver import Driver
-
+        self.server = None  # the I/O shell (broker.io.server.Server), set by serve(): flush_dirty()
+        self.spawn = None  # start a trio task (the shell's nursery.start_soon), set by serve()
         self.driver = Driver(self)
         # The driver answers credential queries about itself with the broker's own.
         self.self_peer = Peer(0, own_creds(), UserAccount(os.getuid()), unique_name=DBUS_NAME)
@@ -142,9 +132,9 @@ class Bus:
                             "Message recipient disconnected from message bus without replying")  # fmt: skip
         if peer.unique_name:
             for ch in self.registry.release_all(peer):
-                self._announce_owner_change(ch)
+                self.announce_owner_change(ch)
             if self.peers.pop(peer.unique_name, None) is not None:  # monitors gave their name up already
-                self._name_owner_changed(peer.unique_name, peer.unique_name, "")
+                self.name_owner_changed(peer.unique_name, peer.unique_name, "")
             log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "")
 
     @property
@@ -457,8 +447,8 @@ class Bus:
 
     def send_from_bus(self, target: Peer, raw: bytes) -> None:
         """Queue a bus-originated message (also shown to monitors)."""
-        h = wm.HeaderView(memoryview(raw))
         bufs = [raw]
+        h = wm.HeaderView(memoryview(raw)) if self.monitors or self.policy is not None else None
         if self.monitors:
             self._to_monitors(None, h, None, bufs)
         if target.dying:
@@ -506,14 +496,15 @@ class Bus:
         self._to_monitors(None, h, None, bufs)
         self._to_matching(None, h, None, bufs, eavesdrop_only=False)
 
-    def _name_owner_changed(self, name: str, old: str, new: str) -> None:
+    def name_owner_changed(self, name: str, old: str, new: str) -> None:
         self.bus_signal("NameOwnerChanged", "sss", (name, old, new))
 
-    def _announce_owner_change(self, ch) -> None:
+    def announce_owner_change(self, ch) -> None:
+        """NameLost / NameOwnerChanged / NameAcquired for one OwnerChange of the name registry."""
         old = ch.old.unique_name if ch.old is not None else ""
         new = ch.new.unique_name if ch.new is not None else ""
         if ch.old is not None and not ch.old.dying:
             self.bus_signal("NameLost", "s", (ch.name,), destination=ch.old)
-        self._name_owner_changed(ch.name, old, new)
+        self.name_owner_changed(ch.name, old, new)
         if ch.new is not None:
             self.bus_signal("NameAcquired", "s", (ch.name,), destination=ch.new)
