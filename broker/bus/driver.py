@@ -86,8 +86,7 @@ class Driver:
     # Hello is special: it is the only call a peer without a name may make.
     def hello(self, peer, h) -> None:
         bus = self.bus
-        peer.unique_name = f":1.{peer.id}"
-        bus.peers[peer.unique_name] = peer
+        bus.conns.name(peer)
         log.info("connected %s", peer.describe())
         bus.send_reply(peer, h.serial, "s", (peer.unique_name,))
         bus.name_owner_changed(peer.unique_name, "", peer.unique_name)
@@ -301,10 +300,8 @@ class Driver:
         bus.matches.remove_all(peer)
         bus.bus_signal("NameLost", "s", (peer.unique_name,), destination=peer)
         bus.name_owner_changed(peer.unique_name, peer.unique_name, "")
-        del bus.peers[peer.unique_name]
-        peer.monitor = True
-        peer.monitor_rules = parsed
-        bus.monitors.append(peer)
+        bus.conns.unname(peer)
+        bus.monitors.add(peer, parsed)
         log.info("monitor %s with %d rules", peer.describe(), len(parsed))
         return NotImplemented
 

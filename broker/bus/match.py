@@ -212,3 +212,14 @@ def parse_match_rule(text: str) -> MatchRule:
         if i in rule.arg_paths:
             raise MatchRuleInvalid(f"arg{i} and arg{i}path cannot both be given")
     return rule
+
+
+def rule_hits(rule: MatchRule, h, owners, sender_name: str, body) -> bool:
+    """Does ``rule`` match ``h`` sent by ``sender_name``? ``owners``: name -> unique name of its owner;
+    ``body.get()``: the message's arguments (unmarshalled at most once, False if malformed)."""
+    if not rule.matches_header(h, owners, sender_name):
+        return False
+    if not rule.needs_body:
+        return True
+    args = body.get()
+    return args is not False and rule.matches_args(args, h.signature)

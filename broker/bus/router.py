@@ -16,10 +16,12 @@ from ..wire.errors import WireError
 from .common import DBUS_NAME, DBUS_PATH, BusError, E
 from .driver import Driver
 from .limits import Limits
-from .match import MatchRule
+from .match import MatchRule, rule_hits
 from .matches import MatchRegistry
+from .monitors import Monitors
 from .names import NameRegistry
 from .peer import Creds, FdRef, OutItem, Peer, UserAccount
+from .peers import PeerRegistry
 from .replies import ReplyRegistry
 
 METHOD_CALL, METHOD_RETURN, ERROR, NO_REPLY_EXPECTED = wm.METHOD_CALL, wm.METHOD_RETURN, wm.ERROR, wm.NO_REPLY_EXPECTED
@@ -62,15 +64,16 @@ class Bus:
         self.limits = limits or Limits()
         self.guid = guid or secrets.token_hex(16)
         self.machine_id = machine_id or self.guid
-        self.registry = NameRegistry()
-        self.peers: dict[str, Peer] = {}  # unique name -> peer
-        self.all_peers: set[Peer] = set()
-        self.accounts: dict[int, UserAccount] = {}
-        self.monitors: list[Peer] = []
-        self.matches = MatchRegistry()  # every peer's match rules (see matches.py)
+        # the registries, one concept each (their invariants are in their modules)
+        self.conns = PeerRegistry()  # connected peers, unique names, per-uid accounts (peers.py)
+        self.peers = self.conns.by_name  # unique name -> peer (read-only outside peers.py)
+        self.all_peers = self.conns.all
+        self.accounts = self.conns.accounts
+        self.registry = NameRegistry()  # well-known names and their queues (names.py)
+        self.matches = MatchRegistry()  # every peer's match rules (matches.py)
         self.eavesdroppers = self.matches.eavesdroppers  # peers with eavesdrop='true' rules (read-only here)
-        self.replies = ReplyRegistry()  # expected replies (see replies.py)
-        self.next_peer_id = 1
+        self.replies = ReplyRegistry()  # expected replies (replies.py)
+        self.monitors = Monitors()  # monitor peers (monitors.py)
         self.serial = 0
         self.policy = None  # allow-all when None; see broker.access
         self.fd_vetter = None  # callable(peer, header, fds) raising BusError
@@ -87,18 +90,13 @@ class Bus:
     # -- connections ------------------------------------------------------
 
     def account(self, uid: int) -> UserAccount:
-        a = self.accounts.get(uid)
-        if a is None:
-            a = self.accounts[uid] = UserAccount(uid)
-        return a
+        return self.conns.account(uid)
 
     def can_accept(self, creds: Creds) -> str | None:
         """Why a new connection from ``creds`` must be refused, or None."""
-        if len(self.all_peers) >= self.limits.max_completed_connections:
-            return "max_completed_connections reached"
-        acct = self.accounts.get(creds.uid)
-        if acct and acct.connections >= self.limits.max_connections_per_user and creds.uid != 0:
-            return f"uid {creds.uid} has {acct.connections} connections (max_connections_per_user)"
+        why = self.conns.refusal(creds, self.limits)
+        if why is not None:
+            return why
         if self.policy is not None and not self.policy_connect(creds):
             return "the bus policy denies this user"
         return None
@@ -108,19 +106,13 @@ class Bus:
         return bool(getattr(d, "allowed", d))
 
     def connect(self, creds: Creds, unix_fds: bool = True) -> Peer:
-        acct = self.account(creds.uid)
-        acct.connections += 1
-        peer = Peer(self.next_peer_id, creds, acct, unix_fds=unix_fds)
-        self.next_peer_id += 1
-        self.all_peers.add(peer)
-        return peer
+        return self.conns.add(creds, unix_fds)
 
     def disconnect(self, peer: Peer, reason: str = "") -> None:
         if peer.closed:
             return
         peer.closed = peer.dying = True
-        self.all_peers.discard(peer)
-        peer.account.connections -= 1
+        self.conns.remove(peer)
         peer.drop_outbox()
         if peer.monitor:
             self.monitors.remove(peer)
@@ -133,7 +125,7 @@ class Bus:
         if peer.unique_name:
             for ch in self.registry.release_all(peer):
                 self.announce_owner_change(ch)
-            if self.peers.pop(peer.unique_name, None) is not None:  # monitors gave their name up already
+            if self.conns.unname(peer):  # monitors gave their name up already
                 self.name_owner_changed(peer.unique_name, peer.unique_name, "")
             log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "")
 
@@ -382,7 +374,7 @@ class Bus:
                     continue
                 if h.destination is not None and not rule.eavesdrop and h.destination != target.unique_name:
                     continue
-                if not self._rule_hits(rule, h, sender_name, body):
+                if not rule_hits(rule, h, self.owner_unique_name, sender_name, body):
                     continue
                 done.add(target)
                 if fdref is not None and not target.unix_fds:
@@ -405,22 +397,11 @@ class Bus:
                     continue
                 self._push(target, bufs, nbytes, fdref, peer)
 
-    def _rule_hits(self, rule, h, sender_name: str, body: "_LazyBody") -> bool:
-        if not rule.matches_header(h, self.owner_unique_name, sender_name):
-            return False
-        if not rule.needs_body:
-            return True
-        args = body.get()
-        return args is not False and rule.matches_args(args, h.signature)
-
     def _to_monitors(self, peer, h, fdref, bufs=None) -> None:
         if not self.monitors:
             return
-        body = _LazyBody(h)
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
-        for mon in list(self.monitors):
-            if mon.monitor_rules and not any(self._rule_hits(r, h, sender_name, body) for r in mon.monitor_rules):
-                continue
+        for mon in self.monitors.wanting(h, sender_name, _LazyBody(h), self.owner_unique_name):
             if bufs is None:
                 sender = peer.unique_name if peer is not None else DBUS_NAME
                 bufs = h.forward(sender)
