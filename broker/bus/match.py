@@ -14,7 +14,7 @@ class MatchRuleInvalid(ValueError):
     """org.freedesktop.DBus.Error.MatchRuleInvalid"""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class MatchRule:
     """One parsed rule. Compared by identity: each AddMatch makes its own rule, which is also its
     entry in the bus's match registry (``owner`` and ``bucket`` below, see matches.py); two rules

@@ -120,8 +120,9 @@ class Bus:
         # its own calls are forgotten (a late reply is dropped); callers still waiting on it get NoReply
         self.replies.drop_caller(peer)
         for slot in self.replies.drop_replier(peer):
-            self.send_error(slot.caller, slot.serial, E + "NoReply",
-                            "Message recipient disconnected from message bus without replying")  # fmt: skip
+            if not slot.caller.dying:
+                self.send_error(slot.caller, slot.serial, E + "NoReply",
+                                "Message recipient disconnected from message bus without replying")  # fmt: skip
         if peer.unique_name:
             for ch in self.registry.release_all(peer):
                 self.announce_owner_change(ch)
@@ -138,8 +139,9 @@ class Bus:
         """Called by the I/O shell with its clock (see ReplyRegistry.expire): callers whose
         reply_timeout passed get NoReply from the bus."""
         for slot in self.replies.expire(now):
-            self.send_error(slot.caller, slot.serial, E + "NoReply",
-                            "Message did not receive a reply (timeout by message bus)")  # fmt: skip
+            if not slot.caller.dying:
+                self.send_error(slot.caller, slot.serial, E + "NoReply",
+                                "Message did not receive a reply (timeout by message bus)")  # fmt: skip
 
     def kill(self, peer: Peer, reason: str) -> None:
         """Disconnect a misbehaving peer, with a log line naming it.
