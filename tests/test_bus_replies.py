@@ -205,3 +205,16 @@ async def test_the_trio_timer_enforces_reply_timeout(core, autojump_clock):
         assert 5.0 <= trio.current_time() - start
         nursery.cancel_scope.cancel()
     assert core.replies.on_armed is None
+
+
+def test_no_reply_template_gives_the_same_bytes_as_building_each_error():
+    import struct
+
+    from broker.bus.router import NO_REPLY_GONE, error_template
+
+    raw, at = error_template(":1.42", E + "NoReply", NO_REPLY_GONE)
+    for serial, reply_serial in ((1, 1), (7, 0xFFFFFFFF), (0x12345678, 300), (0xFFFFFFFF, 65536)):
+        buf = bytearray(raw)
+        struct.pack_into("<I", buf, 8, serial)
+        struct.pack_into("<I", buf, at, reply_serial)
+        assert bytes(buf) == wm.error_message(serial, reply_serial, ":1.42", E + "NoReply", NO_REPLY_GONE)

@@ -10,6 +10,7 @@ every recipient, and the body ``memoryview`` it arrived in.
 import logging
 import os
 import secrets
+import struct
 
 from ..wire import message as wm
 from ..wire.errors import WireError
@@ -40,6 +41,23 @@ def own_creds() -> Creds:
     if label in ("unconfined", "kernel"):
         label = None
     return Creds(os.getuid(), tuple(os.getgroups()), os.getpid(), label)
+
+
+_U32LE = struct.Struct("<I")
+NO_REPLY_GONE = "Message recipient disconnected from message bus without replying"
+NO_REPLY_TIMEOUT = "Message did not receive a reply (timeout by message bus)"
+
+
+def error_template(destination: str, name: str, text: str) -> tuple[bytes, int] | None:
+    """A bus error message to ``destination`` and the offset of its REPLY_SERIAL value, so that
+    many errors differing only in serial and reply serial (the NoReply of every call a leaving
+    peer owed) are built once and patched; None if the encoding does not allow it."""
+    a = wm.error_message(1, 1, destination, name, text)
+    b = wm.error_message(1, 2, destination, name, text)
+    diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
+    if a[:1] != b"l" or len(a) != len(b) or len(diff) != 1 or diff[0] % 4:
+        return None
+    return a, diff[0]
 
 
 class _LazyBody:
@@ -119,10 +137,7 @@ class Bus:
         self.matches.remove_all(peer)
         # its own calls are forgotten (a late reply is dropped); callers still waiting on it get NoReply
         self.replies.drop_caller(peer)
-        for slot in self.replies.drop_replier(peer):
-            if not slot.caller.dying:
-                self.send_error(slot.caller, slot.serial, E + "NoReply",
-                                "Message recipient disconnected from message bus without replying")  # fmt: skip
+        self.send_no_replies(self.replies.drop_replier(peer), NO_REPLY_GONE)
         if peer.unique_name:
             for ch in self.registry.release_all(peer):
                 self.announce_owner_change(ch)
@@ -138,10 +153,26 @@ class Bus:
     def expire_replies(self, now: float) -> None:
         """Called by the I/O shell with its clock (see ReplyRegistry.expire): callers whose
         reply_timeout passed get NoReply from the bus."""
-        for slot in self.replies.expire(now):
-            if not slot.caller.dying:
-                self.send_error(slot.caller, slot.serial, E + "NoReply",
-                                "Message did not receive a reply (timeout by message bus)")  # fmt: skip
+        self.send_no_replies(self.replies.expire(now), NO_REPLY_TIMEOUT)
+
+    def send_no_replies(self, slots, text: str) -> None:
+        """NoReply from the bus to the caller of each of ``slots`` (one message built per caller)."""
+        templates: dict = {}
+        pack = _U32LE.pack_into
+        for slot in slots:
+            caller = slot.caller
+            if caller.dying:
+                continue
+            tpl = templates.get(caller, False)
+            if tpl is False:
+                tpl = templates[caller] = error_template(caller.unique_name, E + "NoReply", text)
+            if tpl is None:
+                self.send_error(caller, slot.serial, E + "NoReply", text)
+                continue
+            raw = bytearray(tpl[0])
+            pack(raw, 8, self.next_serial())
+            pack(raw, tpl[1], slot.serial)
+            self.send_from_bus(caller, bytes(raw))
 
     def kill(self, peer: Peer, reason: str) -> None:
         """Disconnect a misbehaving peer, with a log line naming it.
