@@ -30,7 +30,7 @@ def test_monitor_rules_filter_what_each_monitor_sees(core):
 def test_a_monitor_that_leaves_is_forgotten(core):
     m1, m2 = _mon(core), _mon(core)
     core.disconnect(m1.peer)
-    assert list(core.monitors) == [m2.peer]
+    assert list(core.monitors) == [m2.peer] and len(core.monitoring) == 1
     a = CoreClient(core)
     assert m2.take() and not m1.peer.outbox  # the one left still sees traffic (a's Hello)
     a.call("ListNames")

@@ -301,7 +301,7 @@ class Driver:
         bus.bus_signal("NameLost", "s", (peer.unique_name,), destination=peer)
         bus.name_owner_changed(peer.unique_name, peer.unique_name, "")
         bus.conns.unname(peer)
-        bus.monitors.add(peer, parsed)
+        bus.monitoring.add(peer, parsed)
         log.info("monitor %s with %d rules", peer.describe(), len(parsed))
         return NotImplemented
 

@@ -91,7 +91,8 @@ class Bus:
         self.matches = MatchRegistry()  # every peer's match rules (matches.py)
         self.eavesdroppers = self.matches.eavesdroppers  # peers with eavesdrop='true' rules (read-only here)
         self.replies = ReplyRegistry()  # expected replies (replies.py)
-        self.monitors = Monitors()  # monitor peers (monitors.py)
+        self.monitoring = Monitors()  # monitor peers (monitors.py)
+        self.monitors = self.monitoring.peers  # its dict (read-only here): a plain truth test per message
         self.serial = 0
         self.policy = None  # allow-all when None; see broker.access
         self.fd_vetter = None  # callable(peer, header, fds) raising BusError
@@ -133,7 +134,7 @@ class Bus:
         self.conns.remove(peer)
         peer.drop_outbox()
         if peer.monitor:
-            self.monitors.remove(peer)
+            self.monitoring.remove(peer)
         self.matches.remove_all(peer)
         # its own calls are forgotten (a late reply is dropped); callers still waiting on it get NoReply
         self.replies.drop_caller(peer)
@@ -434,7 +435,7 @@ class Bus:
         if not self.monitors:
             return
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
-        for mon in self.monitors.wanting(h, sender_name, _LazyBody(h), self.owner_unique_name):
+        for mon in self.monitoring.wanting(h, sender_name, _LazyBody(h), self.owner_unique_name):
             if bufs is None:
                 sender = peer.unique_name if peer is not None else DBUS_NAME
                 bufs = h.forward(sender)
