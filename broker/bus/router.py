@@ -1,4 +1,11 @@
-"""The bus core: connections, Hello, routing, replies, broadcasts and monitors.
+"""The bus core: routing (unicast, replies, broadcasts, monitors) and the messages the bus itself sends.
+
+The state it routes over lives in one registry per concept, each with its own
+invariants and tests: peers.py (connections, unique names, per-uid accounts),
+names.py (well-known names and queues), matches.py (match rules), replies.py
+(expected replies and reply_timeout), monitors.py; driver.py answers
+``org.freedesktop.DBus``. Cleaning up after a peer walks only what that peer
+owns in each registry.
 
 Sans-IO. ``Bus.connect(creds)`` registers a peer; ``Bus.dispatch(peer, msg)``
 routes one parsed message, appending to recipients' outboxes (and calling
