@@ -84,6 +84,18 @@ def test_an_answered_timed_slot_leaves_the_timer():
     assert reg.take(a, 2, b) and reg.next_deadline() is None and reg.timed == {}
 
 
+def test_timed_slots_freed_from_either_end_leave_the_timer_empty():
+    reg, a, b = ReplyRegistry(), _peer(1), _peer(2)
+    reg.add(a, 1, b, 1000)
+    reg.expire(0.0)  # stamped
+    reg.add(a, 2, b, 1000)  # fresh
+    reg.add(b, 3, a, 1000)
+    reg.drop_caller(a)
+    assert reg.next_deadline() == -math.inf and len(reg) == 1
+    reg.drop_replier(a)
+    assert reg.next_deadline() is None and reg.fresh == {} and reg.timed == {} and len(reg) == 0
+
+
 # -- through the router --------------------------------------------------------------------------
 
 
