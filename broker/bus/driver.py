@@ -7,8 +7,8 @@ from ..wire import names as wn
 from ..wire.errors import WireError
 from ..wire.marshal import Variant
 from . import names as nm
+from .common import DBUS_NAME, DBUS_PATH, BusError
 from .match import MatchRuleInvalid, parse_match_rule
-from .router import DBUS_NAME, DBUS_PATH, BusError
 
 log = logging.getLogger("sealbus.driver")
 
@@ -86,11 +86,10 @@ class Driver:
     # Hello is special: it is the only call a peer without a name may make.
     def hello(self, peer, h) -> None:
         bus = self.bus
-        peer.unique_name = f":1.{peer.id}"
-        bus.peers[peer.unique_name] = peer
+        bus.conns.name(peer)
         log.info("connected %s", peer.describe())
         bus.send_reply(peer, h.serial, "s", (peer.unique_name,))
-        bus._name_owner_changed(peer.unique_name, "", peer.unique_name)
+        bus.name_owner_changed(peer.unique_name, "", peer.unique_name)
         bus.bus_signal("NameAcquired", "s", (peer.unique_name,), destination=peer)
 
     def handle(self, peer, h, fdref) -> None:
@@ -163,7 +162,7 @@ class Driver:
                 raise BusError("AccessDenied", err)
         result, changes = bus.registry.request(name, peer, flags)
         for ch in changes:
-            bus._announce_owner_change(ch)
+            bus.announce_owner_change(ch)
         return (result,)
 
     def m_ReleaseName(self, peer, h, name):
@@ -175,7 +174,7 @@ class Driver:
             raise BusError("InvalidArgs", f'Cannot release the service "{name}" because it is owned by the bus')
         result, changes = self.bus.registry.release(name, peer)
         for ch in changes:
-            self.bus._announce_owner_change(ch)
+            self.bus.announce_owner_change(ch)
         return (result,)
 
     def m_StartServiceByName(self, peer, h, name, flags):
@@ -301,15 +300,12 @@ class Driver:
         bus = self.bus
         bus.send_reply(peer, h.serial)
         for ch in bus.registry.release_all(peer):
-            bus._announce_owner_change(ch)
-        for rule in list(peer.matches):
-            bus.remove_match(peer, rule)
+            bus.announce_owner_change(ch)
+        bus.matches.remove_all(peer)
         bus.bus_signal("NameLost", "s", (peer.unique_name,), destination=peer)
-        bus._name_owner_changed(peer.unique_name, peer.unique_name, "")
-        del bus.peers[peer.unique_name]
-        peer.monitor = True
-        peer.monitor_rules = parsed
-        bus.monitors.append(peer)
+        bus.name_owner_changed(peer.unique_name, peer.unique_name, "")
+        bus.conns.unname(peer)
+        bus.monitoring.add(peer, parsed)
         log.info("monitor %s with %d rules", peer.describe(), len(parsed))
         return NotImplemented
 

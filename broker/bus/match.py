@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from ..wire import names
 from ..wire.message import TYPE_NAMES
+from ..wire.signature import split_signature
 
 TYPE_CODES = {v: k for k, v in TYPE_NAMES.items()}
 MAX_ARG = 63
@@ -13,8 +14,12 @@ class MatchRuleInvalid(ValueError):
     """org.freedesktop.DBus.Error.MatchRuleInvalid"""
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class MatchRule:
+    """One parsed rule. Compared by identity: each AddMatch makes its own rule, which is also its
+    entry in the bus's match registry (``owner`` and ``bucket`` below, see matches.py); two rules
+    that say the same thing have the same :meth:`key`."""
+
     text: str = ""
     type: int | None = None
     sender: str | None = None
@@ -27,6 +32,11 @@ class MatchRule:
     args: dict[int, str] = field(default_factory=dict)
     arg_paths: dict[int, str] = field(default_factory=dict)
     arg0namespace: str | None = None
+    # registry entry (set by MatchRegistry.add): the peer that added the rule, the index bucket holding it
+    owner: object = field(default=None, repr=False)
+    bucket: dict | None = field(default=None, repr=False)
+    index: dict | None = field(default=None, repr=False)  # the dict holding ``bucket`` (None: never removed)
+    index_key: object = field(default=None, repr=False)
 
     @property
     def needs_body(self) -> bool:
@@ -65,8 +75,6 @@ class MatchRule:
         return True
 
     def matches_args(self, body: tuple, signature: str) -> bool:
-        from ..wire.signature import split_signature
-
         types = split_signature(signature)
         for i, want in self.args.items():
             if i >= len(types) or types[i] != "s" or body[i] != want:
@@ -204,3 +212,14 @@ def parse_match_rule(text: str) -> MatchRule:
         if i in rule.arg_paths:
             raise MatchRuleInvalid(f"arg{i} and arg{i}path cannot both be given")
     return rule
+
+
+def rule_hits(rule: MatchRule, h, owners, sender_name: str, body) -> bool:
+    """Does ``rule`` match ``h`` sent by ``sender_name``? ``owners``: name -> unique name of its owner;
+    ``body.get()``: the message's arguments (unmarshalled at most once, False if malformed)."""
+    if not rule.matches_header(h, owners, sender_name):
+        return False
+    if not rule.needs_body:
+        return True
+    args = body.get()
+    return args is not False and rule.matches_args(args, h.signature)

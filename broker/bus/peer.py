@@ -202,7 +202,7 @@ class Peer:
     unix_fds: bool = True
     unique_name: str | None = None
     names: set = field(default_factory=set)
-    matches: list = field(default_factory=list)
+    matches: dict = field(default_factory=dict)  # MatchRule -> None: its rules (bus/matches.py)
     monitor: bool = False
     monitor_rules: list = field(default_factory=list)
     outbox: deque = field(default_factory=deque)
@@ -214,6 +214,10 @@ class Peer:
     stats: dict = field(default_factory=lambda: {"in_messages": 0, "out_messages": 0, "in_bytes": 0})
     wake: object = None
     kill: object = None
+    # this peer's own share of the bus registries, so that its cleanup walks only what it owns
+    calls: dict = field(default_factory=dict)  # serial -> ReplySlot: its calls awaiting a reply (bus/replies.py)
+    owed: dict = field(default_factory=dict)  # ReplySlot -> None: others' calls awaiting its reply
+    match_keys: dict = field(default_factory=dict)  # MatchRule.key() -> [its rules with that key] (RemoveMatch)
 
     def describe(self) -> str:
         """For log lines: who this is, in terms a sysadmin can act on."""

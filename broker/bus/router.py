@@ -1,4 +1,11 @@
-"""The bus core: connections, Hello, routing, replies, broadcasts and monitors.
+"""The bus core: routing (unicast, replies, broadcasts, monitors) and the messages the bus itself sends.
+
+The state it routes over lives in one registry per concept, each with its own
+invariants and tests: peers.py (connections, unique names, per-uid accounts),
+names.py (well-known names and queues), matches.py (match rules), replies.py
+(expected replies and reply_timeout), monitors.py; driver.py answers
+``org.freedesktop.DBus``. Cleaning up after a peer walks only what that peer
+owns in each registry.
 
 Sans-IO. ``Bus.connect(creds)`` registers a peer; ``Bus.dispatch(peer, msg)``
 routes one parsed message, appending to recipients' outboxes (and calling
@@ -10,22 +17,25 @@ every recipient, and the body ``memoryview`` it arrived in.
 import logging
 import os
 import secrets
-from collections import defaultdict
+import struct
 
 from ..wire import message as wm
 from ..wire.errors import WireError
+from .common import DBUS_NAME, DBUS_PATH, BusError, E
+from .driver import Driver
 from .limits import Limits
-from .match import MatchRule
+from .match import MatchRule, rule_hits
+from .matches import MatchRegistry
+from .monitors import Monitors
 from .names import NameRegistry
 from .peer import Creds, FdQuota, FdRef, OutItem, Peer, UserAccount
+from .peers import PeerRegistry
+from .replies import ReplyRegistry
 
 METHOD_CALL, METHOD_RETURN, ERROR, NO_REPLY_EXPECTED = wm.METHOD_CALL, wm.METHOD_RETURN, wm.ERROR, wm.NO_REPLY_EXPECTED
 
 log = logging.getLogger("sealbus.bus")
 
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
-E = "org.freedesktop.DBus.Error."
 
 
 def own_creds() -> Creds:
@@ -40,13 +50,21 @@ def own_creds() -> Creds:
     return Creds(os.getuid(), tuple(os.getgroups()), os.getpid(), label)
 
 
-class BusError(Exception):
-    """A D-Bus error reply the bus sends back to the caller."""
+_U32LE = struct.Struct("<I")
+NO_REPLY_GONE = "Message recipient disconnected from message bus without replying"
+NO_REPLY_TIMEOUT = "Message did not receive a reply (timeout by message bus)"
 
-    def __init__(self, name: str, text: str):
-        super().__init__(text)
-        self.name = name if "." in name else E + name
-        self.text = text
+
+def error_template(destination: str, name: str, text: str) -> tuple[bytes, int] | None:
+    """A bus error message to ``destination`` and the offset of its REPLY_SERIAL value, so that
+    many errors differing only in serial and reply serial (the NoReply of every call a leaving
+    peer owed) are built once and patched; None if the encoding does not allow it."""
+    a = wm.error_message(1, 1, destination, name, text)
+    b = wm.error_message(1, 2, destination, name, text)
+    diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
+    if a[:1] != b"l" or len(a) != len(b) or len(diff) != 1 or diff[0] % 4:
+        return None
+    return a, diff[0]
 
 
 class _LazyBody:
@@ -71,19 +89,18 @@ class Bus:
         self.limits = limits or Limits()
         self.guid = guid or secrets.token_hex(16)
         self.machine_id = machine_id or self.guid
-        self.registry = NameRegistry()
-        self.peers: dict[str, Peer] = {}  # unique name -> peer
-        self.all_peers: set[Peer] = set()
-        self.accounts: dict[int, UserAccount] = {}
         self.fd_quota = FdQuota()  # its pool is set from RLIMIT_NOFILE by the I/O shell
-        self.monitors: list[Peer] = []
-        self.eavesdroppers: set[Peer] = set()
-        # match index: member -> [(peer, rule)]; rules without member under None
-        self.match_index: dict[str | None, list[tuple[Peer, MatchRule]]] = defaultdict(list)
-        # expected replies: (caller peer id, call serial) -> replier peer
-        self.pending: dict[tuple[int, int], Peer] = {}
-        self.pending_by_replier: dict[int, set[tuple[int, int]]] = defaultdict(set)
-        self.next_peer_id = 1
+        # the registries, one concept each (their invariants are in their modules)
+        self.conns = PeerRegistry(self.fd_quota)  # connected peers, unique names, per-uid accounts (peers.py)
+        self.peers = self.conns.by_name  # unique name -> peer (read-only outside peers.py)
+        self.all_peers = self.conns.all
+        self.accounts = self.conns.accounts
+        self.registry = NameRegistry()  # well-known names and their queues (names.py)
+        self.matches = MatchRegistry()  # every peer's match rules (matches.py)
+        self.eavesdroppers = self.matches.eavesdroppers  # peers with eavesdrop='true' rules (read-only here)
+        self.replies = ReplyRegistry()  # expected replies (replies.py)
+        self.monitoring = Monitors()  # monitor peers (monitors.py)
+        self.monitors = self.monitoring.peers  # its dict (read-only here): a plain truth test per message
         self.serial = 0
         self.policy = None  # allow-all when None; see broker.access
         self.fd_vetter = None  # callable(peer, header, fds) raising BusError
@@ -94,8 +111,8 @@ class Bus:
         # Actions for the I/O shell: (fds, sender peer or None) the core is done with; the shell drains
         # this after each routing pass and closes them off the loop where that may block (see FdRef).
         self.closing: list[tuple[list[int], Peer | None]] = []
-        from .driver import Driver
-
+        self.server = None  # the I/O shell (broker.io.server.Server), set by serve(): flush_dirty()
+        self.spawn = None  # start a trio task (the shell's nursery.start_soon), set by serve()
         self.driver = Driver(self)
         # The driver answers credential queries about itself with the broker's own.
         self.self_peer = Peer(0, own_creds(), UserAccount(os.getuid()), unique_name=DBUS_NAME)
@@ -103,18 +120,13 @@ class Bus:
     # -- connections ------------------------------------------------------
 
     def account(self, uid: int) -> UserAccount:
-        a = self.accounts.get(uid)
-        if a is None:
-            a = self.accounts[uid] = UserAccount(uid, quota=self.fd_quota)
-        return a
+        return self.conns.account(uid)
 
     def can_accept(self, creds: Creds) -> str | None:
         """Why a new connection from ``creds`` must be refused, or None."""
-        if len(self.all_peers) >= self.limits.max_completed_connections:
-            return "max_completed_connections reached"
-        acct = self.accounts.get(creds.uid)
-        if acct and acct.connections >= self.limits.max_connections_per_user and creds.uid != 0:
-            return f"uid {creds.uid} has {acct.connections} connections (max_connections_per_user)"
+        why = self.conns.refusal(creds, self.limits)
+        if why is not None:
+            return why
         if self.policy is not None and not self.policy_connect(creds):
             return "the bus policy denies this user"
         return None
@@ -124,47 +136,55 @@ class Bus:
         return bool(getattr(d, "allowed", d))
 
     def connect(self, creds: Creds, unix_fds: bool = True) -> Peer:
-        acct = self.account(creds.uid)
-        acct.connections += 1
-        peer = Peer(self.next_peer_id, creds, acct, unix_fds=unix_fds)
-        self.next_peer_id += 1
-        self.all_peers.add(peer)
-        return peer
+        return self.conns.add(creds, unix_fds)
 
     def disconnect(self, peer: Peer, reason: str = "") -> None:
         if peer.closed:
             return
         peer.closed = peer.dying = True
-        self.all_peers.discard(peer)
-        peer.account.connections -= 1
+        self.conns.remove(peer)
         peer.drop_outbox()
         if peer.monitor:
-            self.monitors.remove(peer)
-        self.eavesdroppers.discard(peer)
-        for rule in peer.matches:
-            self._unindex(peer, rule)
-        peer.matches.clear()
-        # callers still waiting on this peer get NoReply
-        for key in self.pending_by_replier.pop(peer.id, ()):
-            if self.pending.pop(key, None) is None:
-                continue
-            caller = self._peer_by_id(key[0])
-            if caller is not None:
-                caller.replies_pending -= 1
-                self.send_error(caller, key[1], E + "NoReply",
-                                "Message recipient disconnected from message bus without replying")  # fmt: skip
+            self.monitoring.remove(peer)
+        self.matches.remove_all(peer)
+        # its own calls are forgotten (a late reply is dropped); callers still waiting on it get NoReply
+        self.replies.drop_caller(peer)
+        self.send_no_replies(self.replies.drop_replier(peer), NO_REPLY_GONE)
         if peer.unique_name:
             for ch in self.registry.release_all(peer):
-                self._announce_owner_change(ch)
-            if self.peers.pop(peer.unique_name, None) is not None:  # monitors gave their name up already
-                self._name_owner_changed(peer.unique_name, peer.unique_name, "")
+                self.announce_owner_change(ch)
+            if self.conns.unname(peer):  # monitors gave their name up already
+                self.name_owner_changed(peer.unique_name, peer.unique_name, "")
             log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "")
 
-    def _peer_by_id(self, pid: int) -> Peer | None:
-        for p in self.all_peers:
-            if p.id == pid:
-                return p
-        return None
+    @property
+    def pending(self) -> ReplyRegistry:
+        """Expected replies (its ``len`` is how many)."""
+        return self.replies
+
+    def expire_replies(self, now: float) -> None:
+        """Called by the I/O shell with its clock (see ReplyRegistry.expire): callers whose
+        reply_timeout passed get NoReply from the bus."""
+        self.send_no_replies(self.replies.expire(now), NO_REPLY_TIMEOUT)
+
+    def send_no_replies(self, slots, text: str) -> None:
+        """NoReply from the bus to the caller of each of ``slots`` (one message built per caller)."""
+        templates: dict = {}
+        pack = _U32LE.pack_into
+        for slot in slots:
+            caller = slot.caller
+            if caller.dying:
+                continue
+            tpl = templates.get(caller, False)
+            if tpl is False:
+                tpl = templates[caller] = error_template(caller.unique_name, E + "NoReply", text)
+            if tpl is None:
+                self.send_error(caller, slot.serial, E + "NoReply", text)
+                continue
+            raw = bytearray(tpl[0])
+            pack(raw, 8, self.next_serial())
+            pack(raw, tpl[1], slot.serial)
+            self.send_from_bus(caller, bytes(raw))
 
     def kill(self, peer: Peer, reason: str) -> None:
         """Disconnect a misbehaving peer, with a log line naming it.
@@ -263,7 +283,9 @@ class Bus:
         target = self.peers.get(dest) if dest[0] == ":" else self.registry.owner(dest)  # resolve(), inlined
         if target is None:
             self._to_monitors(peer, h, fdref)
-            if h.type == wm.METHOD_CALL and not h.no_reply_expected:
+            if h.type == METHOD_RETURN or h.type == ERROR:
+                self.stats["dropped_replies"] += 1  # e.g. its caller left before the answer came
+            elif h.type == wm.METHOD_CALL and not h.no_reply_expected:
                 if h.flags & wm.NO_AUTO_START:
                     self.send_error(peer, h.serial, E + "NameHasNoOwner", f'Name "{dest}" does not exist')
                 else:
@@ -323,23 +345,14 @@ class Bus:
             return
         self._push(target, bufs, nbytes, fdref, peer)
         if wants_reply:
-            key = (peer.id, h.serial)
-            if key not in self.pending:
-                peer.replies_pending += 1
-            self.pending[key] = target
-            self.pending_by_replier[target.id].add(key)
+            self.replies.add(peer, h.serial, target, self.limits.reply_timeout)
         if self.monitors:
             self._to_monitors(peer, h, fdref, bufs)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
 
     def _route_reply(self, peer: Peer, h, fdref, target: Peer) -> None:
-        key = (target.id, h.reply_serial)
-        requested = self.pending.get(key) is peer
-        if requested:
-            del self.pending[key]
-            self.pending_by_replier[peer.id].discard(key)
-            target.replies_pending -= 1
+        requested = self.replies.take(target, h.reply_serial, peer)
         if self.policy is not None and (requested or self.policy.policy is not None):
             # as dbus-daemon: an unrequested reply is up to the XML policy (only send/receive_requested_reply=
             # "false" rules allow one), and its sender is told when it is denied; without XML rules it is dropped
@@ -403,25 +416,25 @@ class Bus:
         self._to_matching(peer, h, fdref, bufs, eavesdrop_only=False)
 
     def _to_matching(self, peer, h, fdref, bufs, *, eavesdrop_only: bool, skip=None) -> None:
-        cands = self.match_index.get(h.member, ())
-        wild = self.match_index.get(None, ())
-        if not cands and not wild:
-            return
-        body = _LazyBody(h)
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
+        body = _LazyBody(h)
+        buckets = self.matches.buckets(h, sender_name, body, eavesdrop_only)
+        if not buckets:
+            return
         done = set()
         if skip is not None:
             done.add(skip)
         nbytes = 0
-        for lst in (cands, wild):
-            for target, rule in lst:
+        for bucket in buckets:
+            for rule in tuple(bucket):  # a peer killed on the way (no I/O shell) leaves its buckets
+                target = rule.owner
                 if target in done or target.dying:
                     continue
                 if eavesdrop_only and not rule.eavesdrop:
                     continue
                 if h.destination is not None and not rule.eavesdrop and h.destination != target.unique_name:
                     continue
-                if not self._rule_hits(rule, h, sender_name, body):
+                if not rule_hits(rule, h, self.owner_unique_name, sender_name, body):
                     continue
                 done.add(target)
                 if fdref is not None and not target.unix_fds:
@@ -444,22 +457,11 @@ class Bus:
                     continue
                 self._push(target, bufs, nbytes, fdref, peer)
 
-    def _rule_hits(self, rule, h, sender_name: str, body: "_LazyBody") -> bool:
-        if not rule.matches_header(h, self.owner_unique_name, sender_name):
-            return False
-        if not rule.needs_body:
-            return True
-        args = body.get()
-        return args is not False and rule.matches_args(args, h.signature)
-
     def _to_monitors(self, peer, h, fdref, bufs=None) -> None:
         if not self.monitors:
             return
-        body = _LazyBody(h)
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
-        for mon in list(self.monitors):
-            if mon.monitor_rules and not any(self._rule_hits(r, h, sender_name, body) for r in mon.monitor_rules):
-                continue
+        for mon in self.monitoring.wanting(h, sender_name, _LazyBody(h), self.owner_unique_name):
             if bufs is None:
                 sender = peer.unique_name if peer is not None else DBUS_NAME
                 bufs = h.forward(sender)
@@ -472,32 +474,11 @@ class Bus:
             self._push(mon, bufs, nbytes, fdref, None)
 
     def add_match(self, peer: Peer, rule: MatchRule) -> None:
-        peer.matches.append(rule)
-        self.match_index[rule.member].append((peer, rule))
-        if rule.eavesdrop:
-            self.eavesdroppers.add(peer)
+        self.matches.add(peer, rule)
 
     def remove_match(self, peer: Peer, rule: MatchRule) -> bool:
-        key = rule.key()
-        for i, r in enumerate(peer.matches):
-            if r.key() == key:
-                del peer.matches[i]
-                self._unindex(peer, r)
-                if not any(x.eavesdrop for x in peer.matches):
-                    self.eavesdroppers.discard(peer)
-                return True
-        return False
-
-    def _unindex(self, peer: Peer, rule: MatchRule) -> None:
-        lst = self.match_index.get(rule.member)
-        if lst is None:
-            return
-        for i, (p, r) in enumerate(lst):
-            if p is peer and r is rule:
-                del lst[i]
-                break
-        if not lst:
-            del self.match_index[rule.member]
+        """RemoveMatch: one of ``peer``'s rules equal to ``rule`` goes; False if it has none."""
+        return self.matches.remove(peer, rule)
 
     # -- messages from the bus itself ---------------------------------------
 
@@ -507,8 +488,8 @@ class Bus:
 
     def send_from_bus(self, target: Peer, raw: bytes) -> None:
         """Queue a bus-originated message (also shown to monitors)."""
-        h = wm.HeaderView(memoryview(raw))
         bufs = [raw]
+        h = wm.HeaderView(memoryview(raw)) if self.monitors or self.policy is not None else None
         if self.monitors:
             self._to_monitors(None, h, None, bufs)
         if target.dying:
@@ -556,14 +537,15 @@ class Bus:
         self._to_monitors(None, h, None, bufs)
         self._to_matching(None, h, None, bufs, eavesdrop_only=False)
 
-    def _name_owner_changed(self, name: str, old: str, new: str) -> None:
+    def name_owner_changed(self, name: str, old: str, new: str) -> None:
         self.bus_signal("NameOwnerChanged", "sss", (name, old, new))
 
-    def _announce_owner_change(self, ch) -> None:
+    def announce_owner_change(self, ch) -> None:
+        """NameLost / NameOwnerChanged / NameAcquired for one OwnerChange of the name registry."""
         old = ch.old.unique_name if ch.old is not None else ""
         new = ch.new.unique_name if ch.new is not None else ""
         if ch.old is not None and not ch.old.dying:
             self.bus_signal("NameLost", "s", (ch.name,), destination=ch.old)
-        self._name_owner_changed(ch.name, old, new)
+        self.name_owner_changed(ch.name, old, new)
         if ch.new is not None:
             self.bus_signal("NameAcquired", "s", (ch.name,), destination=ch.new)

@@ -219,6 +219,9 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         bus.spawn = nursery.start_soon
         nursery.start_soon(server.reactor.run)
         nursery.start_soon(server.expire_pending_fds)
+        from .timers import run_reply_timer
+
+        nursery.start_soon(run_reply_timer, bus, server)  # reply_timeout (idle while nothing is timed)
         from ..payload.bus_glue import note_listening_sockets
 
         socks = [getattr(lst, "sock", lst) for lst in listeners]

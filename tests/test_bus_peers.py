@@ -1,0 +1,68 @@
+"""The peer registry (broker/bus/peers.py) and how the Bus is put together: every attribute other
+layers set is declared by ``Bus.__init__``, and the driver reaches the router through public methods only."""
+
+import ast
+import inspect
+
+from broker.bus import driver as driver_module
+from broker.bus.limits import Limits
+from broker.bus.peer import Creds
+from broker.bus.peers import PeerRegistry
+from broker.bus.router import Bus
+
+from .conftest import CoreClient
+
+
+def test_names_are_never_reused_and_accounts_count_connections():
+    reg = PeerRegistry()
+    a, b = reg.add(Creds(1000)), reg.add(Creds(1000))
+    assert reg.accounts[1000].connections == 2 and reg.all == {a, b}
+    assert reg.name(a) == ":1.1" and reg.by_name == {":1.1": a}
+    assert reg.unname(a) and not reg.unname(a) and reg.by_name == {}
+    reg.remove(a)
+    assert reg.accounts[1000].connections == 1 and reg.all == {b}
+    assert reg.name(reg.add(Creds(1000))) == ":1.3"
+
+
+def test_connection_limits():
+    lim = Limits()
+    lim.max_connections_per_user, lim.max_completed_connections = 2, 3
+    reg = PeerRegistry()
+    for _ in range(2):
+        reg.add(Creds(1000))
+    assert "max_connections_per_user" in reg.refusal(Creds(1000), lim)
+    assert reg.refusal(Creds(0), lim) is None  # root is not counted against the per-user limit
+    reg.add(Creds(1001))
+    assert reg.refusal(Creds(1002), lim) == "max_completed_connections reached"
+
+
+def test_bus_declares_what_other_layers_set_on_it():
+    """The I/O shell and the payload layer set these; Bus.__init__ declares every one."""
+    attrs = vars(Bus())
+    for name in ("server", "spawn", "policy", "fd_vetter", "payload", "reload_hook", "limits"):
+        assert name in attrs, name
+
+
+def test_driver_uses_no_router_privates_and_does_not_import_it():
+    tree = ast.parse(inspect.getsource(driver_module))
+    imports = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert "router" not in imports
+    def is_bus(node):
+        return (isinstance(node, ast.Name) and node.id == "bus") or (isinstance(node, ast.Attribute)
+                                                                      and node.attr == "bus")
+
+    private = sorted({n.attr for n in ast.walk(tree)
+                      if isinstance(n, ast.Attribute) and is_bus(n.value) and n.attr.startswith("_")})
+    assert private == []
+
+
+def test_disconnect_leaves_no_trace_in_any_registry(core):
+    a, b = CoreClient(core), CoreClient(core)
+    a.call("RequestName", "su", ("org.x.A", 0))
+    a.call("AddMatch", "s", ("type='signal',interface='org.x.I',eavesdrop='true'",))
+    b.call("Do", dest=a.name, path="/", interface="org.x.I")
+    a.call("Do", dest=b.name, path="/", interface="org.x.I")
+    core.disconnect(a.peer)
+    assert a.peer not in core.all_peers and a.name not in core.peers and core.registry.owner("org.x.A") is None
+    assert len(core.matches) == 0 and core.eavesdroppers == {} and len(core.pending) == 0
+    assert core.accounts[1000].connections == 1 and b.peer.calls == {} and b.peer.owed == {}
