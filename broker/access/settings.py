@@ -2,7 +2,6 @@
 
 from ..bus.limits import limits_for
 from ..bus.settings import BusSettings
-from ..wire.message import DEFAULT_MAX_MESSAGE_SIZE
 from .audit import AuditWriter
 from .config import load_config
 from .mediator import BusPolicy
@@ -11,10 +10,7 @@ from .selinux import make_mediator
 
 def settings_from_config(cfg) -> BusSettings:
     s = BusSettings(bus_type=cfg.type or "custom")
-    lim = limits_for(cfg.type, cfg.limits)
-    # as libdbus: no message is larger than the protocol maximum, whatever the config says
-    lim.max_message_size = min(lim.max_message_size, DEFAULT_MAX_MESSAGE_SIZE)
-    s.limits = lim
+    s.limits = limits_for(cfg.type, cfg.limits)
     s.policy = BusPolicy(cfg.policy) if cfg.policy is not None else None
     sb = cfg.sealbus
     if sb.fd_mode:

@@ -6,6 +6,8 @@ are the ``<limit name=...>`` names of the dbus-daemon configuration format.
 
 from dataclasses import dataclass, fields
 
+from ..wire.message import DEFAULT_MAX_MESSAGE_SIZE
+
 MiB = 1024 * 1024
 
 
@@ -51,12 +53,15 @@ SYSTEM_AUTH_TIMEOUT = 10000
 
 
 def limits_for(bus_type: str | None, configured: dict[str, int]) -> Limits:
-    """The limits of a bus whose config sets ``configured``: a system bus gets a short
-    auth_timeout unless its config names one."""
+    """The limits of a bus whose config sets ``configured``, the one place every path
+    (``run --config``, ``run --system``, the dbus-daemon drop-in) takes them from: a
+    system bus gets a short auth_timeout unless its config names one, and, as libdbus,
+    no message is larger than the protocol maximum, whatever the config says."""
     lim = Limits()
     if bus_type == "system":
         lim.auth_timeout = SYSTEM_AUTH_TIMEOUT
     lim.update(configured)
+    lim.max_message_size = min(lim.max_message_size, DEFAULT_MAX_MESSAGE_SIZE)
     return lim
 
 
