@@ -33,6 +33,10 @@ commands:
   bench         compare sealbus with dbus-daemon (and any running bus): round
                 trips and sealed payloads (`make bench` in a source checkout
                 runs the full benchmark, dbus-broker included)
+
+`sealbus COMMAND --help` shows a command's options. A bad option, file or
+address gets one line on stderr and a non-zero exit status (2: a bad command
+line); Ctrl-C stops send/receive with status 130 and run cleanly (status 0).
 """
 
 

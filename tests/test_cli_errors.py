@@ -104,7 +104,7 @@ def test_ctrl_c_of_an_idle_receive_exits_130_quietly(bus):
 def test_ctrl_c_of_a_send_waiting_for_its_reply_exits_130_quietly(bus, tmp_path):
     payload = tmp_path / "p"
     payload.write_bytes(b"y" * 4096)
-    with open_dbus_connection(bus) as sink:  # owns the name and never answers
+    with open_dbus_connection(bus, enable_fds=True) as sink:  # owns the name and never answers
         sink.send_and_get_reply(message_bus.RequestName("org.x.Sink"))
         proc = subprocess.Popen([SEALBUS, *SEND, "--address", bus, "--payload", str(payload)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -135,6 +135,20 @@ def test_run_log_level(tmp_path, level):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert (" INFO " in err and "disconnected :1." in err) == (level == "info"), err
+
+
+@pytest.mark.parametrize("level", [None, "info"])
+def test_dbus_daemon_log_level(tmp_path, level):
+    sock = tmp_path / "bus.sock"
+    argv = [SEALBUS, "dbus-daemon", "--session", "--nofork", "--print-address=1", f"--address=unix:path={sock}"]
+    proc = subprocess.Popen(argv + ([f"--log-level={level}"] if level else []), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().startswith(f"unix:path={sock},guid=")
+    with open_dbus_connection(f"unix:path={sock}"):
+        pass
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert ("disconnected :1." in err) == (level == "info"), err  # default: warning
 
 
 def test_run_rejects_an_unknown_log_level():

@@ -75,6 +75,8 @@ def _cleanup(proc: subprocess.Popen) -> None:
         time.sleep(0.1)
     if os.path.ismount(FS_MOUNT):  # a bus killed before it unmounted
         subprocess.run(["umount", "-l", FS_MOUNT], check=False)
+    with contextlib.suppress(OSError):
+        os.rmdir(FS_MOUNT)
     for path in LEFTOVERS:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
