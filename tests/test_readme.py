@@ -103,3 +103,5 @@ def test_readme_block_runs_as_written(block, tmp_path):
     assert "Traceback" not in text, text[-3000:]
     if "cmp " in block:
         assert "the payload arrived intact" in text
+    if "policy explain" in block:  # its `|| echo` must only ever absorb the DENIED answer
+        assert "DENIED" in text and "exit status 3 (3: DENIED)" in text, text[-3000:]
