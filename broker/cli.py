@@ -6,6 +6,7 @@ command line), ``policy`` (explain / check / audit), ``send`` / ``receive`` /
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -29,7 +30,13 @@ commands:
   send          send a file as a sealed payload to a bus peer
   receive       receive sealed payloads and show them
   cat-payload   write a payload fd's contents to stdout
-  bench         compare sealbus with dbus-daemon and dbus-broker
+  bench         compare sealbus with dbus-daemon (and any running bus): round
+                trips and sealed payloads (`make bench` in a source checkout
+                runs the full benchmark, dbus-broker included)
+
+`sealbus COMMAND --help` shows a command's options. A bad option, file or
+address gets one line on stderr and a non-zero exit status (2: a bad command
+line); Ctrl-C stops send/receive with status 130 and run cleanly (status 0).
 """
 
 
@@ -106,23 +113,67 @@ def cmd_run(argv: list[str]) -> int:
         from .launch.launcher import main_system
 
         return main_system(args)
-    from .io.address import AddressError, default_session_address, listen
-
-    settings, cfg_listen = settings_from_config(args.config, args.fd_mode, args.payload_fs, args.busy_poll)
-    address = args.address or (cfg_listen[0] if cfg_listen else default_session_address())
     try:
-        listener = listen(address, socket_mode=0o666 if settings.bus_type == "system" else 0o777)
-    except (AddressError, OSError) as e:
+        return _run_session(args)
+    except RunError as e:
         print(f"sealbus run: {e}", file=sys.stderr)
         return 1
-    try:
-        def ready(bus):
-            print(listener.address, flush=True)
 
-        trio.run(run_bus, settings, [listener], ready)
+
+class RunError(Exception):
+    """What stops `sealbus run` before it serves: one line for the user, no traceback."""
+
+
+def _session_settings(args):
+    from .access.config import ConfigError
+
+    try:
+        settings, cfg_listen = settings_from_config(args.config, args.fd_mode, args.payload_fs, args.busy_poll)
+    except ConfigError as e:  # its message names the file (and line) and what is wrong
+        raise RunError(f"{e} (fix --config, or leave it out for the allow-all default)") from None
+    fs = settings.payload_fs
+    if fs and not os.path.isdir(fs):
+        raise RunError(f"payload fs mount point {fs} is not a directory: create it first (mkdir -p {fs})")
+    return settings, cfg_listen
+
+
+def _run_session(args) -> int:
+    from .io.address import AddressError, default_session_address, listen
+
+    settings, cfg_listen = _session_settings(args)
+    address = args.address or (cfg_listen[0] if cfg_listen else default_session_address())
+    private_dir = None if args.address or cfg_listen else _private_temp_dir(address)
+    try:
+        try:
+            listener = listen(address, socket_mode=0o666 if settings.bus_type == "system" else 0o777)
+        except AddressError as e:
+            raise RunError(f"{e} (--address takes e.g. unix:path=/tmp/sealbus.sock)") from None
+        except OSError as e:
+            raise RunError(f"cannot listen on {address}: {e.strerror or e}") from None
+        try:
+            def ready(bus):
+                print(listener.address, flush=True)
+
+            trio.run(run_bus, settings, [listener], ready)
+        finally:
+            listener.close()
     finally:
-        listener.close()
+        if private_dir is not None:  # the embedded default's own temp dir: leave nothing behind
+            with contextlib.suppress(OSError):
+                os.rmdir(private_dir)
     return 0
+
+
+def _private_temp_dir(address: str) -> str | None:
+    """The private temp dir default_session_address() made for this bus (not $XDG_RUNTIME_DIR/sealbus)."""
+    import tempfile
+
+    if not address.startswith("unix:path="):
+        return None
+    d = os.path.dirname(address[len("unix:path="):])
+    if os.path.dirname(d) == tempfile.gettempdir() and os.path.basename(d).startswith("sealbus-"):
+        return d
+    return None
 
 
 def _fd_arg(value: str | None, default: int = 1) -> int:
@@ -273,7 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(DESCRIPTION)
         return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
+    try:
+        return _dispatch(argv[0], argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C: quietly, with the shell's code for SIGINT
+        return 130
+
+
+def _dispatch(cmd: str, rest: list[str]) -> int:
     if cmd == "run":
         return cmd_run(rest)
     if cmd == "dbus-daemon":
@@ -287,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return client_main([cmd, *rest])
     if cmd == "bench":
-        from benchmarks.run import main as bench_main
+        from .client.bench import main as bench_main
 
         return bench_main(rest)
     print(f"sealbus: unknown command {cmd!r}\n\n{DESCRIPTION}", file=sys.stderr)

@@ -35,8 +35,35 @@ def make_payload_fd(path: str, via: str, conn=None, progress: bool = False, moun
     return make_payload(path, conn, via=via, mount=mount, progress=_progress(size, progress))
 
 
+class CliError(Exception):
+    """What a user did wrong or must fix: printed as one line, exit status 1."""
+
+
+def connect(address: str):
+    """A connection to the bus at address, or a CliError saying what is wrong with it."""
+    try:
+        return open_dbus_connection(address, enable_fds=True)
+    except ValueError:  # jeepney: an address it cannot parse
+        raise CliError(f"bad --address {address!r}: use the address `sealbus run` prints, "
+                       "e.g. unix:path=/tmp/sealbus.sock") from None  # fmt: skip
+    except RuntimeError as e:  # jeepney: a transport it does not speak (tcp:, ...)
+        raise CliError(f"bad --address {address!r}: {e}") from None
+    except OSError as e:
+        raise CliError(f"cannot connect to {address}: {e.strerror or e} (is the bus running? `sealbus run "
+                       "--address ...` starts one and prints its address)") from None  # fmt: skip
+
+
+def _readable_file(path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise CliError(f"--payload {path}: {e.strerror or e}") from None
+
+
 def cmd_send(args) -> int:
-    conn = open_dbus_connection(args.address, enable_fds=True)
+    _readable_file(args.payload)
+    conn = connect(args.address)
     fd = -1
     try:
         fd, transport = make_payload_fd(args.payload, args.via, conn, args.progress, args.payload_fs)
@@ -95,7 +122,9 @@ def save_payload(fd: int, out_dir: str, n: int) -> str:
 
 
 def cmd_receive(args) -> int:
-    conn = open_dbus_connection(args.address, enable_fds=True)
+    if args.out and not os.path.isdir(args.out):
+        raise CliError(f"--out {args.out} is not a directory: create it first (mkdir -p {args.out})")
+    conn = connect(args.address)
     if args.name:
         reply = conn.send_and_get_reply(message_bus.RequestName(args.name))
         if reply.body[0] != 1:
@@ -130,7 +159,10 @@ def cmd_receive(args) -> int:
 
 def cmd_cat(args) -> int:
     if args.path:
-        fd = os.open(args.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(args.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise CliError(f"{args.path}: {e.strerror or e}") from None
     else:
         fd = args.fd if args.fd is not None else 0  # default: the payload fd is our stdin
     try:
@@ -184,10 +216,22 @@ def main(argv: list[str]) -> int:
     c.add_argument("--fd", type=int, help="an inherited fd number (default 0: stdin)")
     c.add_argument("--allow-unsealed", action="store_true")
     args = p.parse_args(argv)
-    if args.cmd == "send":
-        if not args.signal and not args.dest:
-            p.error("send needs --dest (or --signal)")
-        return cmd_send(args)
-    if args.cmd == "receive":
-        return cmd_receive(args)
-    return cmd_cat(args)
+    if args.cmd == "send" and not args.signal and not args.dest:
+        p.error("send needs --dest (or --signal)")
+    run = {"send": cmd_send, "receive": cmd_receive}.get(args.cmd, cmd_cat)
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # Ctrl-C is how an idle `receive` stops: quietly, with the shell's code
+        return 130
+    except CliError as e:
+        print(f"sealbus {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except PayloadError as e:
+        print(f"sealbus {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(f"sealbus {args.cmd}: no reply within --timeout {args.timeout:g} s", file=sys.stderr)
+        return 1
+    except OSError as e:  # the bus went away, a file that changed under us
+        print(f"sealbus {args.cmd}: {e.strerror or e}", file=sys.stderr)
+        return 1
