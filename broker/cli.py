@@ -46,7 +46,7 @@ def settings_from_config(path: str | None, fd_mode: str | None = None, payload_f
     listen: list[str] = []
     settings = BusSettings()
     if path:
-        from .access.settings import settings_from_file
+        from .access.config_settings import settings_from_file
 
         settings, listen = settings_from_file(path)
     if fd_mode:
@@ -340,7 +340,7 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
 
         return policy_main(rest)
     if cmd in ("send", "receive", "cat-payload"):
-        from .client.cli import main as client_main
+        from .client.commands import main as client_main
 
         return client_main([cmd, *rest])
     if cmd == "bench":

@@ -22,7 +22,7 @@ import cycle between modules is a violation whatever the layers.
 Violations still to be fixed are listed in the known file (default
 scripts/layers-known.txt), one per line with the reason after a '#':
 
-    upward broker.launch.broker -> broker.cli   # why it is still there
+    upward broker.launch.broker_process -> broker.cli   # why it is still there
     cycle broker.bus.driver broker.bus.router   # modules of the cycle, sorted
 
 The check fails on a violation that is not listed, and on a listed one that

@@ -18,7 +18,7 @@ cat > /usr/libexec/sealbus/sealbus-broker <<EOS
 #!$PY -IB
 import runpy, sys
 sys.path.insert(0, "$SRC")
-runpy.run_module("broker.launch.broker", run_name="__main__")
+runpy.run_module("broker.launch.broker_process", run_name="__main__")
 EOS
 chmod 0755 /usr/libexec/sealbus/sealbus-launcher /usr/libexec/sealbus/sealbus-broker
 install -m 0644 systemd/sealbus.service systemd/sealbus.socket /etc/systemd/system/

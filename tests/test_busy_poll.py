@@ -11,7 +11,7 @@ from jeepney import DBusAddress, new_method_call
 from jeepney.io.blocking import open_dbus_connection
 
 from broker.access.config import ConfigError
-from broker.access.settings import settings_from_file
+from broker.access.config_settings import settings_from_file
 from broker.io.busy_poll import GROW_START, PollWindow
 from tests.conftest import start_sealbus
 
@@ -54,7 +54,7 @@ def test_launcher_hands_the_maximum_to_the_broker(tmp_path):
     import pwd
 
     from broker.access.config import load_config
-    from broker.launch.broker import settings_from_message
+    from broker.launch.broker_process import settings_from_message
     from broker.launch.launcher import broker_settings
 
     cfg = load_config(_config(tmp_path, '<busy_poll max_us="7"/>'))

@@ -247,7 +247,7 @@ def test_at_the_global_limit_the_uid_holding_most_loses_its_oldest(tmp_path, bus
 
 def test_system_buses_get_a_short_auth_timeout(tmp_path):
     from broker.access.config import load_config
-    from broker.access.settings import settings_from_config
+    from broker.access.config_settings import settings_from_config
     from broker.bus.limits import SYSTEM_AUTH_TIMEOUT, Limits
     from broker.launch.launcher import broker_settings
 

@@ -3,8 +3,8 @@
 import pwd
 
 from broker.access.config import load_config
-from broker.access.settings import settings_from_config
-from broker.launch.broker import settings_from_message
+from broker.access.config_settings import settings_from_config
+from broker.launch.broker_process import settings_from_message
 from broker.launch.launcher import broker_settings
 
 CONFIG = """<busconfig>

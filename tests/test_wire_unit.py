@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from broker.wire import names
+from broker.wire import name_syntax as names
 from broker.wire.errors import (
     FdIndexError,
     HeaderError,

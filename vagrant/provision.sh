@@ -43,7 +43,7 @@ cat > /usr/libexec/sealbus/sealbus-broker <<EOS
 # sealbus_exec_t: the launcher enters sealbus_t by executing this.
 import runpy, sys
 sys.path.insert(0, "$PREFIX/src")
-runpy.run_module("broker.launch.broker", run_name="__main__")
+runpy.run_module("broker.launch.broker_process", run_name="__main__")
 EOS
 install -m 0755 "$PREFIX/src/tests/vm/launch_helper.py" /usr/libexec/sealbus/sealbus-test-launch-helper
 chmod 0755 /usr/libexec/sealbus/sealbus-launcher /usr/libexec/sealbus/sealbus-broker

@@ -3,7 +3,7 @@
 import logging
 
 from ..wire import message as wm
-from ..wire import names as wn
+from ..wire import name_syntax as wn
 from ..wire.errors import WireError
 from ..wire.marshal import Variant
 from . import names as nm

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from ..wire import names
+from ..wire import name_syntax as names
 from ..wire.message import TYPE_NAMES
 from ..wire.signature import split_signature
 

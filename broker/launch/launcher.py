@@ -48,7 +48,7 @@ def ensure_bus_user(name: str = BUS_USER) -> pwd.struct_passwd:
 def broker_command(log_level: str) -> list[str]:
     if os.access(BROKER_ENTRY, os.X_OK):
         return [BROKER_ENTRY]
-    return [sys.executable, "-m", "broker.launch.broker", "--log-level", log_level]
+    return [sys.executable, "-m", "broker.launch.broker_process", "--log-level", log_level]
 
 
 def check_selinux_domain(cmd: list[str]) -> None:

@@ -12,7 +12,7 @@ Alignment is relative to the start of the buffer, which must itself be
 import struct
 from typing import Any, NamedTuple
 
-from . import names
+from . import name_syntax as names
 from .errors import (
     FdIndexError,
     InvalidValueError,

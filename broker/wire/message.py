@@ -10,7 +10,7 @@ unknown fields stripped; the body goes out by scatter/gather, uncopied.
 import struct
 from typing import Any
 
-from . import names
+from . import name_syntax as names
 from .errors import HeaderError, InvalidValueError, LimitExceededError, TruncatedError, WireError
 from .marshal import Reader, Writer, unmarshal
 from .signature import split_signature
