@@ -11,9 +11,9 @@ import subprocess
 
 import pytest
 
+from broker.access.audit import AuditWriter, user_avc_message
 from broker.access.mediator import BusPolicy
 from broker.access.selinux import USER_AVC_FORM, AuditLimiter, AVDecision, SELinuxMediator, make_mediator
-from broker.launch.audit import AuditWriter, user_avc_message
 
 from .conftest import CoreClient
 

@@ -18,13 +18,13 @@ import subprocess
 import sys
 import time
 
+from ..access.audit import AuditWriter
 from ..access.config import load_config
 from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
 from ..bus.limits import limits_for
 from ..io import control
 from ..io.address import listen, systemd_listeners
 from . import sandbox
-from .audit import AuditWriter
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
 
 log = logging.getLogger("sealbus.launcher")
