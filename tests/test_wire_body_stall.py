@@ -1,0 +1,89 @@
+"""A real broker: validating one client's large dense body never holds the loop. Client A sends a
+32 MiB body of 16 Mi empty signatures (the slowest body to check per byte: seconds of pure Python);
+client B's Ping round trips are answered while it is still being validated, i.e. before the
+receiver gets any byte of it. Structural, no timing: on a loop that checks the whole body at once,
+the receiver's copy is queued (and partly written) before B's next Ping is even read."""
+
+import select
+import struct
+
+from broker.wire.message import encode_header
+
+from .conftest import RawClient
+
+MiB = 1024 * 1024
+NO_REPLY_EXPECTED = 1
+
+
+def connected(bus) -> RawClient:
+    c = RawClient(bus, timeout=60)
+    assert c.authenticate().startswith(b"OK ")
+    c.hello()
+    return c
+
+
+def dense_ag(size: int) -> bytes:
+    n = size // 2
+    return struct.pack("<I", 2 * n) + bytes(2 * n)  # n empty signatures
+
+
+def raw_message(dest: str, serial: int, signature: str, body: bytes) -> bytes:
+    return encode_header("l", 1, NO_REPLY_EXPECTED, len(body), serial, path="/x", interface="org.x.I",
+                         member="Big", destination=dest, signature=signature) + body  # fmt: skip
+
+
+def recv_exactly(sock, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(min(n - len(out), 1 << 20))
+        assert chunk, "the bus closed the connection"
+        out += chunk
+    return bytes(out)
+
+
+def read_one_raw(sock) -> tuple[bytes, bytes]:
+    """(header, body) of the next message, read as bytes (parsing 16 Mi signatures in Python is slow)."""
+    fixed = recv_exactly(sock, 16)
+    body_len, _serial, fields_len = struct.unpack_from("<III", fixed, 4)
+    rest = recv_exactly(sock, fields_len + (-fields_len % 8) + body_len)
+    return fixed + rest[: fields_len + (-fields_len % 8)], rest[fields_len + (-fields_len % 8) :]
+
+
+def ping(c: RawClient) -> None:
+    serial = c.call("Ping", path="/", interface="org.freedesktop.DBus.Peer")
+    c.reply_to(serial)
+
+
+def test_pings_are_answered_while_a_dense_body_is_validated(sealbus):
+    receiver = connected(sealbus)
+    a = connected(sealbus)
+    b = connected(sealbus)
+    body = dense_ag(32 * MiB - 4096)
+    a.send_raw(raw_message(receiver.unique_name, a.next_serial(), "ag", body))  # fully written
+    for _ in range(50):
+        ping(b)
+    # B was served 50 times, and the receiver has not got a byte of A's message yet: it was still
+    # being validated (in steps, between B's round trips)
+    assert select.select([receiver.sock], [], [], 0)[0] == []
+    header, got = read_one_raw(receiver.sock)
+    assert got == body  # then it arrives whole
+    assert b"Big" in header
+    ping(a)  # and A is still connected
+
+
+def test_an_invalid_dense_body_disconnects_its_sender_only_and_reaches_nobody(sealbus):
+    receiver = connected(sealbus)
+    a = connected(sealbus)
+    b = connected(sealbus)
+    body = bytearray(dense_ag(16 * MiB))
+    body[-2:] = b"\1("  # the last signature is invalid: found by the last step
+    body += b"\0"
+    struct.pack_into("<I", body, 0, len(body) - 4)
+    a.send_raw(raw_message(receiver.unique_name, a.next_serial(), "ag", bytes(body)))
+    for _ in range(20):
+        ping(b)
+    assert select.select([a.sock], [], [], 0)[0] == []  # B was served while A's body was being checked
+    assert a.closed_by_peer(timeout=60)
+    ping(b)
+    ping(receiver)
+    assert select.select([receiver.sock], [], [], 0)[0] == []  # nothing of A's message came
