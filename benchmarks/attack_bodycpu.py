@@ -5,7 +5,8 @@
 A receiver reads everything (in a thread); an attacker sends it one message of
 ``max_message_size`` (32 MiB) whose body is as dense as D-Bus allows: ``ag``
 of empty signatures, ``as`` of empty strings, ``av`` of one-byte variants,
-``aay`` of empty arrays (``ay`` for comparison: length-only). Meanwhile another
+``aay`` of empty arrays, ``o`` one object path of 32 MiB (``ay`` for
+comparison: length-only). Meanwhile another
 client does Ping round trips to the bus driver without pause. Printed: the
 longest Ping round trip seen from the moment the attacker starts sending until
 the receiver has the whole message, the number of pings in that window, and the
@@ -46,6 +47,9 @@ def dense_body(kind: str, size: int) -> bytes:
         elems = bytes(size // 4 * 4)  # empty byte arrays
     elif kind == "ay":
         elems = bytes(size)
+    elif kind == "o":  # one object path: a single value, which no step can split
+        path = b"/a" * (size // 2 - 1)
+        return struct.pack("<I", len(path)) + path + b"\0"
     else:
         raise ValueError(kind)
     return struct.pack("<I", len(elems)) + elems

@@ -212,3 +212,23 @@ def test_fds_of_an_invalid_large_body_go_back_and_nothing_is_handed_out():
         list(f.messages())
     assert f.checking is None
     assert f.close() == [-9]
+
+
+# -- one long value ------------------------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="/aZ9_-.\0\u00e9", max_size=12), st.booleans())
+def test_long_object_paths_judged_as_the_regex_judges_them(tail, long_prefix):
+    path = (b"/ab" * 2000 if long_prefix else b"") + tail.encode()
+    if path == b"/":
+        return  # never long: the regex's
+    assert body_check._valid_long_path(path, 0, len(path)) == (body_check._PATH.fullmatch(path) is not None)
+
+
+@pytest.mark.parametrize(("path", "ok"), [(b"/a_9" * 5000, True), (b"/a_9" * 5000 + b"/", False),
+                                          (b"/a" * 5000 + b"//b", False), (b"/a" * 5000 + b"-", False)])
+def test_a_long_object_path_is_checked_without_the_regex(monkeypatch, path, ok):
+    monkeypatch.setattr(body_check, "_PATH", None)  # a path over PATH_REGEX_MAX never reaches it
+    body = struct.pack("<I", len(path)) + path + b"\0"
+    assert (one_shot("o", body, "l") is None) == ok
