@@ -4,12 +4,16 @@ client B's Ping round trips are answered while it is still being validated, i.e.
 receiver gets any byte of it. Structural, no timing: on a loop that checks the whole body at once,
 the receiver's copy is queued (and partly written) before B's next Ping is even read."""
 
+import array
+import os
 import select
+import socket
 import struct
 
 from broker.wire.message import encode_header
 
 from .conftest import RawClient
+from .test_adversarial import wait_until
 
 MiB = 1024 * 1024
 NO_REPLY_EXPECTED = 1
@@ -75,11 +79,18 @@ def test_an_invalid_dense_body_disconnects_its_sender_only_and_reaches_nobody(se
     receiver = connected(sealbus)
     a = connected(sealbus)
     b = connected(sealbus)
-    body = bytearray(dense_ag(16 * MiB))
-    body[-2:] = b"\1("  # the last signature is invalid: found by the last step
-    body += b"\0"
-    struct.pack_into("<I", body, 0, len(body) - 4)
-    a.send_raw(raw_message(receiver.unique_name, a.next_serial(), "ag", bytes(body)))
+    ping(b)
+    base = sealbus.fd_count()
+    elems = bytearray(16 * MiB)
+    elems[-2:] = b"\1("  # the last signature is invalid: found by the last step
+    elems += b"\0"
+    body = struct.pack("<II", 0, len(elems)) + elems  # 'hag': an fd index, then the signatures
+    raw = encode_header("l", 1, NO_REPLY_EXPECTED, len(body), a.next_serial(), path="/x", interface="org.x.I",
+                        member="Big", destination=receiver.unique_name, signature="hag", unix_fds=1) + body  # fmt: skip
+    fd = os.memfd_create("payload")
+    sent = a.sock.sendmsg([raw[:4096]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    os.close(fd)
+    a.sock.sendall(raw[sent:])
     for _ in range(20):
         ping(b)
     assert select.select([a.sock], [], [], 0)[0] == []  # B was served while A's body was being checked
@@ -87,3 +98,5 @@ def test_an_invalid_dense_body_disconnects_its_sender_only_and_reaches_nobody(se
     ping(b)
     ping(receiver)
     assert select.select([receiver.sock], [], [], 0)[0] == []  # nothing of A's message came
+    # A's socket and the fd of its message are closed: the broker holds nothing of it
+    assert wait_until(lambda: sealbus.fd_count() == base - 1), (sealbus.fd_count(), base)
