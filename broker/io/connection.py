@@ -232,6 +232,8 @@ class Connection:
     def on_readable(self) -> None:
         """One read (as much as the buffer takes), then route every complete message."""
         framer = self.framer
+        if framer.checking is not None:
+            return  # not read while a message of it is being validated: the reactor steps it (validate_step)
         peer = self.peer
         buf = framer.recv_buffer()
         try:
@@ -290,17 +292,37 @@ class Connection:
         self.server.hold_fds(self)
 
     def _process(self) -> None:
-        """Route every complete message in the buffer."""
+        """Route every complete message in the buffer; stop at one whose large body is being validated
+        in steps (the reactor takes one step of it per pass, between other connections' work)."""
         peer = self.peer
         dispatch = self.bus.dispatch
         try:
             while not self.dying:
                 msg = self.framer.next_message()
                 if msg is None:
+                    if self.framer.checking is not None:
+                        self.server.reactor.validating.add(self)
                     return
                 dispatch(peer, msg)
         except WireError as e:
             self.bus.kill(peer, f"protocol violation: {e}")
+
+    def validate_step(self) -> None:
+        """One step of the validation of this connection's large message; then, if it is done, the
+        message and whatever complete messages follow it are routed, and reading resumes."""
+        framer = self.framer
+        peer = self.peer
+        held = self.held_fds
+        if held:
+            self.held_fds = 0
+            peer.account.charge_fds(0, -held)
+        self._process()
+        if framer.checking is None:
+            self.server.reactor.validating.discard(self)
+        if framer.fds:
+            self._hold_fds()
+        elif held:
+            self.server.fds_claimed(self)
 
     # -- writing --------------------------------------------------------------
 

@@ -22,6 +22,13 @@ are in the reactor's epoll too, edge-triggered, so a new connection or a
 SASL line ends a linger at once; a connection that sits idle before
 authenticating costs the others nothing.
 
+Validation in steps: a connection whose message has a large body (see
+:mod:`broker.wire.body_check`) is in ``validating``; it is not read, and each
+pass takes one bounded step of its validation after serving the ready
+connections, so a dense body that costs seconds to check never holds the
+loop for more than a step. While any connection is validating, the reactor
+neither waits nor lingers.
+
 Busy polling: before the linger's sleep, the reactor may poll for up to a
 window that adapts to the traffic (see :mod:`busy_poll`): zero on a quiet
 bus, up to ``busy_poll_us`` when messages follow each other closely.
@@ -61,6 +68,7 @@ class Reactor:
         self.touched_before: set = set()
         self.trio_fds: set[int] = set()  # fds trio tasks serve (listeners, connections authenticating)
         self.trio_pending: set[int] = set()  # of those, the ones with input their task has not taken yet
+        self.validating: set = set()  # connections with a large message being validated in steps
 
     def add(self, conn) -> None:
         fd = conn.sock.fileno()
@@ -103,6 +111,7 @@ class Reactor:
 
     def remove(self, conn) -> None:
         fd = conn.fd
+        self.validating.discard(conn)
         if self.conns.pop(fd, None) is not None:
             self.writing.discard(fd)
             try:
@@ -144,10 +153,13 @@ class Reactor:
             while True:
                 # Trio tells us when the epoll fd is readable; then one
                 # non-blocking poll hands us every ready connection at once.
-                await trio.lowlevel.wait_readable(ep.fileno())
+                if self.validating:
+                    await trio.lowlevel.checkpoint()  # validation steps are due: trio runs what is ready first
+                else:
+                    await trio.lowlevel.wait_readable(ep.fileno())
                 give_back = clock() + YIELD_EVERY
                 events = ep.poll(0, 512)
-                while events:
+                while events or self.validating:
                     for fd, ev in events:
                         conn = conns.get(fd)
                         if conn is None or conn.dying:
@@ -164,6 +176,8 @@ class Reactor:
                             log.exception("internal error serving %s; disconnecting it", conn.describe())
                             conn.dying = True
                             self.closing.append(conn)
+                    if self.validating:
+                        self.validate_steps()
                     self.server.flush_dirty()
                     if self.closing:
                         self.finish_closing()
@@ -175,7 +189,7 @@ class Reactor:
                         self.sweep(quiet=False)
                         await trio.lowlevel.checkpoint()  # trio polls its own fds and runs what is ready
                         give_back = clock() + YIELD_EVERY
-                    if clock() < give_back:
+                    if clock() < give_back and not self.validating:
                         events = self._next_events(ep, clock)
                     else:
                         events = ep.poll(0, 512)
@@ -185,6 +199,20 @@ class Reactor:
             for conn in list(conns.values()):
                 conn.close()
             ep.close()
+
+    def validate_steps(self) -> None:
+        """One validation step of every connection in ``validating``."""
+        for conn in list(self.validating):
+            if conn.dying:
+                self.validating.discard(conn)
+                continue
+            try:
+                conn.validate_step()
+            except Exception:
+                log.exception("internal error serving %s; disconnecting it", conn.describe())
+                conn.dying = True
+                self.validating.discard(conn)
+                self.closing.append(conn)
 
     def _next_events(self, ep, clock) -> list:
         """Events after a pass: poll for the adaptive window, then sleep up to LINGER; [] if none came

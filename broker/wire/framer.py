@@ -21,7 +21,7 @@ what a queue keeps alive is what it is charged for.
 from collections import deque
 from typing import NamedTuple
 
-from .body_check import BodyChecker
+from .body_check import INCREMENTAL_MIN, BodyChecker
 from .errors import HeaderError, LimitExceededError
 from .message import _ENDIAN, _FIXED, DEFAULT_MAX_MESSAGE_SIZE, FIXED_HEADER_SIZE, HeaderView, WireCache, message_size
 
@@ -63,6 +63,9 @@ class Framer:
         self._need = 0  # size of the message at _start, once known
         self.fds: deque[int] = deque()  # received, not yet attached to a message
         self._claim = (b"", 0)  # (fixed header, UNIX_FDS) of the message in progress, once its fields were read
+        # (header, steps, fds) of the one complete message whose large body is being validated in steps
+        # (see ``next_message``); its fds are out of ``fds`` (they are not the next message's to claim).
+        self.checking: tuple | None = None
 
     # -- input ------------------------------------------------------------
 
@@ -140,7 +143,13 @@ class Framer:
     # -- output -----------------------------------------------------------
 
     def next_message(self) -> Message | None:
-        """The next complete message, or None; raises WireError on bad input."""
+        """The next complete message, or None; raises WireError on bad input.
+
+        A message whose body is over INCREMENTAL_MIN bytes is validated in steps of bounded work:
+        each call takes one step and returns None while ``checking`` is set, the message once its
+        body is valid. Nothing after it is handed out before it (messages stay in order)."""
+        if self.checking is not None:
+            return self._step()
         start = self._start
         avail = self._end - start
         need = self._need
@@ -154,7 +163,12 @@ class Framer:
         self._need = 0
         header = HeaderView(self._view[start : start + need], self.max_message_size, True, self.cache)
         if header.signature:
-            self.body_checker.check(header)  # before the fds are taken: on error close() returns them
+            if need > INCREMENTAL_MIN:
+                steps = self.body_checker.steps(header)
+                if steps is not None:
+                    return self._start_steps(header, steps)
+            else:
+                self.body_checker.check(header)  # before the fds are taken: on error close() returns them
         n = header.unix_fds
         if not n:
             return _new_message(Message, (header, []))
@@ -164,6 +178,34 @@ class Framer:
             raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
         # The consumed bytes are never reused: views of them are in flight.
         return _new_message(Message, (header, [self.fds.popleft() for _ in range(n)]))
+
+    def _start_steps(self, header: HeaderView, steps) -> Message | None:
+        n = header.unix_fds
+        if n > self.max_fds_per_message:
+            raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
+        if n > len(self.fds):
+            raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
+        self.checking = (header, steps, [self.fds.popleft() for _ in range(n)])
+        return self._step()
+
+    def _step(self) -> Message | None:
+        """One step of the validation of the message in ``checking``: the message once it is valid."""
+        header, steps, fds = self.checking
+        try:
+            next(steps)
+        except StopIteration:
+            self.checking = None
+            return _new_message(Message, (header, fds))
+        except BaseException:
+            self._stop_checking()  # its fds go back: close() returns them
+            raise
+        return None
+
+    def _stop_checking(self) -> None:
+        _header, steps, fds = self.checking
+        self.checking = None
+        steps.close()
+        self.fds.extendleft(reversed(fds))
 
     def release_idle_buffer(self) -> None:
         """Give the buffer back to the pool if it is empty and no message uses it.
@@ -237,8 +279,13 @@ class Framer:
         return claim
 
     def messages(self):
-        while (m := self.next_message()) is not None:
-            yield m
+        """Every complete message, large bodies validated to the end (for tests and fuzzing)."""
+        while True:
+            m = self.next_message()
+            if m is not None:
+                yield m
+            elif self.checking is None:
+                return
 
     @property
     def buffered(self) -> int:
@@ -246,6 +293,8 @@ class Framer:
 
     def close(self) -> list[int]:
         """Fds never attached to a message (the caller must close them)."""
+        if self.checking is not None:
+            self._stop_checking()  # a message still being validated never reaches anyone
         left = list(self.fds)
         self.fds.clear()
         self._start = self._end
