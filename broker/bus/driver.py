@@ -153,7 +153,8 @@ class Driver:
         if name == DBUS_NAME:
             raise BusError("InvalidArgs", f'Connection is not allowed to own the service "{name}" '
                            "because it is reserved for D-Bus' use only")  # fmt: skip
-        if name not in peer.names and len(peer.names) >= bus.limits.max_names_per_connection:
+        # the unique name counts too, as in dbus-daemon
+        if name not in peer.names and len(peer.names) + 1 >= bus.limits.max_names_per_connection:
             log.warning("limit max_names_per_connection hit by %s", peer.describe())
             raise BusError("LimitsExceeded", f"{peer.unique_name} owns or queues for too many names")
         if bus.policy is not None:

@@ -110,13 +110,20 @@ class Bus:
 
     def can_accept(self, creds: Creds) -> str | None:
         """Why a new connection from ``creds`` must be refused, or None."""
-        if len(self.all_peers) >= self.limits.max_completed_connections:
-            return "max_completed_connections reached"
-        acct = self.accounts.get(creds.uid)
-        if acct and acct.connections >= self.limits.max_connections_per_user and creds.uid != 0:
-            return f"uid {creds.uid} has {acct.connections} connections (max_connections_per_user)"
+        refused = self.refusal(creds)
+        return None if refused is None else refused[1]
+
+    def refusal(self, creds: Creds) -> tuple[str, str] | None:
+        """("policy", why): refuse the connection; ("limit", why): answer its Hello with LimitsExceeded
+        (as dbus-daemon; root is counted too); None: accept."""
         if self.policy is not None and not self.policy_connect(creds):
-            return "the bus policy denies this user"
+            return "policy", "the bus policy denies this user"
+        if len(self.all_peers) >= self.limits.max_completed_connections:
+            return "limit", "The maximum number of active connections has been reached (max_completed_connections)"
+        acct = self.accounts.get(creds.uid)
+        if acct and acct.connections >= self.limits.max_connections_per_user:
+            return "limit", (f"The maximum number of active connections for UID {creds.uid} has been reached "
+                             "(max_connections_per_user)")  # fmt: skip
         return None
 
     def policy_connect(self, creds: Creds) -> bool:
