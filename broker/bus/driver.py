@@ -329,7 +329,7 @@ class Driver:
             return {"MountPoint": Variant("s", getattr(payload, "mount", None) or "")}
         if iface not in (I_DBUS, ""):
             raise BusError("UnknownInterface", f"no properties on interface {iface!r}")
-        return {"Features": Variant("as", FEATURES), "Interfaces": Variant("as", INTERFACES)}
+        return {"Features": Variant("as", self.bus.features), "Interfaces": Variant("as", INTERFACES)}
 
     def m_Get(self, peer, h, iface, prop):
         props = self._props(iface)

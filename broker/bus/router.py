@@ -94,9 +94,10 @@ class Bus:
         # Actions for the I/O shell: (fds, sender peer or None) the core is done with; the shell drains
         # this after each routing pass and closes them off the loop where that may block (see FdRef).
         self.closing: list[tuple[list[int], Peer | None]] = []
-        from .driver import Driver
+        from .driver import FEATURES, Driver
 
         self.driver = Driver(self)
+        self.features = list(FEATURES)  # org.freedesktop.DBus.Features; the shell adds what its settings enable
         # The driver answers credential queries about itself with the broker's own.
         self.self_peer = Peer(0, own_creds(), UserAccount(os.getuid()), unique_name=DBUS_NAME)
 

@@ -192,7 +192,10 @@ def make_bus(settings: BusSettings) -> Bus:
     bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
     bus.fd_quota.pool = fd_pool(soft)
     bus.policy = settings.policy
+    if settings.extra.get("systemd_activation"):
+        bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
     if settings.selinux is not None:
+        bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
         from ..access.mediator import BusPolicy
 
         xml = settings.policy.policy if settings.policy is not None else None
