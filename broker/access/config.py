@@ -6,11 +6,12 @@ what it does not understand and so allows more than was written).
 """
 
 import glob
+import logging
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from ..bus.limits import Limits
+from ..bus.limits import NOTHING_TO_BOUND, Limits
 
 
 class ConfigError(ValueError):
@@ -219,6 +220,11 @@ class _Parser:
                 cfg.limits[name] = int(self._text(el, file))
             except ValueError:
                 raise self.err(file, line, f"limit {name!r} needs an integer") from None
+            if name in NOTHING_TO_BOUND:  # info for the activation limits: dbus-daemon's session.conf sets them
+                level = logging.WARNING if "container" in name else logging.INFO
+                logging.getLogger("sealbus.config").log(
+                    level, "%s:%d: <limit name=%r> accepted, but it has nothing to bound: %s", file, line, name,
+                    NOTHING_TO_BOUND[name])  # fmt: skip
         elif tag == "policy":
             self._policy(el, file)
         elif tag == "selinux":

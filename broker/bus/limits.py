@@ -28,6 +28,12 @@ class Limits:
     max_match_rules_per_connection: int = 512
     max_replies_per_connection: int = 128
     reply_timeout: int = -1
+    # dbus-daemon's Containers1 limits (its defaults): accepted so that its configs load, but sealbus has
+    # no org.freedesktop.DBus.Containers1 interface, so there are no containers for them to bound
+    max_containers: int = 512
+    max_containers_per_user: int = 16
+    max_container_metadata_bytes: int = 4096
+    max_connections_per_container: int = 8
     # sealbus additions: how many fds one user may have queued towards other
     # peers (this bounds the payload memfds one user can pin in others' queues)
     max_inflight_fds_per_user: int = 4096
@@ -35,6 +41,7 @@ class Limits:
 
     @classmethod
     def names(cls) -> list[str]:
+        """Every <limit> name accepted (each dbus-daemon 1.14 accepts, and sealbus's own)."""
         return [f.name for f in fields(cls)]
 
     def update(self, values: dict[str, int]) -> None:
@@ -42,6 +49,19 @@ class Limits:
             if k not in self.names():
                 raise ValueError(f"unknown limit {k!r}")
             setattr(self, k, int(v))
+
+
+# Limits sealbus accepts whose resource it does not have: why each one has nothing to bound (logged when a
+# config sets one, so nobody believes it is in force).
+NOTHING_TO_BOUND = {
+    "max_containers": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
+    "max_containers_per_user": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
+    "max_container_metadata_bytes": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
+    "max_connections_per_container": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
+    "service_start_timeout": "the bus does not activate services (StartServiceByName only reports running ones)",
+    "max_pending_service_starts": "the bus does not activate services (StartServiceByName only reports running "
+                                  "ones)",
+}
 
 
 # dbus-daemon 1.8.8 cut the system bus's auth_timeout to 5 s for CVE-2014-3639 and 1.9.4 went back
