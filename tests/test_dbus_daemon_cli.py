@@ -425,3 +425,24 @@ def test_dbus_tests_fork_script(tmp_path):
         _kill_leftover_daemons(before)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert [ln.split(" - ")[0] for ln in out.stdout.splitlines() if ln.startswith("ok ")] == ["ok 1", "ok 2", "ok 3"]
+
+
+def test_refused_connection_waiting_for_hello_is_closed_after_auth_timeout(bus_with):
+    """A connection over the limit stays open only to have its Hello answered: one that authenticates and
+    never sends Hello is closed when auth_timeout runs out (it stays an incomplete connection, never a
+    peer), so waiting costs what an unauthenticated socket costs."""
+    address = bus_with({"max_connections_per_user": 1, "auth_timeout": 1500})
+    held = RawConn(address)
+    assert held.error is None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(socket_path(address))
+    s.sendall(b"\0" + make_auth_external())
+    assert s.recv(4096).startswith(b"OK ")
+    start = time.monotonic()
+    s.sendall(BEGIN)
+    s.settimeout(0.5)
+    with pytest.raises(TimeoutError):  # not closed at once: it may still ask (Hello) why it is refused
+        s.recv(1)
+    s.settimeout(10)
+    assert s.recv(1) == b""  # closed when auth_timeout is over
+    assert 1.0 < time.monotonic() - start < 6

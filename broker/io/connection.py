@@ -198,9 +198,10 @@ class Connection:
         return sasl
 
     async def _refuse_hello(self, leftover: bytes, why: str) -> None:
-        """Answer the first message (Hello) with LimitsExceeded, within what is left of auth_timeout; the
-        connection stays an incomplete one (never a peer) until then and is closed afterwards."""
-        framer = Framer(self.bus.limits.max_message_size, 0)
+        """Answer the first message (Hello) with LimitsExceeded, for at most auth_timeout more; the
+        connection stays an incomplete one (never a peer) until then and is closed afterwards. A Hello is
+        ~130 bytes: a first message over 4 KiB, or with fds, ends it at once."""
+        framer = Framer(min(self.bus.limits.max_message_size, 4096), 0)
         framer.push(leftover)
         with trio.move_on_after(self.bus.limits.auth_timeout / 1000):
             while True:
