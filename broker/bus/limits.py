@@ -63,6 +63,15 @@ NOTHING_TO_BOUND = {
                                   "ones)",
 }
 
+# Limits on a queue sealbus does not have: dbus-daemon's incoming queue holds messages read but not yet
+# dispatched; sealbus routes each message as soon as it is complete, so what it holds from one connection is
+# its read buffer and the one message still arriving (max_message_size, max_message_unix_fds), and what it
+# holds for others is charged to their outgoing queues (max_outgoing_*). Logged, like NOTHING_TO_BOUND.
+HELD_OTHERWISE = {
+    "max_incoming_bytes": "no incoming queue: one message in progress per connection (max_message_size)",
+    "max_incoming_unix_fds": "no incoming queue: the fds of one message in progress (max_message_unix_fds)",
+}
+
 
 # dbus-daemon 1.8.8 cut the system bus's auth_timeout to 5 s for CVE-2014-3639 and 1.9.4 went back
 # to 30 s after boot regressions (parallel boot on slow machines). Here idle sockets cost only their
