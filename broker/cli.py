@@ -24,7 +24,7 @@ commands:
   run           start a bus (embedded session-style default; --system for the
                 privilege-separated system bus, as root)
   dbus-daemon   the same bus behind dbus-daemon's command line
-                (--config-file=F --nofork --print-address[=FD] ...)
+                (--config-file=F --nofork|--fork --print-address[=FD] ...)
   policy        explain | check | audit the bus and SELinux policy
   send          send a file as a sealed payload to a bus peer
   receive       receive sealed payloads and show them
