@@ -223,7 +223,13 @@ def cmd_dbus_daemon(argv: list[str]) -> int:
     if args.fork or (cfg.fork and not args.nofork):
         out.become_daemon(cfg.keep_umask)  # returns in the child only
     try:
+        out.write_pidfile()  # before serving, as dbus-daemon: a pid file that cannot be written stops start-up
         return _serve_daemon(args, config, settings, bus_user, listeners, out)
+    except OSError as e:
+        print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
+        for lst in listeners:
+            lst.close()
+        return 1
     finally:
         out.remove_pidfile()
 
@@ -333,14 +339,16 @@ class DaemonOutput:
         if self.print_pid is not None:  # the process to signal: as root with a <user>, the launcher
             _write_fd(self.print_pid, f"{pid}\n")
 
-    def ready(self, address: str) -> None:
+    def write_pidfile(self) -> None:
         if self.pidfile:
             try:
-                with open(self.pidfile, "x") as f:
+                with open(self.pidfile, "x") as f:  # never through a file or link put there meanwhile
+                    self.wrote_pidfile = True
                     f.write(f"{os.getpid()}\n")
-                self.wrote_pidfile = True
             except OSError as e:
-                logging.getLogger("sealbus").error("cannot write the pid file %s: %s", self.pidfile, e)
+                raise OSError(f"cannot write the pid file {self.pidfile}: {e.strerror}") from None
+
+    def ready(self, address: str) -> None:
         if self.pipe is None:
             self._print(address, os.getpid())
             return

@@ -172,6 +172,18 @@ def test_existing_pidfile_refuses_start(tmp_path):
         assert pidfile.read_text() == "1\n"
 
 
+@pytest.mark.parametrize("fork", ["--fork", "--nofork"])
+def test_unwritable_pidfile_stops_start_up(tmp_path, fork):
+    """As dbus-daemon: a pid file that cannot be written stops start-up (status 1, the reason on stderr);
+    with --fork the parent reports it and the socket is gone."""
+    conf = write_conf(tmp_path, f"<pidfile>{tmp_path}/missing/bus.pid</pidfile>")
+    out = subprocess.run([SEALBUS_DD, f"--config-file={conf}", fork, "--print-address=1"],
+                         capture_output=True, text=True, timeout=30, env={**os.environ, "DBUS_DEBUG_OUTPUT": "1"})
+    assert out.returncode == 1 and "pid file" in out.stderr, out.stderr
+    assert not out.stdout
+    assert os.listdir(tmp_path / "sock") == []
+
+
 @needs_dbus_send
 def test_fork_as_root_with_user_prints_the_launcher(tmp_path, forked, test_users):
     """Root with <user>: the forked process is the launcher (pid printed, pid file), the bus is served by a
