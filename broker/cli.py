@@ -321,6 +321,11 @@ class DaemonOutput:
         for fd in (0, 1) if os.environ.get("DBUS_DEBUG_OUTPUT") else (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
+        root = logging.getLogger()
+        level = root.level
+        for h in list(root.handlers):  # log lines name this process, not the parent that returned
+            root.removeHandler(h)
+        setup_logging(logging.getLevelName(level).lower())
 
     def _parent(self, r: int) -> int:
         chunks = []
