@@ -458,3 +458,26 @@ def test_refused_connection_waiting_for_hello_is_closed_after_auth_timeout(bus_w
     s.settimeout(10)
     assert s.recv(1) == b""  # closed when auth_timeout is over
     assert 1.0 < time.monotonic() - start < 6
+
+
+def test_refused_connection_reads_no_more_than_a_hello(bus_with):
+    """The refused connection's one message is a Hello-sized one: a first message over 4 KiB closes it
+    without an answer (the broker buffers no more for it than for SASL lines)."""
+    from jeepney import DBusAddress, new_method_call
+
+    address = bus_with({"max_connections_per_user": 1})
+    held = RawConn(address)
+    assert held.error is None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(socket_path(address))
+    s.sendall(b"\0" + make_auth_external())
+    assert s.recv(4096).startswith(b"OK ")
+    big = new_method_call(DBusAddress("/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus"),
+                          "Hello", "s", ("x" * 8192,))  # fmt: skip
+    s.sendall(BEGIN + big.serialise(serial=1))
+    try:
+        assert s.recv(65536) == b""  # closed, nothing answered
+    except ConnectionResetError:
+        pass  # closed with the rest of the message unread
+    assert RawConn(address).error == LIMITS_EXCEEDED  # a real Hello still gets its answer
