@@ -25,7 +25,7 @@ commands:
   run           start a bus (embedded session-style default; --system for the
                 privilege-separated system bus, as root)
   dbus-daemon   the same bus behind dbus-daemon's command line
-                (--config-file=F --nofork --print-address[=FD] ...)
+                (--config-file=F --nofork|--fork --print-address[=FD] ...)
   policy        explain | check | audit the bus and SELinux policy
   send          send a file as a sealed payload to a bus peer
   receive       receive sealed payloads and show them
@@ -182,10 +182,13 @@ def _fd_arg(value: str | None, default: int = 1) -> int:
     return int(value)
 
 
-def cmd_dbus_daemon(argv: list[str]) -> int:
-    """dbus-daemon's command line, so existing tooling can start sealbus unchanged."""
+def _dbus_daemon_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sealbus dbus-daemon",
-                                description="dbus-daemon compatible entry point of sealbus.")  # fmt: skip
+                                description="dbus-daemon compatible entry point of sealbus. --fork: the "
+                                "process returns (status 0) once the bus serves, having printed the address "
+                                "and pid asked for; the bus runs on detached (setsid, stdio on /dev/null; "
+                                "stderr kept if DBUS_DEBUG_OUTPUT is set), and writes <pidfile> unless "
+                                "--nopidfile. <fork/> in the config forks unless --nofork.")  # fmt: skip
     p.add_argument("--config-file")
     p.add_argument("--session", action="store_true")
     p.add_argument("--system", action="store_true")
@@ -203,40 +206,19 @@ def cmd_dbus_daemon(argv: list[str]) -> int:
     p.add_argument("--version", action="store_true")
     p.add_argument("--fd-mode", choices=["any", "sealed", "none"])
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    args = p.parse_args(argv)
-    if args.version:
-        print("sealbus dbus-daemon compatible entry (D-Bus Message Bus Daemon 1.14 command line)")
-        return 0
-    if args.introspect:
-        from .bus.driver import INTROSPECTION
+    return p
 
-        sys.stdout.write(INTROSPECTION)
-        return 0
-    if args.fork:
-        print("sealbus dbus-daemon: --fork is not supported; run it under a supervisor with --nofork",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    setup_logging(args.log_level)
+
+def _daemon_config(args) -> str | None:
     config = args.config_file
     if args.session and not config:
         config = "/usr/share/dbus-1/session.conf"
     if args.system and not config:
         config = "/usr/share/dbus-1/system.conf"
-    if not config:
-        print("sealbus dbus-daemon: no configuration file specified (--config-file, --session or --system)",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    try:
-        settings, cfg_listen = settings_from_config(config, args.fd_mode)
-    except Exception as e:  # a config error must stop start-up, with its reason
-        print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
-        return 1
-    settings.extra["systemd_activation"] = args.systemd_activation
-    try:
-        bus_user = daemon_user(settings.extra["config"].user, config)
-    except LookupError as e:
-        print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
-        return 1
+    return config
+
+
+def _daemon_listeners(args, cfg_listen: list[str]) -> list:
     from .io.address import AddressError, listen, systemd_listeners
 
     listeners = []
@@ -249,21 +231,70 @@ def cmd_dbus_daemon(argv: list[str]) -> int:
         if not listeners:
             raise AddressError("no <listen> address in the configuration and no --address")
     except (AddressError, OSError, IndexError) as e:
+        for lst in listeners:
+            lst.close()
+        raise LookupError(str(e)) from None
+    return listeners
+
+
+def cmd_dbus_daemon(argv: list[str]) -> int:
+    """dbus-daemon's command line, so existing tooling can start sealbus unchanged."""
+    ensure_standard_fds()  # before any socket is made: started with stdio closed, it must not become fd 0-2
+    args = _dbus_daemon_parser().parse_args(argv)
+    if args.version:
+        print("sealbus dbus-daemon compatible entry (D-Bus Message Bus Daemon 1.14 command line)")
+        return 0
+    if args.introspect:
+        from .bus.driver import INTROSPECTION
+
+        sys.stdout.write(INTROSPECTION)
+        return 0
+    setup_logging(args.log_level)
+    config = _daemon_config(args)
+    if not config:
+        print("sealbus dbus-daemon: no configuration file specified (--config-file, --session or --system)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        settings, cfg_listen = settings_from_config(config, args.fd_mode)
+    except Exception as e:  # a config error must stop start-up, with its reason
         print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
         return 1
+    settings.extra["systemd_activation"] = args.systemd_activation
+    cfg = settings.extra["config"]
+    pidfile = None if args.nopidfile else cfg.pidfile
+    try:
+        bus_user = daemon_user(cfg.user, config)
+        check_pidfile(pidfile)
+        listeners = _daemon_listeners(args, cfg_listen)
+    except LookupError as e:
+        print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
+        return 1
+    out = DaemonOutput(args, pidfile)
+    if args.fork or (cfg.fork and not args.nofork):
+        out.become_daemon(cfg.keep_umask)  # returns in the child only
+    try:
+        out.write_pidfile()  # before serving, as dbus-daemon: a pid file that cannot be written stops start-up
+        return _serve_daemon(args, config, settings, bus_user, listeners, out)
+    except OSError as e:
+        print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
+        for lst in listeners:
+            lst.close()
+        return 1
+    finally:
+        out.remove_pidfile()
 
+
+def _serve_daemon(args, config: str, settings, bus_user, listeners, out) -> int:
     def announce(guid: str) -> None:
-        addr = f"{listeners[0].address},guid={guid}\n"
-        if args.print_address is not None:
-            _write_fd(_fd_arg(args.print_address), addr)
-        if args.print_pid is not None:  # the process to signal: as root with a <user>, the launcher
-            _write_fd(_fd_arg(args.print_pid), f"{os.getpid()}\n")
+        out.ready(f"{listeners[0].address},guid={guid}")
 
     if bus_user is not None:
         from .launch.launcher import serve_as_user
 
         # as `sealbus run --system`: this process stays root (sockets, payload fs mount, audit, reload) and the
-        # bus is served by a broker running as <user>, with no capabilities, no_new_privs, Landlock and seccomp
+        # bus is served by a broker running as <user>, with no capabilities, no_new_privs, Landlock and seccomp;
+        # the pid printed and written to the pidfile is this one (the process to signal)
         cfg = settings.extra["config"]
         overrides = {"systemd_activation": args.systemd_activation}
         if args.fd_mode:
@@ -282,6 +313,111 @@ def cmd_dbus_daemon(argv: list[str]) -> int:
         for lst in listeners:
             lst.close()
     return 0
+
+
+def ensure_standard_fds() -> None:
+    """Fds 0-2 open (on /dev/null where closed), as dbus-daemon's _dbus_ensure_standard_fds: a socket or
+    file opened later must never land on them (a forked bus points them at /dev/null)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+
+
+def check_pidfile(pidfile: str | None) -> None:
+    """As dbus-daemon: refuse to start over an existing pid file (before any socket is touched)."""
+    if pidfile and os.path.lexists(pidfile):
+        raise LookupError(f'The pid file "{pidfile}" exists, if the message bus is not running, remove this file')
+
+
+class DaemonOutput:
+    """What the bus tells its starter once it serves: --print-address, --print-pid, the pid file.
+
+    Without --fork this process writes them itself. With --fork (become_daemon) the parent waits on a pipe
+    until the detached child serves, writes the address and pid the child sends, and exits 0 (1 if the
+    child ends first); the child writes the pid file and removes it on the way out."""
+
+    def __init__(self, args, pidfile: str | None):
+        self.print_address = None if args.print_address is None else _fd_arg(args.print_address)
+        self.print_pid = None if args.print_pid is None else _fd_arg(args.print_pid)
+        self.pidfile = pidfile
+        self.pipe: int | None = None  # the child's end of the readiness pipe, after become_daemon
+        self.wrote_pidfile = False
+
+    def become_daemon(self, keep_umask: bool) -> None:
+        r, w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            os.close(w)
+            os._exit(self._parent(r))  # no clean-up here: the sockets and the pid file are the child's
+        os.close(r)
+        self.pipe = w
+        for fd in {self.print_address, self.print_pid} - {None, 0, 1, 2}:
+            os.close(fd)  # the parent writes them; a reader waiting for EOF must not wait for the bus
+        os.setsid()
+        os.chdir("/")
+        if not keep_umask:
+            os.umask(0o022)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1) if os.environ.get("DBUS_DEBUG_OUTPUT") else (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        root = logging.getLogger()
+        level = root.level
+        for h in list(root.handlers):  # log lines name this process, not the parent that returned
+            root.removeHandler(h)
+        setup_logging(logging.getLevelName(level).lower())
+
+    def _parent(self, r: int) -> int:
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        pid, _, address = b"".join(chunks).decode().partition("\n")
+        if not address:
+            print("sealbus dbus-daemon: the bus exited before it served", file=sys.stderr)
+            return 1
+        self._print(address, int(pid))
+        return 0
+
+    def _print(self, address: str, pid: int) -> None:
+        if self.print_address is not None:
+            _write_fd(self.print_address, address + "\n")
+        if self.print_pid is not None:  # the process to signal: as root with a <user>, the launcher
+            _write_fd(self.print_pid, f"{pid}\n")
+
+    def write_pidfile(self) -> None:
+        if self.pidfile:
+            try:
+                with open(self.pidfile, "x") as f:  # never through a file or link put there meanwhile
+                    self.wrote_pidfile = True
+                    f.write(f"{os.getpid()}\n")
+            except OSError as e:
+                raise OSError(f"cannot write the pid file {self.pidfile}: {e.strerror}") from None
+
+    def ready(self, address: str) -> None:
+        if self.pipe is None:
+            self._print(address, os.getpid())
+            return
+        os.write(self.pipe, f"{os.getpid()}\n{address}".encode())
+        os.close(self.pipe)
+        self.pipe = None
+
+    def remove_pidfile(self) -> None:
+        if self.wrote_pidfile:
+            try:
+                os.unlink(self.pidfile)
+            except OSError:
+                pass
 
 
 def daemon_user(name: str | None, config: str):

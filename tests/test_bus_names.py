@@ -108,12 +108,16 @@ def test_invalid_and_reserved_names_are_refused(core):
 
 
 def test_names_per_connection_limit(core):
-    core.limits.max_names_per_connection = 2
+    # the unique name counts, as in dbus-daemon: a limit of 3 leaves room for 2 well-known names
+    core.limits.max_names_per_connection = 3
     a = CoreClient(core)
     request(a, 0, "org.example.A")
     request(a, 0, "org.example.B")
     a.call("RequestName", "su", ("org.example.C", 0))
     assert a.take()[0][0].error_name == "org.freedesktop.DBus.Error.LimitsExceeded"
+    a.call("ReleaseName", "s", ("org.example.B",))
+    a.take()
+    request(a, 0, "org.example.C")  # a slot freed is usable again
 
 
 def test_registry_directly_release_all_is_sorted_and_complete():

@@ -6,11 +6,12 @@ what it does not understand and so allows more than was written).
 """
 
 import glob
+import logging
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from ..bus.limits import Limits
+from ..bus.limits import HELD_OTHERWISE, NOTHING_TO_BOUND, Limits
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,20 @@ RULE_ATTRS = SEND_ATTRS | RECEIVE_ATTRS | OTHER_RULE_ATTRS
 MESSAGE_TYPES = {"*", "method_call", "method_return", "signal", "error"}
 BOOL_ATTRS = {"send_broadcast", "send_requested_reply", "receive_requested_reply", "eavesdrop", "log"}
 
+
+
+def _log_unbounding_limit(file: str, line: int, name: str) -> None:
+    """Say so when a config sets a limit that sealbus accepts but that bounds nothing here (NOTHING_TO_BOUND:
+    a warning for the container ones, info for the activation ones, which dbus-daemon's session.conf sets)
+    or that its design meets otherwise (HELD_OTHERWISE, info)."""
+    log = logging.getLogger("sealbus.config")
+    if name in NOTHING_TO_BOUND:
+        level = logging.WARNING if "container" in name else logging.INFO
+        log.log(level, "%s:%d: <limit name=%r> accepted, but it has nothing to bound: %s", file, line, name,
+                NOTHING_TO_BOUND[name])  # fmt: skip
+    elif name in HELD_OTHERWISE:
+        log.info("%s:%d: <limit name=%r> accepted; sealbus bounds this otherwise: %s", file, line, name,
+                 HELD_OTHERWISE[name])  # fmt: skip
 
 @dataclass
 class Rule:
@@ -219,6 +234,7 @@ class _Parser:
                 cfg.limits[name] = int(self._text(el, file))
             except ValueError:
                 raise self.err(file, line, f"limit {name!r} needs an integer") from None
+            _log_unbounding_limit(file, line, name)
         elif tag == "policy":
             self._policy(el, file)
         elif tag == "selinux":

@@ -152,7 +152,8 @@ class Driver:
         if name == DBUS_NAME:
             raise BusError("InvalidArgs", f'Connection is not allowed to own the service "{name}" '
                            "because it is reserved for D-Bus' use only")  # fmt: skip
-        if name not in peer.names and len(peer.names) >= bus.limits.max_names_per_connection:
+        # the unique name counts too, as in dbus-daemon
+        if name not in peer.names and len(peer.names) + 1 >= bus.limits.max_names_per_connection:
             log.warning("limit max_names_per_connection hit by %s", peer.describe())
             raise BusError("LimitsExceeded", f"{peer.unique_name} owns or queues for too many names")
         if bus.policy is not None:
@@ -324,7 +325,7 @@ class Driver:
             return {"MountPoint": Variant("s", getattr(payload, "mount", None) or "")}
         if iface not in (I_DBUS, ""):
             raise BusError("UnknownInterface", f"no properties on interface {iface!r}")
-        return {"Features": Variant("as", FEATURES), "Interfaces": Variant("as", INTERFACES)}
+        return {"Features": Variant("as", self.bus.features), "Interfaces": Variant("as", INTERFACES)}
 
     def m_Get(self, peer, h, iface, prop):
         props = self._props(iface)

@@ -30,6 +30,12 @@ class Limits:
     max_match_rules_per_connection: int = 512
     max_replies_per_connection: int = 128
     reply_timeout: int = -1
+    # dbus-daemon's Containers1 limits (its defaults): accepted so that its configs load, but sealbus has
+    # no org.freedesktop.DBus.Containers1 interface, so there are no containers for them to bound
+    max_containers: int = 512
+    max_containers_per_user: int = 16
+    max_container_metadata_bytes: int = 4096
+    max_connections_per_container: int = 8
     # sealbus additions: how many fds one user may have queued towards other
     # peers (this bounds the payload memfds one user can pin in others' queues)
     max_inflight_fds_per_user: int = 4096
@@ -37,6 +43,7 @@ class Limits:
 
     @classmethod
     def names(cls) -> list[str]:
+        """Every <limit> name accepted (each dbus-daemon 1.14 accepts, and sealbus's own)."""
         return [f.name for f in fields(cls)]
 
     def update(self, values: dict[str, int]) -> None:
@@ -44,6 +51,28 @@ class Limits:
             if k not in self.names():
                 raise ValueError(f"unknown limit {k!r}")
             setattr(self, k, int(v))
+
+
+# Limits sealbus accepts whose resource it does not have: why each one has nothing to bound (logged when a
+# config sets one, so nobody believes it is in force).
+NOTHING_TO_BOUND = {
+    "max_containers": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
+    "max_containers_per_user": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
+    "max_container_metadata_bytes": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
+    "max_connections_per_container": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
+    "service_start_timeout": "the bus does not activate services (StartServiceByName only reports running ones)",
+    "max_pending_service_starts": "the bus does not activate services (StartServiceByName only reports running "
+                                  "ones)",
+}
+
+# Limits on a queue sealbus does not have: dbus-daemon's incoming queue holds messages read but not yet
+# dispatched; sealbus routes each message as soon as it is complete, so what it holds from one connection is
+# its read buffer and the one message still arriving (max_message_size, max_message_unix_fds), and what it
+# holds for others is charged to their outgoing queues (max_outgoing_*). Logged, like NOTHING_TO_BOUND.
+HELD_OTHERWISE = {
+    "max_incoming_bytes": "no incoming queue: one message in progress per connection (max_message_size)",
+    "max_incoming_unix_fds": "no incoming queue: the fds of one message in progress (max_message_unix_fds)",
+}
 
 
 # dbus-daemon 1.8.8 cut the system bus's auth_timeout to 5 s for CVE-2014-3639 and 1.9.4 went back

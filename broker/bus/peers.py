@@ -24,12 +24,14 @@ class PeerRegistry:
         return a
 
     def refusal(self, creds: Creds, limits) -> str | None:
-        """Why the connection limits refuse a new connection from ``creds``, or None."""
+        """Why the connection limits refuse a new connection from ``creds``, or None (root is counted
+        too, as dbus-daemon counts it)."""
         if len(self.all) >= limits.max_completed_connections:
-            return "max_completed_connections reached"
+            return "The maximum number of active connections has been reached (max_completed_connections)"
         acct = self.accounts.get(creds.uid)
-        if acct and acct.connections >= limits.max_connections_per_user and creds.uid != 0:
-            return f"uid {creds.uid} has {acct.connections} connections (max_connections_per_user)"
+        if acct and acct.connections >= limits.max_connections_per_user:
+            return (f"The maximum number of active connections for UID {creds.uid} has been reached "
+                    "(max_connections_per_user)")  # fmt: skip
         return None
 
     def add(self, creds: Creds, unix_fds: bool = True) -> Peer:

@@ -22,7 +22,7 @@ import struct
 from ..wire import message as wm
 from ..wire.errors import WireError
 from .common import DBUS_NAME, DBUS_PATH, BusError, E
-from .driver import Driver
+from .driver import FEATURES, Driver
 from .limits import Limits
 from .match import MatchRule, rule_hits
 from .matches import MatchRegistry
@@ -114,6 +114,7 @@ class Bus:
         self.server = None  # the I/O shell (broker.io.server.Server), set by serve(): flush_dirty()
         self.spawn = None  # start a trio task (the shell's nursery.start_soon), set by serve()
         self.driver = Driver(self)
+        self.features = list(FEATURES)  # org.freedesktop.DBus.Features; the shell adds what its settings enable
         # The driver answers credential queries about itself with the broker's own.
         self.self_peer = Peer(0, own_creds(), UserAccount(os.getuid()), unique_name=DBUS_NAME)
 
@@ -124,12 +125,16 @@ class Bus:
 
     def can_accept(self, creds: Creds) -> str | None:
         """Why a new connection from ``creds`` must be refused, or None."""
-        why = self.conns.refusal(creds, self.limits)
-        if why is not None:
-            return why
+        refused = self.refusal(creds)
+        return None if refused is None else refused[1]
+
+    def refusal(self, creds: Creds) -> tuple[str, str] | None:
+        """("policy", why): refuse the connection; ("limit", why): answer its Hello with LimitsExceeded
+        (as dbus-daemon; root is counted too); None: accept."""
         if self.policy is not None and not self.policy_connect(creds):
-            return "the bus policy denies this user"
-        return None
+            return "policy", "the bus policy denies this user"
+        why = self.conns.refusal(creds, self.limits)
+        return None if why is None else ("limit", why)
 
     def policy_connect(self, creds: Creds) -> bool:
         d = self.policy.check_connect(creds)

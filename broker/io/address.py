@@ -117,10 +117,9 @@ def _listen_one(transport: str, kv: dict[str, str], socket_mode: int) -> Listene
         return _bind_path(value, socket_mode)
     if key == "abstract":
         return _bind_abstract(value)
-    if key == "tmpdir":
-        # as dbus-daemon on Linux: an abstract socket named after the directory
-        return _bind_abstract(os.path.join(value, "dbus-" + secrets.token_hex(5)))
-    if key == "dir":
+    if key in ("tmpdir", "dir"):
+        # tmpdir: as dbus-daemon >= 1.14 (which no longer uses an abstract socket for it), a socket file
+        # with a random name in that directory, i.e. the same as dir
         return _bind_path(os.path.join(value, "dbus-" + secrets.token_hex(5)), socket_mode)
     if key == "runtime":
         if value != "yes":

@@ -20,6 +20,7 @@ from ..bus.peer import Peer
 from ..payload.closer import closer
 from ..wire.errors import WireError
 from ..wire.framer import Framer
+from ..wire.message import FIXED_HEADER_SIZE, METHOD_CALL, HeaderView, error_message, message_size
 from ..wire.sasl import SaslServer
 
 log = logging.getLogger("sealbus.io")
@@ -28,6 +29,8 @@ MAX_FDS_PER_READ = 253  # SCM_MAX_FD
 ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
 MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic costs microseconds per read
+LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
+REFUSED_HELLO_MAX = 4096  # a connection refused for a limit reads at most this much (its Hello) before closing
 MAX_IOV = 512
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 _DISCONNECT_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ETOOMANYREFS}
@@ -97,18 +100,20 @@ class Connection:
             return
         try:
             sasl = await self._authenticate()
+            refusal = None if sasl is None else self.bus.refusal(self.creds)
+            if refusal is not None:
+                kind, why = refusal
+                log.warning("refused connection uid=%d pid=%d label=%s: %s",
+                            self.creds.uid, self.creds.pid, self.creds.label or "-", why)  # fmt: skip
+                if kind == "limit":  # as dbus-daemon: authenticated, then Hello answered with LimitsExceeded
+                    await self._refuse_hello(sasl.leftover, why)
+                sasl = None
         except BaseException:
             self._close_unauthenticated()
             raise
         finally:
             self.server.authentication_ended(self)
         if sasl is None:
-            self._close_unauthenticated()
-            return
-        why = self.bus.can_accept(self.creds)
-        if why is not None:
-            log.warning("refused connection uid=%d pid=%d label=%s: %s",
-                        self.creds.uid, self.creds.pid, self.creds.label or "-", why)  # fmt: skip
             self._close_unauthenticated()
             return
         self.peer = self.bus.connect(self.creds, unix_fds=sasl.unix_fd)
@@ -192,6 +197,23 @@ class Connection:
             log.warning("authentication timeout for uid=%d pid=%d", self.creds.uid, self.creds.pid)
             return None
         return sasl
+
+    async def _refuse_hello(self, leftover: bytes, why: str) -> None:
+        """Answer the first message (Hello) with LimitsExceeded, for at most auth_timeout more; the
+        connection stays an incomplete one (never a peer) until then and is closed afterwards. A Hello is
+        ~130 bytes: a first message over 4 KiB, or with fds, ends it at once (as cheap as SASL lines)."""
+        buf = bytearray(leftover)
+        with trio.move_on_after(self.bus.limits.auth_timeout / 1000):
+            try:
+                while len(buf) < FIXED_HEADER_SIZE or len(buf) < message_size(buf, REFUSED_HELLO_MAX):
+                    if len(buf) > REFUSED_HELLO_MAX or not (data := await self._recv_plain()):
+                        return
+                    buf += data
+                h = HeaderView(bytes(buf[: message_size(buf, REFUSED_HELLO_MAX)]), REFUSED_HELLO_MAX)
+            except WireError:
+                return
+            if h.type == METHOD_CALL and not h.no_reply_expected:
+                await self._send_plain(error_message(1, h.serial, None, LIMITS_EXCEEDED, why))
 
     async def _recv_plain(self) -> bytes:
         while True:

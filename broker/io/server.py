@@ -88,8 +88,9 @@ class Server:
         limit, the uid holding most loses its oldest. Sockets that never
         authenticate thus cost their owner its own slots and nobody else
         theirs (dbus-daemon refuses everyone once one user holds them all).
-        Root, exempt from max_connections_per_user too, may start many
-        services at once at boot: only the global limit applies to it.
+        Root may start many services at once at boot: only the global
+        limit applies to it here (max_connections_per_user, a different
+        limit, counts root too, as in dbus-daemon).
         """
         limit = self.bus.limits.max_incomplete_connections
         mine = self.unauthenticated.get(uid)
@@ -191,7 +192,10 @@ def make_bus(settings: BusSettings) -> Bus:
     bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
     bus.fd_quota.pool = fd_pool(soft)
     bus.policy = settings.policy
+    if settings.extra.get("systemd_activation"):
+        bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
     if settings.selinux is not None:
+        bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
         from ..access.mediator import BusPolicy
 
         xml = settings.policy.policy if settings.policy is not None else None
