@@ -316,9 +316,11 @@ class Bus:
         if self.policy is not None:
             err = self.policy_send(peer, h, target, False, fdref)
             if err is not None:
-                # as dbus-daemon: the sender of any denied unicast message is told (no-reply calls, signals too)
+                # as dbus-daemon: monitors see the message, then the error; the sender of any denied
+                # unicast message is told (no-reply calls, signals too)
+                if self.monitors:
+                    self._to_monitors(peer, h, fdref, None, target)
                 self.send_error(peer, h.serial, E + "AccessDenied", err)
-                self._to_monitors(peer, h, fdref)
                 return
         if fdref is not None and not target.unix_fds:
             if wants_reply:
@@ -347,7 +349,7 @@ class Bus:
         if wants_reply:
             self.replies.add(peer, h.serial, target, self.limits.reply_timeout)
         if self.monitors:
-            self._to_monitors(peer, h, fdref, bufs)
+            self._to_monitors(peer, h, fdref, bufs, target)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
 
@@ -358,8 +360,12 @@ class Bus:
             # "false" rules allow one), and its sender is told when it is denied; without XML rules it is dropped
             err = self.policy_send(peer, h, target, requested, fdref)
             if err is not None:
+                if self.monitors:  # as dbus-daemon: they see the reply, then why it went nowhere
+                    self._to_monitors(peer, h, fdref, None, target)
                 if not requested:
                     self.send_error(peer, h.serial, E + "AccessDenied", err)
+                elif self.monitors:
+                    self._to_monitors_error(peer, h, E + "AccessDenied", err)
                 return
         elif not requested:
             self.stats["dropped_replies"] += 1
@@ -376,7 +382,7 @@ class Bus:
             return
         self._push(target, bufs, nbytes, fdref, peer)
         if self.monitors:
-            self._to_monitors(peer, h, fdref, bufs)
+            self._to_monitors(peer, h, fdref, bufs, target)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
 
@@ -438,6 +444,10 @@ class Bus:
                     continue
                 done.add(target)
                 if fdref is not None and not target.unix_fds:
+                    if self.monitors and peer is not None:  # as dbus-daemon: monitors are told
+                        self._to_monitors_error(peer, h, E + "NotSupported",
+                                                f"broadcast cannot be delivered to {target.unique_name} "
+                                                "because it does not support receiving Unix fds")  # fmt: skip
                     continue
                 if self.policy is not None:
                     if peer is None:
@@ -445,7 +455,10 @@ class Bus:
                             continue
                     else:
                         eaves = h.destination is not None and h.destination != target.unique_name
-                        if self.policy_send(peer, h, target, False, fdref, eaves) is not None:
+                        err = self.policy_send(peer, h, target, False, fdref, eaves)
+                        if err is not None:
+                            if self.monitors:  # as dbus-daemon: a denied copy is an AccessDenied they see
+                                self._to_monitors_error(peer, h, E + "AccessDenied", err)
                             continue
                 if bufs is None:
                     sender = peer.unique_name if peer is not None else DBUS_NAME
@@ -457,11 +470,14 @@ class Bus:
                     continue
                 self._push(target, bufs, nbytes, fdref, peer)
 
-    def _to_monitors(self, peer, h, fdref, bufs=None) -> None:
+    def _to_monitors(self, peer, h, fdref, bufs=None, recipient: Peer | None = None) -> None:
+        """Copies of ``h`` to the monitors that want it; ``recipient``: the connection it is addressed
+        to (what a monitor's destination= rule is compared with), None for the bus or a broadcast."""
         if not self.monitors:
             return
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
-        for mon in self.monitoring.wanting(h, sender_name, _LazyBody(h), self.owner_unique_name):
+        to = recipient.unique_name if recipient is not None else None
+        for mon in self.monitoring.wanting(h, sender_name, _LazyBody(h), self.owner_unique_name, to):
             if bufs is None:
                 sender = peer.unique_name if peer is not None else DBUS_NAME
                 bufs = h.forward(sender)
@@ -472,6 +488,13 @@ class Bus:
                 self.kill(mon, "monitor cannot keep up")
                 continue
             self._push(mon, bufs, nbytes, fdref, None)
+
+    def _to_monitors_error(self, peer: Peer, h, name: str, text: str) -> None:
+        """What dbus-daemon shows monitors when a copy of ``h`` is not delivered and its sender is not
+        told (a denied broadcast or eavesdropped copy, a denied requested reply): the error reply the
+        bus would have sent ``peer``, built for the monitors only."""
+        raw = wm.error_message(self.next_serial(), h.serial, peer.unique_name, name, text)
+        self._to_monitors(None, wm.HeaderView(memoryview(raw)), None, [raw], peer)
 
     def add_match(self, peer: Peer, rule: MatchRule) -> None:
         self.matches.add(peer, rule)
@@ -491,7 +514,7 @@ class Bus:
         bufs = [raw]
         h = wm.HeaderView(memoryview(raw)) if self.monitors or self.policy is not None else None
         if self.monitors:
-            self._to_monitors(None, h, None, bufs)
+            self._to_monitors(None, h, None, bufs, target)
         if target.dying:
             return
         if self.policy is not None and self.policy.mediate_from_bus(h, target) is not None:
@@ -514,7 +537,7 @@ class Bus:
         h = wm.HeaderView(memoryview(raw))
         try:
             if self.monitors:
-                self._to_monitors(None, h, fdref, [raw])
+                self._to_monitors(None, h, fdref, [raw], target)
             if self.policy is not None and self.policy.mediate_from_bus(h, target) is not None:
                 return
             if not target.dying:
