@@ -120,3 +120,21 @@ def test_a_destination_rule_names_the_receiving_connection_not_the_header_text(c
     a.signal("org.x.I", "Broadcast")
     for mon in (by_well_known, by_unique):
         assert [h.member for h, _ in mon.take()] == ["ByName", "ByUnique"]
+
+
+def test_a_bus_message_the_receiver_may_not_receive_shows_monitors_an_error_from_the_bus_to_itself(core):
+    from broker.access.config import parse_config_string
+    from broker.access.mediator import BusPolicy
+
+    xml = FORBIDDING.replace("</policy>", '<deny receive_interface="org.freedesktop.DBus" '
+                             'receive_member="NameAcquired"/></policy>')  # fmt: skip
+    core.policy = BusPolicy(parse_config_string(xml).policy)
+    a = CoreClient(core)
+    mon = _mon(core)
+    a.call("RequestName", "su", ("org.x.Name", 4))
+    seen = [(h.type, h.member or h.error_name, h.destination, h.reply_serial, h.serial) for h, _ in mon.take()]
+    acquired = next(i for i, m in enumerate(seen) if m[1] == "NameAcquired")
+    err = seen[acquired + 1]
+    assert err[:4] == (3, "org.freedesktop.DBus.Error.AccessDenied", "org.freedesktop.DBus", seen[acquired][4])
+    assert [m[1] for m in seen][acquired + 2 :] == [None]  # then the RequestName reply
+    assert not [h for h, _ in a.take() if h.member == "NameAcquired"]

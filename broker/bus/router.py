@@ -451,7 +451,10 @@ class Bus:
                     continue
                 if self.policy is not None:
                     if peer is None:
-                        if self.policy.mediate_from_bus(h, target) is not None:
+                        err = self.policy.mediate_from_bus(h, target)
+                        if err is not None:
+                            if self.monitors:
+                                self._to_monitors_error(None, h, E + "AccessDenied", err)
                             continue
                     else:
                         eaves = h.destination is not None and h.destination != target.unique_name
@@ -489,11 +492,13 @@ class Bus:
                 continue
             self._push(mon, bufs, nbytes, fdref, None)
 
-    def _to_monitors_error(self, peer: Peer, h, name: str, text: str) -> None:
+    def _to_monitors_error(self, peer: Peer | None, h, name: str, text: str) -> None:
         """What dbus-daemon shows monitors when a copy of ``h`` is not delivered and its sender is not
-        told (a denied broadcast or eavesdropped copy, a denied requested reply): the error reply the
-        bus would have sent ``peer``, built for the monitors only."""
-        raw = wm.error_message(self.next_serial(), h.serial, peer.unique_name, name, text)
+        told (a denied broadcast or eavesdropped copy, a denied requested reply, a message from the
+        bus itself that the receiver's policy refuses): the error reply the bus would have sent
+        ``peer`` (None: the bus, which then addresses it to itself), built for the monitors only."""
+        to = peer.unique_name if peer is not None else DBUS_NAME
+        raw = wm.error_message(self.next_serial(), h.serial, to, name, text)
         self._to_monitors(None, wm.HeaderView(memoryview(raw)), None, [raw], peer)
 
     def add_match(self, peer: Peer, rule: MatchRule) -> None:
@@ -517,8 +522,12 @@ class Bus:
             self._to_monitors(None, h, None, bufs, target)
         if target.dying:
             return
-        if self.policy is not None and self.policy.mediate_from_bus(h, target) is not None:
-            return
+        if self.policy is not None:
+            err = self.policy.mediate_from_bus(h, target)
+            if err is not None:
+                if self.monitors:  # as dbus-daemon: they are shown why it went nowhere
+                    self._to_monitors_error(None, h, E + "AccessDenied", err)
+                return
         if self._cannot_queue(None, target, len(raw), None) is not None:
             self.kill(target, "outgoing queue full")
             return
