@@ -61,3 +61,21 @@ def test_update_activation_environment_only_at_the_canonical_path(core):
     c = CoreClient(core, uid=os.getuid())
     assert _answer(c, "UpdateActivationEnvironment", "a{ss}", ({},), path="/")[0] == E + "AccessDenied"
     assert _answer(c, "UpdateActivationEnvironment", "a{ss}", ({},)) == (None, ())
+
+
+def test_eavesdrop_rules_on_a_policy_bus_are_for_root_and_the_bus_owner(core):
+    """dbus-daemon 1.11.16+: AddMatch with eavesdrop='true' is refused to an unprivileged caller
+    (BecomeMonitor's restriction). A bus without a policy (plain `sealbus run`) answers anyone."""
+    from broker.access.config import parse_config_string
+    from broker.access.mediator import BusPolicy
+
+    from .test_policy_bypass import SYSTEM_LIKE
+
+    core.policy = BusPolicy(parse_config_string(SYSTEM_LIKE).policy)
+    user, owner = CoreClient(core), CoreClient(core, uid=os.getuid())
+    rule = ("eavesdrop='true',type='signal'",)
+    assert _answer(user, "AddMatch", "s", rule)[0] == E + "AccessDenied"
+    assert len(core.matches) == 0 and core.eavesdroppers == {}
+    assert _answer(user, "AddMatch", "s", ("type='signal'",)) == (None, ())
+    assert _answer(owner, "AddMatch", "s", rule) == (None, ())
+    assert list(core.eavesdroppers) == [owner.peer]

@@ -233,6 +233,10 @@ class Driver:
             rule = parse_match_rule(text)
         except MatchRuleInvalid as e:
             raise BusError("MatchRuleInvalid", str(e))
+        if rule.eavesdrop and self.bus.policy is not None and not self.privileged(peer):
+            # as dbus-daemon (since 1.11.16): the same restriction as BecomeMonitor
+            raise BusError("AccessDenied", f"Connection {peer.unique_name} (uid {peer.creds.uid}) is not "
+                           "privileged for AddMatch with eavesdrop='true' (only root or the bus's own uid)")  # fmt: skip
         self.bus.add_match(peer, rule)
         return ()
 
