@@ -180,3 +180,17 @@ def test_driver_errors(core):
     (h, (creds,)), = c.take()
     assert creds["UnixUserID"].value == 1000 and creds["ProcessID"].value == 4242
     assert list(creds["UnixGroupIDs"].value) == [1000] and "LinuxSecurityLabel" not in creds
+
+
+def test_a_method_call_without_destination_is_answered_not_broadcast(core):
+    """As dbus-daemon (checked side by side): UnknownMethod to the caller, even with NO_REPLY_EXPECTED,
+    and a peer whose rule matches method calls does not get it."""
+    a, b = CoreClient(core), CoreClient(core)
+    b.call("AddMatch", "s", ("type='method_call'",))
+    b.take()
+    for flags in (0, wm.NO_REPLY_EXPECTED):
+        serial = a.send(wm.METHOD_CALL, path="/", interface="org.x.I", member="M", flags=flags)
+        (h, body), = a.take()
+        assert (h.error_name, h.reply_serial) == (E + "UnknownMethod", serial)
+        assert body == ('Method "M" with signature "" on interface "org.x.I" doesn\'t exist\n',)
+    assert b.take() == []

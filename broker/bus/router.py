@@ -276,6 +276,13 @@ class Bus:
         if dest is None:
             if h.type == wm.SIGNAL:
                 self._broadcast(peer, h, fdref)
+            elif h.type == METHOD_CALL:
+                # as dbus-daemon: a call to nobody is answered (even with NO_REPLY_EXPECTED), never
+                # delivered to match rules
+                self._to_monitors(peer, h, fdref)
+                iface = h.interface or ""
+                self.send_error(peer, h.serial, E + "UnknownMethod", f'Method "{h.member}" with signature '
+                                f'"{h.signature}" on interface "{iface}" doesn\'t exist\n')  # fmt: skip
             else:
                 self._to_monitors(peer, h, fdref)
                 self._to_matching(peer, h, fdref, None, eavesdrop_only=False)
