@@ -83,3 +83,23 @@ async def test_a_hang_up_is_processed_before_a_later_connections_request(tmp_pat
             nursery.cancel_scope.cancel()
     finally:
         lst.close()
+
+
+async def test_a_first_message_that_is_not_hello_gets_its_error_before_the_disconnect(tmp_path):
+    lst = listen(f"unix:path={tmp_path}/bus")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, BusSettings(), [lst])
+            c = RawClient(str(tmp_path / "bus"))
+            c.sock.send(c.auth_bytes() + c.call_bytes("ListNames"))
+            reply = await c.reply(c.serial)
+            assert reply.header.fields[HeaderFields.error_name] == "org.freedesktop.DBus.Error.AccessDenied"
+            with trio.fail_after(5):  # then the bus closes the connection
+                while True:
+                    await trio.lowlevel.wait_readable(c.sock)
+                    if not c.sock.recv(65536):
+                        break
+            c.sock.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        lst.close()

@@ -236,7 +236,7 @@ class Driver:
         if rule.eavesdrop and self.bus.policy is not None and not self.privileged(peer):
             # as dbus-daemon (since 1.11.16): the same restriction as BecomeMonitor
             raise BusError("AccessDenied", f"Connection {peer.unique_name} (uid {peer.creds.uid}) is not "
-                           "privileged for AddMatch with eavesdrop='true' (only root or the bus's own uid)")  # fmt: skip
+                           "privileged for AddMatch with eavesdrop='true' (only root and the bus's uid)")  # fmt: skip
         self.bus.add_match(peer, rule)
         return ()
 

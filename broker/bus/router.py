@@ -229,7 +229,7 @@ class Bus:
                 self._to_monitors(peer, h, fdref)
                 if not (h.type == wm.METHOD_CALL and h.destination == DBUS_NAME and h.member == "Hello"
                         and h.interface in (None, DBUS_NAME)):  # fmt: skip
-                    self.kill(peer, "first message was not Hello")
+                    self._before_hello(peer, h)
                     return
                 self.driver.hello(peer, h)
                 return
@@ -240,6 +240,24 @@ class Bus:
         finally:
             if fdref is not None:
                 fdref.decref()
+
+    def _before_hello(self, peer: Peer, h) -> None:
+        """A message other than Hello from a peer that has no name yet ends its connection. One to
+        the bus is first answered with dbus-daemon's AccessDenied, which the shell writes before it
+        closes (the client learns why at once rather than at its timeout); as dbus-daemon, one to
+        anybody else is not answered."""
+        if h.destination != DBUS_NAME:
+            self.kill(peer, "first message was not Hello")
+            return
+        self.send_error(peer, h.serial, E + "AccessDenied",
+                        "Client tried to send a message other than Hello without being registered")  # fmt: skip
+        reason = "first message was not Hello"
+        log.warning("disconnecting %s: %s", peer.describe(), reason)
+        peer.dying = True  # takes no further messages; unlike kill(), its outbox (the error) is kept
+        if peer.kill is not None:
+            peer.kill(reason)
+        else:
+            self.disconnect(peer, reason)
 
     def _over_fd_share(self, peer: Peer, h, fds) -> None:
         acct = peer.account

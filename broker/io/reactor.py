@@ -159,6 +159,9 @@ class Reactor:
         while self.closing:
             conn = self.closing.pop()
             try:
+                peer = conn.peer
+                if peer is not None and peer.outbox and conn.sock is not None:
+                    conn.flush()  # a farewell the bus left queued (kill() drops everything else): one try
                 conn.close()
             except Exception:
                 log.exception("internal error closing %s", conn.describe())
