@@ -17,11 +17,11 @@ def test_names_are_never_reused_and_accounts_count_connections():
     reg = PeerRegistry()
     a, b = reg.add(Creds(1000)), reg.add(Creds(1000))
     assert reg.accounts[1000].connections == 2 and reg.all == {a, b}
-    assert reg.name(a) == ":1.1" and reg.by_name == {":1.1": a}
+    assert reg.name(a) == ":1.0" and reg.by_name == {":1.0": a}  # dbus-daemon's first unique name
     assert reg.unname(a) and not reg.unname(a) and reg.by_name == {}
     reg.remove(a)
     assert reg.accounts[1000].connections == 1 and reg.all == {b}
-    assert reg.name(reg.add(Creds(1000))) == ":1.3"
+    assert reg.name(reg.add(Creds(1000))) == ":1.1"  # numbered at Hello: b, never named, took no number
 
 
 def test_connection_limits():

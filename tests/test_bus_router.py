@@ -180,3 +180,31 @@ def test_driver_errors(core):
     (h, (creds,)), = c.take()
     assert creds["UnixUserID"].value == 1000 and creds["ProcessID"].value == 4242
     assert list(creds["UnixGroupIDs"].value) == [1000] and "LinuxSecurityLabel" not in creds
+
+
+def test_a_method_call_without_destination_is_answered_not_broadcast(core):
+    """As dbus-daemon (checked side by side): UnknownMethod to the caller, even with NO_REPLY_EXPECTED,
+    and a peer whose rule matches method calls does not get it."""
+    a, b = CoreClient(core), CoreClient(core)
+    b.call("AddMatch", "s", ("type='method_call'",))
+    b.take()
+    for flags in (0, wm.NO_REPLY_EXPECTED):
+        serial = a.send(wm.METHOD_CALL, path="/", interface="org.x.I", member="M", flags=flags)
+        (h, body), = a.take()
+        assert (h.error_name, h.reply_serial) == (E + "UnknownMethod", serial)
+        assert body == ('Method "M" with signature "" on interface "org.x.I" doesn\'t exist\n',)
+    assert b.take() == []
+
+
+def test_first_message_to_the_bus_not_hello_is_answered_before_the_disconnect(core):
+    """As dbus-daemon: AccessDenied (the client need not wait for its timeout); the connection
+    still ends, and the error is what the shell writes before closing."""
+    c = CoreClient(core, hello=False)
+    killed = []
+    c.peer.kill = lambda reason: killed.append([h.error_name for h, _ in c.take()])
+    c.call("ListNames")
+    assert killed == [[E + "AccessDenied"]] and c.peer.dying
+    other = CoreClient(core, hello=False)  # to anybody else: no answer, as dbus-daemon
+    other.peer.kill = lambda reason: killed.append([h.error_name for h, _ in other.take()])
+    other.call("Do", dest="org.x.Nobody", path="/", interface="org.x.I")
+    assert killed[1:] == [[]]

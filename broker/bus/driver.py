@@ -40,8 +40,11 @@ METHODS = {
     I_PROPS: {"Get": ("ss", "v"), "GetAll": ("s", "a{sv}"), "Set": ("ssv", "")},
     I_PAYLOAD: {"Claim": ("s", "ht")},
 }  # fmt: skip
-# newer and privileged methods dbus-daemon answers only at the canonical path, never at "/"
-CANONICAL_ONLY = {"UpdateActivationEnvironment", "BecomeMonitor", *METHODS[I_STATS]}
+# As dbus-daemon (driver.c, INTERFACE_FLAG_ANY_PATH): these interfaces are answered at any object path,
+# every other one only at the canonical path (elsewhere it is an unknown interface) ...
+ANY_PATH_INTERFACES = {I_DBUS, I_INTROSPECT, I_PEER}
+# ... and of org.freedesktop.DBus, the newer privileged method only at the canonical path (AccessDenied elsewhere)
+CANONICAL_ONLY = {"UpdateActivationEnvironment"}
 SIGNALS = {"NameOwnerChanged": "sss", "NameLost": "s", "NameAcquired": "s"}
 FEATURES = ["HeaderFiltering"]
 INTERFACES = [I_MONITORING, I_STATS, I_PAYLOAD]
@@ -94,17 +97,11 @@ class Driver:
 
     def handle(self, peer, h, fdref) -> None:
         bus = self.bus
-        iface, member = h.interface, h.member
-        if iface is None:
-            iface = next((i for i, m in METHODS.items() if member in m), I_DBUS)
-        spec = METHODS.get(iface, {}).get(member)
+        member = h.member
         wants_reply = not h.no_reply_expected
         try:
-            if spec is None:
-                raise BusError("UnknownMethod", f"{DBUS_NAME} does not understand message {iface}.{member}")
-            if iface not in (I_PEER, I_INTROSPECT) and h.path not in (DBUS_PATH, "/"):
-                raise BusError("AccessDenied", f"{iface} is only available at {DBUS_PATH}")
-            if member in CANONICAL_ONLY and h.path != DBUS_PATH:
+            iface, spec = self.lookup(h.interface, member, h.path == DBUS_PATH)
+            if member in CANONICAL_ONLY and iface == I_DBUS and h.path != DBUS_PATH:
                 where = f"the canonical object path '{DBUS_PATH}'"
                 raise BusError("AccessDenied", f"Method '{member}' is only available at {where}")
             if h.signature != spec[0]:
@@ -125,6 +122,24 @@ class Driver:
         if wants_reply:
             out = spec[1]
             bus.send_reply(peer, h.serial, out, result if out else ())
+
+    @staticmethod
+    def lookup(iface, member, canonical: bool):
+        """(interface, spec) of the method a call names, as dbus-daemon finds it: an interface
+        answered only at the canonical path does not exist elsewhere; no interface means the first
+        one with that member. UnknownInterface or UnknownMethod otherwise."""
+        found = False
+        for name, methods in METHODS.items():
+            if iface is not None and iface != name:
+                continue
+            if not canonical and name not in ANY_PATH_INTERFACES:
+                continue
+            found = True
+            spec = methods.get(member)
+            if spec is not None:
+                return name, spec
+        text = f"{DBUS_NAME} does not understand message {member}"
+        raise BusError("UnknownMethod" if found else "UnknownInterface", text)
 
     # -- helpers ------------------------------------------------------------
 
@@ -219,6 +234,10 @@ class Driver:
             rule = parse_match_rule(text)
         except MatchRuleInvalid as e:
             raise BusError("MatchRuleInvalid", str(e))
+        if rule.eavesdrop and self.bus.policy is not None and not self.privileged(peer):
+            # as dbus-daemon (since 1.11.16): the same restriction as BecomeMonitor
+            raise BusError("AccessDenied", f"Connection {peer.unique_name} (uid {peer.creds.uid}) is not "
+                           "privileged for AddMatch with eavesdrop='true' (only root and the bus's uid)")  # fmt: skip
         self.bus.add_match(peer, rule)
         return ()
 
@@ -323,22 +342,23 @@ class Driver:
         if iface == I_PAYLOAD:  # where clients find the payload fs of *this* bus ("" when it serves none)
             payload = self.bus.payload
             return {"MountPoint": Variant("s", getattr(payload, "mount", None) or "")}
-        if iface not in (I_DBUS, ""):
-            raise BusError("UnknownInterface", f"no properties on interface {iface!r}")
+        if iface != I_DBUS:
+            raise BusError("UnknownInterface", f'Interface "{iface}" not found')
         return {"Features": Variant("as", self.bus.features), "Interfaces": Variant("as", INTERFACES)}
 
     def m_Get(self, peer, h, iface, prop):
         props = self._props(iface)
         if prop not in props:
-            raise BusError("UnknownProperty", f"no property {prop!r}")
+            raise BusError("UnknownProperty", f'Property "{iface}.{prop}" not found')
         return (props[prop],)
 
     def m_GetAll(self, peer, h, iface):
         return (self._props(iface),)
 
     def m_Set(self, peer, h, iface, prop, value):
-        self._props(iface)
-        raise BusError("PropertyReadOnly", f"property {prop!r} is read-only")
+        if prop not in self._props(iface):
+            raise BusError("UnknownProperty", f'Property "{iface}.{prop}" not found')
+        raise BusError("PropertyReadOnly", f"Property '{iface}.{prop}' cannot be set")
 
     def _check_stats_reader(self, peer, h) -> None:
         """Debug.Stats shows every peer's counters and match rules (object paths that carry session

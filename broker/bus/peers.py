@@ -2,7 +2,8 @@
 
 Invariants: a peer is in ``all`` from connect to disconnect; it is in
 ``by_name`` from Hello until it disconnects or becomes a monitor; unique
-names (``:1.<id>``) are never reused; ``accounts[uid].connections`` is the
+names are ``:1.<n>`` numbered from ``:1.0`` in the order of Hello, as
+dbus-daemon does (some clients' tests hard-code the first), and never reused; ``accounts[uid].connections`` is the
 number of that uid's peers in ``all``.
 """
 
@@ -16,6 +17,7 @@ class PeerRegistry:
         self.by_name: dict[str, Peer] = {}  # unique name -> peer
         self.accounts: dict[int, UserAccount] = {}
         self.next_id = 1
+        self.next_name = 0  # the number in the next unique name
 
     def account(self, uid: int) -> UserAccount:
         a = self.accounts.get(uid)
@@ -48,7 +50,8 @@ class PeerRegistry:
 
     def name(self, peer: Peer) -> str:
         """Hello: give ``peer`` its unique name."""
-        peer.unique_name = f":1.{peer.id}"
+        peer.unique_name = f":1.{self.next_name}"
+        self.next_name += 1
         self.by_name[peer.unique_name] = peer
         return peer.unique_name
 

@@ -234,7 +234,7 @@ class Bus:
                 self._to_monitors(peer, h, fdref)
                 if not (h.type == wm.METHOD_CALL and h.destination == DBUS_NAME and h.member == "Hello"
                         and h.interface in (None, DBUS_NAME)):  # fmt: skip
-                    self.kill(peer, "first message was not Hello")
+                    self._before_hello(peer, h)
                     return
                 self.driver.hello(peer, h)
                 return
@@ -245,6 +245,24 @@ class Bus:
         finally:
             if fdref is not None:
                 fdref.decref()
+
+    def _before_hello(self, peer: Peer, h) -> None:
+        """A message other than Hello from a peer that has no name yet ends its connection. One to
+        the bus is first answered with dbus-daemon's AccessDenied, which the shell writes before it
+        closes (the client learns why at once rather than at its timeout); as dbus-daemon, one to
+        anybody else is not answered."""
+        if h.destination != DBUS_NAME:
+            self.kill(peer, "first message was not Hello")
+            return
+        self.send_error(peer, h.serial, E + "AccessDenied",
+                        "Client tried to send a message other than Hello without being registered")  # fmt: skip
+        reason = "first message was not Hello"
+        log.warning("disconnecting %s: %s", peer.describe(), reason)
+        peer.dying = True  # takes no further messages; unlike kill(), its outbox (the error) is kept
+        if peer.kill is not None:
+            peer.kill(reason)
+        else:
+            self.disconnect(peer, reason)
 
     def _over_fd_share(self, peer: Peer, h, fds) -> None:
         acct = peer.account
@@ -281,6 +299,13 @@ class Bus:
         if dest is None:
             if h.type == wm.SIGNAL:
                 self._broadcast(peer, h, fdref)
+            elif h.type == METHOD_CALL:
+                # as dbus-daemon: a call to nobody is answered (even with NO_REPLY_EXPECTED), never
+                # delivered to match rules
+                self._to_monitors(peer, h, fdref)
+                iface = h.interface or ""
+                self.send_error(peer, h.serial, E + "UnknownMethod", f'Method "{h.member}" with signature '
+                                f'"{h.signature}" on interface "{iface}" doesn\'t exist\n')  # fmt: skip
             else:
                 self._to_monitors(peer, h, fdref)
                 self._to_matching(peer, h, fdref, None, eavesdrop_only=False)
@@ -321,9 +346,11 @@ class Bus:
         if self.policy is not None:
             err = self.policy_send(peer, h, target, False, fdref)
             if err is not None:
-                # as dbus-daemon: the sender of any denied unicast message is told (no-reply calls, signals too)
+                # as dbus-daemon: monitors see the message, then the error; the sender of any denied
+                # unicast message is told (no-reply calls, signals too)
+                if self.monitors:
+                    self._to_monitors(peer, h, fdref, None, target)
                 self.send_error(peer, h.serial, E + "AccessDenied", err)
-                self._to_monitors(peer, h, fdref)
                 return
         if fdref is not None and not target.unix_fds:
             if wants_reply:
@@ -352,7 +379,7 @@ class Bus:
         if wants_reply:
             self.replies.add(peer, h.serial, target, self.limits.reply_timeout)
         if self.monitors:
-            self._to_monitors(peer, h, fdref, bufs)
+            self._to_monitors(peer, h, fdref, bufs, target)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
 
@@ -363,8 +390,12 @@ class Bus:
             # "false" rules allow one), and its sender is told when it is denied; without XML rules it is dropped
             err = self.policy_send(peer, h, target, requested, fdref)
             if err is not None:
+                if self.monitors:  # as dbus-daemon: they see the reply, then why it went nowhere
+                    self._to_monitors(peer, h, fdref, None, target)
                 if not requested:
                     self.send_error(peer, h.serial, E + "AccessDenied", err)
+                elif self.monitors:
+                    self._to_monitors_error(peer, h, E + "AccessDenied", err)
                 return
         elif not requested:
             self.stats["dropped_replies"] += 1
@@ -381,7 +412,7 @@ class Bus:
             return
         self._push(target, bufs, nbytes, fdref, peer)
         if self.monitors:
-            self._to_monitors(peer, h, fdref, bufs)
+            self._to_monitors(peer, h, fdref, bufs, target)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
 
@@ -443,14 +474,24 @@ class Bus:
                     continue
                 done.add(target)
                 if fdref is not None and not target.unix_fds:
+                    if self.monitors and peer is not None:  # as dbus-daemon: monitors are told
+                        self._to_monitors_error(peer, h, E + "NotSupported",
+                                                f"broadcast cannot be delivered to {target.unique_name} "
+                                                "because it does not support receiving Unix fds")  # fmt: skip
                     continue
                 if self.policy is not None:
                     if peer is None:
-                        if self.policy.mediate_from_bus(h, target) is not None:
+                        err = self.policy.mediate_from_bus(h, target)
+                        if err is not None:
+                            if self.monitors:
+                                self._to_monitors_error(None, h, E + "AccessDenied", err)
                             continue
                     else:
                         eaves = h.destination is not None and h.destination != target.unique_name
-                        if self.policy_send(peer, h, target, False, fdref, eaves) is not None:
+                        err = self.policy_send(peer, h, target, False, fdref, eaves)
+                        if err is not None:
+                            if self.monitors:  # as dbus-daemon: a denied copy is an AccessDenied they see
+                                self._to_monitors_error(peer, h, E + "AccessDenied", err)
                             continue
                 if bufs is None:
                     sender = peer.unique_name if peer is not None else DBUS_NAME
@@ -462,11 +503,14 @@ class Bus:
                     continue
                 self._push(target, bufs, nbytes, fdref, peer)
 
-    def _to_monitors(self, peer, h, fdref, bufs=None) -> None:
+    def _to_monitors(self, peer, h, fdref, bufs=None, recipient: Peer | None = None) -> None:
+        """Copies of ``h`` to the monitors that want it; ``recipient``: the connection it is addressed
+        to (what a monitor's destination= rule is compared with), None for the bus or a broadcast."""
         if not self.monitors:
             return
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
-        for mon in self.monitoring.wanting(h, sender_name, _LazyBody(h), self.owner_unique_name):
+        to = recipient.unique_name if recipient is not None else None
+        for mon in self.monitoring.wanting(h, sender_name, _LazyBody(h), self.owner_unique_name, to):
             if bufs is None:
                 sender = peer.unique_name if peer is not None else DBUS_NAME
                 bufs = h.forward(sender)
@@ -477,6 +521,15 @@ class Bus:
                 self.kill(mon, "monitor cannot keep up")
                 continue
             self._push(mon, bufs, nbytes, fdref, None)
+
+    def _to_monitors_error(self, peer: Peer | None, h, name: str, text: str) -> None:
+        """What dbus-daemon shows monitors when a copy of ``h`` is not delivered and its sender is not
+        told (a denied broadcast or eavesdropped copy, a denied requested reply, a message from the
+        bus itself that the receiver's policy refuses): the error reply the bus would have sent
+        ``peer`` (None: the bus, which then addresses it to itself), built for the monitors only."""
+        to = peer.unique_name if peer is not None else DBUS_NAME
+        raw = wm.error_message(self.next_serial(), h.serial, to, name, text)
+        self._to_monitors(None, wm.HeaderView(memoryview(raw)), None, [raw], peer)
 
     def add_match(self, peer: Peer, rule: MatchRule) -> None:
         self.matches.add(peer, rule)
@@ -496,11 +549,15 @@ class Bus:
         bufs = [raw]
         h = wm.HeaderView(memoryview(raw)) if self.monitors or self.policy is not None else None
         if self.monitors:
-            self._to_monitors(None, h, None, bufs)
+            self._to_monitors(None, h, None, bufs, target)
         if target.dying:
             return
-        if self.policy is not None and self.policy.mediate_from_bus(h, target) is not None:
-            return
+        if self.policy is not None:
+            err = self.policy.mediate_from_bus(h, target)
+            if err is not None:
+                if self.monitors:  # as dbus-daemon: they are shown why it went nowhere
+                    self._to_monitors_error(None, h, E + "AccessDenied", err)
+                return
         if self._cannot_queue(None, target, len(raw), None) is not None:
             self.kill(target, "outgoing queue full")
             return
@@ -519,7 +576,7 @@ class Bus:
         h = wm.HeaderView(memoryview(raw))
         try:
             if self.monitors:
-                self._to_monitors(None, h, fdref, [raw])
+                self._to_monitors(None, h, fdref, [raw], target)
             if self.policy is not None and self.policy.mediate_from_bus(h, target) is not None:
                 return
             if not target.dying:

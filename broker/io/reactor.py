@@ -51,6 +51,7 @@ EPOLLIN, EPOLLOUT, EPOLLET = select.EPOLLIN, select.EPOLLOUT, select.EPOLLET
 EPOLL_CLOSE = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 READ_EVENTS = EPOLLIN | EPOLL_CLOSE
 PASSES_BEFORE_YIELD = 4
+CATCH_UP_PASSES = 4  # most passes a new connection waits for hang-ups already reported (Reactor.catch_up)
 LINGER = 0.0005  # seconds the reactor keeps waiting in its own epoll after a pass
 YIELD_EVERY = 0.002  # most time the reactor keeps the loop before trio runs its other tasks
 
@@ -71,9 +72,50 @@ class Reactor:
         self.validating: set = set()  # connections with a large message being validated in steps
 
     def add(self, conn) -> None:
+        """Serve ``conn`` from now on. What the other connections have ready is served first (a
+        hang-up the kernel reported before this connection completed is processed before any of
+        its messages: a client that exits and a new one taking over its name at once)."""
+        self.catch_up()
         fd = conn.sock.fileno()
         self.conns[fd] = conn
         self.ep.register(fd, EPOLLIN)
+
+    def catch_up(self) -> None:
+        """One pass over what is ready now, from outside :meth:`run` (which, whenever it is
+        suspended, has served every event it polled)."""
+        for _ in range(CATCH_UP_PASSES):
+            events = self.ep.poll(0, 512)
+            if not events:
+                return
+            self.serve(events)
+            self.server.flush_dirty()
+            self.finish_closing()
+            if not any(ev & EPOLL_CLOSE for _fd, ev in events):
+                return  # again only while a hang-up is still being read up to its end
+
+    def serve(self, events) -> None:
+        """Serve ``events`` in the order the kernel reported them. A connection that closed (or
+        was disconnected) while being served is gone before the next one is: its names are
+        released before a later connection's messages are routed."""
+        conns = self.conns
+        for fd, ev in events:
+            conn = conns.get(fd)
+            if conn is None or conn.dying:
+                if fd in self.trio_fds:
+                    self.trio_pending.add(fd)
+                continue
+            try:
+                if ev & EPOLLOUT:
+                    conn.on_writable()
+                if ev & READ_EVENTS and not conn.dying:
+                    conn.on_readable()
+            except Exception:
+                # A bug must cost one connection, never the bus.
+                log.exception("internal error serving %s; disconnecting it", conn.describe())
+                conn.dying = True
+                self.closing.append(conn)
+            if self.closing:
+                self.finish_closing()
 
     def watch_for_trio(self, fd: int, pending: bool = False) -> None:
         """Input on ``fd`` (served by a trio task) hands the loop back to trio without delay,
@@ -126,6 +168,9 @@ class Reactor:
         while self.closing:
             conn = self.closing.pop()
             try:
+                peer = conn.peer
+                if peer is not None and peer.outbox and conn.sock is not None:
+                    conn.flush()  # a farewell the bus left queued (kill() drops everything else): one try
                 conn.close()
             except Exception:
                 log.exception("internal error closing %s", conn.describe())
@@ -160,22 +205,7 @@ class Reactor:
                 give_back = clock() + YIELD_EVERY
                 events = ep.poll(0, 512)
                 while events or self.validating:
-                    for fd, ev in events:
-                        conn = conns.get(fd)
-                        if conn is None or conn.dying:
-                            if fd in self.trio_fds:
-                                self.trio_pending.add(fd)
-                            continue
-                        try:
-                            if ev & EPOLLOUT:
-                                conn.on_writable()
-                            if ev & READ_EVENTS and not conn.dying:
-                                conn.on_readable()
-                        except Exception:
-                            # A bug must cost one connection, never the bus.
-                            log.exception("internal error serving %s; disconnecting it", conn.describe())
-                            conn.dying = True
-                            self.closing.append(conn)
+                    self.serve(events)
                     if self.validating:
                         self.validate_steps()
                     self.server.flush_dirty()
