@@ -34,6 +34,7 @@ import time
 
 import trio
 
+from ..bus.lifecycle import CLOSING
 from .busy_poll import PollWindow
 
 current_statistics = trio.lowlevel.current_statistics
@@ -105,6 +106,8 @@ class Reactor:
         fd = conn.fd
         if self.conns.pop(fd, None) is not None:
             self.writing.discard(fd)
+            self.touched.discard(conn)  # gone: nothing of it for the sweep
+            self.touched_before.discard(conn)
             try:
                 self.ep.unregister(fd)
             except (OSError, ValueError):
@@ -130,7 +133,7 @@ class Reactor:
         """
         idle = self.touched | self.touched_before if quiet else self.touched_before - self.touched
         for conn in idle:
-            if not conn.dying and conn.framer is not None:
+            if conn.framer is not None:  # a closed connection left these sets (remove)
                 conn.framer.release_idle_buffer()
         self.touched_before = set() if quiet else self.touched
         self.touched = set()
@@ -150,19 +153,20 @@ class Reactor:
                 while events:
                     for fd, ev in events:
                         conn = conns.get(fd)
-                        if conn is None or conn.dying:
+                        if conn is None or conn.peer.state:  # not ACTIVE: closed after this pass
                             if fd in self.trio_fds:
                                 self.trio_pending.add(fd)
                             continue
                         try:
                             if ev & EPOLLOUT:
                                 conn.on_writable()
-                            if ev & READ_EVENTS and not conn.dying:
+                            if ev & READ_EVENTS and not conn.peer.state:
                                 conn.on_readable()
                         except Exception:
                             # A bug must cost one connection, never the bus.
                             log.exception("internal error serving %s; disconnecting it", conn.describe())
-                            conn.dying = True
+                            if not conn.peer.state:  # no outbox walk here: disconnect drops it
+                                conn.peer.to(CLOSING, "internal error")
                             self.closing.append(conn)
                     self.server.flush_dirty()
                     if self.closing:
