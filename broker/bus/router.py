@@ -398,6 +398,8 @@ class Bus:
         return None
 
     def _push(self, target: Peer, bufs, nbytes, fdref, sender: Peer | None) -> None:
+        if target.state:  # CLOSING (killed during this pass): takes nothing; a caller gets NoReply when it goes
+            return
         owner = None
         if fdref is not None:
             fdref.incref()
