@@ -5,9 +5,13 @@ then the behaviour through the sans-IO core, then through real Connections
 over socketpairs (driven without a broker process, as tests/test_pinned_buffers.py).
 """
 
+import fcntl
 import itertools
 import os
 import socket
+import struct
+import termios
+import time
 
 import pytest
 import trio
@@ -31,7 +35,7 @@ from broker.io.server import Server
 from broker.wire.framer import Framer
 from broker.wire.message import build_message
 
-from .conftest import CoreClient
+from .conftest import CoreClient, start_sealbus
 
 DBUS = dict(path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", destination="org.freedesktop.DBus")
 
@@ -322,3 +326,76 @@ def test_an_internal_error_serving_a_connection_closes_it_with_that_reason(monke
         assert c.peer not in rig.bus.all_peers
     finally:
         rig.close()
+
+
+# -- live: the eviction race against a running broker ---------------------------------------------
+
+
+def _unread(sock) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def _sasl_client(path: str, uid_hex: bytes) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(path))
+    s.sendall(b"\0AUTH EXTERNAL " + uid_hex + b"\r\n")
+    deadline = time.monotonic() + 5
+    while not _unread(s) and time.monotonic() < deadline:  # OK <guid>
+        time.sleep(0.001)
+    return s
+
+
+def _one_more_reply(s, line: bytes, wait: float) -> bool:
+    """Send ``line``; True if its reply arrived within ``wait`` seconds (nobody reads ``s``)."""
+    before = _unread(s)
+    s.sendall(line)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if _unread(s) > before:
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+def test_a_client_evicted_as_its_last_sasl_reply_waits_cannot_stop_the_bus(tmp_path):
+    """Fails on the old code (the broker exits): a client that never reads fills the broker's
+    socket with SASL replies (NEGOTIATE_UNIX_FD may repeat), then sends NEGOTIATE_UNIX_FD and
+    BEGIN together, so the exchange is complete while the last reply waits for room; its own
+    further connections get it evicted at that moment. The old code admitted the closed socket
+    and the ValueError in the connection's task ended the broker's nursery."""
+    cfg = tmp_path / "bus.conf"
+    cfg.write_text("""<busconfig><type>session</type><policy context="default"><allow user="*"/>
+  <allow send_destination="*"/><allow own="*"/></policy>
+  <limit name="max_incomplete_connections">8</limit><limit name="auth_timeout">60000</limit></busconfig>""")
+    bus = start_sealbus(tmp_path, "--config", str(cfg))
+    held = []
+    try:
+        uid_hex = str(os.getuid()).encode().hex().encode()
+        probe = _sasl_client(bus.path, uid_hex)  # how many replies fit before the broker's writes block
+        held.append(probe)
+        fit = 0
+        while _one_more_reply(probe, b"NEGOTIATE_UNIX_FD\r\n", 0.5):
+            fit += 1
+        victim = _sasl_client(bus.path, uid_hex)
+        held.append(victim)
+        for _ in range(fit):  # as many as fit: the next reply waits
+            assert _one_more_reply(victim, b"NEGOTIATE_UNIX_FD\r\n", 5)
+        assert not _one_more_reply(victim, b"NEGOTIATE_UNIX_FD\r\nBEGIN\r\n", 0.3)  # complete; its reply waits
+        for _ in range(9):  # past the limits: the oldest incomplete connections (probe, victim) are evicted
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(bus.path))
+            held.append(s)
+            time.sleep(0.05)
+        time.sleep(1)
+        assert bus.proc.poll() is None, bus.log_path.read_text()[-2000:]
+        fresh = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # and it still serves
+        held.append(fresh)
+        fresh.settimeout(10)
+        fresh.connect(str(bus.path))
+        fresh.sendall(b"\0AUTH EXTERNAL " + uid_hex + b"\r\n")
+        assert fresh.recv(64).startswith(b"OK ")
+        assert "dropped unauthenticated connection" in bus.log_path.read_text()
+    finally:
+        for s in held:
+            s.close()
+        bus.stop()
