@@ -9,6 +9,8 @@ to disconnect the peer), and closes the fds the core is done with (see
 from collections import deque
 from dataclasses import dataclass, field
 
+from .lifecycle import ACTIVE, CLOSING, GONE, PeerState, transition
+
 
 @dataclass(frozen=True)
 class Creds:
@@ -209,8 +211,8 @@ class Peer:
     out_bytes: int = 0
     out_fds: int = 0  # fds queued in the outbox (max_outgoing_unix_fds)
     replies_pending: int = 0  # calls this peer made that still await a reply
-    closed: bool = False  # disconnected from the bus
-    dying: bool = False  # being disconnected: takes and sends nothing more
+    state: PeerState = ACTIVE  # bus/lifecycle.py; changed only by ``to`` (ACTIVE is false: `if peer.state:`)
+    reason: str | None = None  # why it is closing (the first reason given on the way out)
     stats: dict = field(default_factory=lambda: {"in_messages": 0, "out_messages": 0, "in_bytes": 0})
     wake: object = None
     kill: object = None
@@ -226,6 +228,32 @@ class Peer:
             f"{self.unique_name or '(no Hello)'} uid={c.uid} pid={c.pid} "
             f"label={c.label or '-'}"
         )
+
+    # -- lifecycle (bus/lifecycle.py) ---------------------------------------
+
+    def to(self, new: PeerState, reason: str | None = None) -> None:
+        """Move to ``new`` (raises LifecycleError if the table forbids it), recording the first reason."""
+        self.state = transition(self.state, new)
+        if reason is not None and self.reason is None:
+            self.reason = reason
+
+    def begin_closing(self, reason: str) -> bool:
+        """ACTIVE → CLOSING: it takes and sends nothing more, its outbox is dropped now. False if not ACTIVE."""
+        if self.state:
+            return False
+        self.to(CLOSING, reason)
+        self.drop_outbox()
+        return True
+
+    @property
+    def dying(self) -> bool:
+        """Read-only alias kept for tests and unmerged branches: not ACTIVE (use ``state``)."""
+        return bool(self.state)
+
+    @property
+    def closed(self) -> bool:
+        """Read-only alias kept for tests and unmerged branches: GONE (use ``state``)."""
+        return self.state is GONE
 
     def enqueue(self, item: OutItem) -> None:
         self.outbox.append(item)

@@ -23,6 +23,7 @@ from ..wire import message as wm
 from ..wire.errors import WireError
 from .common import DBUS_NAME, DBUS_PATH, BusError, E
 from .driver import FEATURES, Driver
+from .lifecycle import CLOSING, GONE
 from .limits import Limits
 from .match import MatchRule, rule_hits
 from .matches import MatchRegistry
@@ -144,9 +145,9 @@ class Bus:
         return self.conns.add(creds, unix_fds)
 
     def disconnect(self, peer: Peer, reason: str = "") -> None:
-        if peer.closed:
-            return
-        peer.closed = peer.dying = True
+        if peer.state is GONE:
+            return  # disconnect twice is a no-op
+        peer.to(GONE, reason or None)
         self.conns.remove(peer)
         peer.drop_outbox()
         if peer.monitor:
@@ -178,7 +179,7 @@ class Bus:
         pack = _U32LE.pack_into
         for slot in slots:
             caller = slot.caller
-            if caller.dying:
+            if caller.state:  # not ACTIVE
                 continue
             tpl = templates.get(caller, False)
             if tpl is False:
@@ -198,11 +199,10 @@ class Bus:
         after the current routing pass, so no list is changed mid-iteration);
         the peer takes no further messages in the meantime.
         """
-        if peer.closed or peer.dying:
+        if peer.state:  # CLOSING or GONE already
             return
         log.warning("disconnecting %s: %s", peer.describe(), reason)
-        peer.dying = True
-        peer.drop_outbox()
+        peer.begin_closing(reason)
         if peer.kill is not None:
             peer.kill(reason)
         else:
@@ -212,7 +212,7 @@ class Bus:
 
     def dispatch(self, peer: Peer, msg) -> None:
         h, fds = msg
-        if peer.dying:
+        if peer.state:  # not ACTIVE: CLOSING (killed during this pass) takes nothing more
             if fds:
                 FdRef(fds, self.closing, peer).decref()
             return
@@ -258,7 +258,7 @@ class Bus:
                         "Client tried to send a message other than Hello without being registered")  # fmt: skip
         reason = "first message was not Hello"
         log.warning("disconnecting %s: %s", peer.describe(), reason)
-        peer.dying = True  # takes no further messages; unlike kill(), its outbox (the error) is kept
+        peer.to(CLOSING, reason)  # takes no further messages; unlike kill(), its outbox (the error) is kept
         if peer.kill is not None:
             peer.kill(reason)
         else:
@@ -434,6 +434,8 @@ class Bus:
         return None
 
     def _push(self, target: Peer, bufs, nbytes, fdref, sender: Peer | None) -> None:
+        if target.state:  # CLOSING (killed during this pass): takes nothing; a caller gets NoReply when it goes
+            return
         owner = None
         if fdref is not None:
             fdref.incref()
@@ -464,7 +466,7 @@ class Bus:
         for bucket in buckets:
             for rule in tuple(bucket):  # a peer killed on the way (no I/O shell) leaves its buckets
                 target = rule.owner
-                if target in done or target.dying:
+                if target in done or target.state:  # not ACTIVE
                     continue
                 if eavesdrop_only and not rule.eavesdrop:
                     continue
@@ -550,7 +552,7 @@ class Bus:
         h = wm.HeaderView(memoryview(raw)) if self.monitors or self.policy is not None else None
         if self.monitors:
             self._to_monitors(None, h, None, bufs, target)
-        if target.dying:
+        if target.state:  # not ACTIVE
             return
         if self.policy is not None:
             err = self.policy.mediate_from_bus(h, target)
@@ -579,7 +581,7 @@ class Bus:
                 self._to_monitors(None, h, fdref, [raw], target)
             if self.policy is not None and self.policy.mediate_from_bus(h, target) is not None:
                 return
-            if not target.dying:
+            if not target.state:  # ACTIVE
                 self._push(target, [raw], len(raw), fdref, None)
         finally:
             fdref.decref()
@@ -606,7 +608,7 @@ class Bus:
         """NameLost / NameOwnerChanged / NameAcquired for one OwnerChange of the name registry."""
         old = ch.old.unique_name if ch.old is not None else ""
         new = ch.new.unique_name if ch.new is not None else ""
-        if ch.old is not None and not ch.old.dying:
+        if ch.old is not None and not ch.old.state:  # ACTIVE
             self.bus_signal("NameLost", "s", (ch.name,), destination=ch.old)
         self.name_owner_changed(ch.name, old, new)
         if ch.new is not None:

@@ -16,6 +16,7 @@ import socket
 
 import trio
 
+from ..bus.lifecycle import ACTIVE, AUTHENTICATING, GONE, PeerState, transition
 from ..bus.peer import Peer
 from ..payload.closer import closer
 from ..wire.errors import WireError
@@ -67,7 +68,7 @@ def drain_closing(bus) -> None:
         for fds, sender in batch:
             if sender is None:
                 closer.close_all(fds)
-            elif closer.close_all(fds, sender.creds.uid) and not sender.dying:
+            elif closer.close_all(fds, sender.creds.uid) and not sender.state:  # ACTIVE
                 uid = sender.creds.uid
                 bus.kill(sender, f"uid {uid} has {closer.charged.get(uid, 0)} fds waiting to be closed (share "
                          f"{closer.uid_share}): the filesystem they are on does not let them close")  # fmt: skip
@@ -86,17 +87,23 @@ class Connection:
         self.peer: Peer | None = None
         self.framer: Framer | None = None
         self.head_sent = 0  # bytes of the head outbox item already written
-        self.dead: str | None = None
-        self.dying = False
-        self.completed = False  # authenticated and registered with the bus
-        self.evicted = False  # closed unauthenticated to make room (Server._make_room_for)
+        # AUTHENTICATING, then GONE (failed, refused, evicted) or ACTIVE: from then on its Peer holds
+        # the client's state (``state``), this one is never read again (bus/lifecycle.py)
+        self._state = AUTHENTICATING
         self.held_fds = 0  # fds of a message in progress, charged to the user's fd share
 
     # -- lifecycle ----------------------------------------------------------
 
+    @property
+    def state(self) -> PeerState:
+        """The client's lifecycle state (bus/lifecycle.py): the connection's own until the bus admits
+        it, then its Peer's, so that there is one holder at a time."""
+        peer = self.peer
+        return self._state if peer is None else peer.state
+
     async def run(self) -> None:
         """Authenticate, then hand the socket to the reactor (and return)."""
-        if self.evicted:  # before its task first ran
+        if self._state is GONE:  # evicted before its task first ran
             return
         try:
             sasl = await self._authenticate()
@@ -113,11 +120,11 @@ class Connection:
             raise
         finally:
             self.server.authentication_ended(self)
-        if sasl is None:
+        if sasl is None or self._state is GONE:  # failed, timed out, or evicted while it waited
             self._close_unauthenticated()
             return
+        self._state = transition(self._state, ACTIVE)  # its Peer holds the state from now on
         self.peer = self.bus.connect(self.creds, unix_fds=sasl.unix_fd)
-        self.completed = True
         self.peer.wake = self.server.mark_dirty
         self.peer.kill = self._on_kill
         self.server.connections[self.peer] = self
@@ -133,14 +140,15 @@ class Connection:
             self.server.reactor.finish_closing()
 
     def _close_unauthenticated(self) -> None:
-        if self.evicted:
-            return  # closed already; its fd number may belong to a newer connection by now
+        if self._state is GONE:
+            return  # evicted: closed already; its fd number may belong to a newer connection by now
+        self._state = transition(self._state, GONE)
         self.server.reactor.unwatch(self.fd)
         self.sock.close()
 
     def evict(self) -> None:
         """Close this unauthenticated connection now; its task, if waiting on the socket, ends."""
-        self.evicted = True
+        self._state = transition(self._state, GONE)  # raises if it is not AUTHENTICATING
         self.server.reactor.unwatch(self.fd)
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
@@ -151,29 +159,32 @@ class Connection:
         return f"uid={self.creds.uid} pid={self.creds.pid} label={self.creds.label or '-'}"
 
     def _on_kill(self, reason: str) -> None:
-        """The bus wants this peer gone; close after the current pass."""
-        if not self.dying:
-            self.dying = True
-            self.dead = reason
+        """``Peer.kill``: the bus moved the peer to CLOSING (``Bus.kill``); close after the current pass."""
+        self.server.reactor.schedule_close(self)
+
+    def hang_up(self, reason: str) -> None:
+        """The client left or its socket failed: ACTIVE → CLOSING (no warning logged), closed after the pass."""
+        if self.peer.begin_closing(reason):
             self.server.reactor.schedule_close(self)
 
     def close(self) -> None:
-        if self.sock is None:
+        """Close the socket; an admitted client is disconnected from the bus. → GONE; a no-op once GONE."""
+        if self.state is GONE:
             return
-        self.dying = True
         self.server.reactor.remove(self)
-        sock, self.sock = self.sock, None
         try:
-            if self.peer is not None:
+            if self.peer is None:
+                self._state = transition(self._state, GONE)
+            else:
                 self.server.connections.pop(self.peer, None)
                 self.server.fds_claimed(self)
                 if self.held_fds:
                     self.peer.account.charge_fds(0, -self.held_fds)
                     self.held_fds = 0
                 close_fds(self.framer.close(), self.creds)
-                self.bus.disconnect(self.peer, self.dead or "connection closed")
+                self.bus.disconnect(self.peer, self.peer.reason or "connection closed")  # → GONE
         finally:
-            sock.close()
+            self.sock.close()
         self.server.flush_dirty()
 
     # -- authentication -----------------------------------------------------
@@ -263,7 +274,7 @@ class Connection:
         except BlockingIOError:
             return
         except OSError as e:
-            self._on_kill(f"read error: {e.strerror}")
+            self.hang_up(f"read error: {e.strerror}")
             return
         finally:
             buf.release()  # our view of the free space must not pin the buffer
@@ -278,7 +289,7 @@ class Connection:
             return
         if n == 0:
             close_fds(fds, self.creds)
-            self._on_kill("")
+            self.hang_up("")
             return
         framer.commit(n, fds)
         held = self.held_fds
@@ -297,9 +308,9 @@ class Connection:
     def _hold_fds(self) -> None:
         """Fds left after every complete message took its own: the message in progress may claim
         them, within the user's fd share, until pending_fd_timeout; any other fd is a violation."""
-        if self.dying:
-            return  # closing: its fds are closed with the framer
         peer = self.peer
+        if peer.state:
+            return  # not ACTIVE: its fds are closed with the framer
         try:
             self.framer.check_fds()
         except WireError as e:
@@ -319,7 +330,7 @@ class Connection:
         peer = self.peer
         dispatch = self.bus.dispatch
         try:
-            while not self.dying:
+            while not peer.state:  # ACTIVE
                 msg = self.framer.next_message()
                 if msg is None:
                     if self.framer.checking is not None:
@@ -381,7 +392,7 @@ class Connection:
                 return
             except OSError as e:
                 if e.errno in _DISCONNECT_ERRNOS:
-                    self._on_kill(f"write error: {e.strerror}")
+                    self.hang_up(f"write error: {e.strerror}")
                     peer.drop_outbox()
                     return
                 raise

@@ -41,6 +41,7 @@ import time
 
 import trio
 
+from ..bus.lifecycle import CLOSING
 from .busy_poll import PollWindow
 
 current_statistics = trio.lowlevel.current_statistics
@@ -100,20 +101,19 @@ class Reactor:
         conns = self.conns
         for fd, ev in events:
             conn = conns.get(fd)
-            if conn is None or conn.dying:
+            if conn is None or conn.peer.state:  # not ACTIVE: closed after this pass
                 if fd in self.trio_fds:
                     self.trio_pending.add(fd)
                 continue
             try:
                 if ev & EPOLLOUT:
                     conn.on_writable()
-                if ev & READ_EVENTS and not conn.dying:
+                if ev & READ_EVENTS and not conn.peer.state:
                     conn.on_readable()
             except Exception:
                 # A bug must cost one connection, never the bus.
                 log.exception("internal error serving %s; disconnecting it", conn.describe())
-                conn.dying = True
-                self.closing.append(conn)
+                self._internal_error(conn)
             if self.closing:
                 self.finish_closing()
 
@@ -156,6 +156,8 @@ class Reactor:
         self.validating.discard(conn)
         if self.conns.pop(fd, None) is not None:
             self.writing.discard(fd)
+            self.touched.discard(conn)  # gone: nothing of it for the sweep
+            self.touched_before.discard(conn)
             try:
                 self.ep.unregister(fd)
             except (OSError, ValueError):
@@ -184,7 +186,7 @@ class Reactor:
         """
         idle = self.touched | self.touched_before if quiet else self.touched_before - self.touched
         for conn in idle:
-            if not conn.dying and conn.framer is not None:
+            if conn.framer is not None:  # a closed connection left these sets (remove)
                 conn.framer.release_idle_buffer()
         self.touched_before = set() if quiet else self.touched
         self.touched = set()
@@ -233,16 +235,21 @@ class Reactor:
     def validate_steps(self) -> None:
         """One validation step of every connection in ``validating``."""
         for conn in list(self.validating):
-            if conn.dying:
+            if conn.peer.state:  # not ACTIVE
                 self.validating.discard(conn)
                 continue
             try:
                 conn.validate_step()
             except Exception:
                 log.exception("internal error serving %s; disconnecting it", conn.describe())
-                conn.dying = True
                 self.validating.discard(conn)
-                self.closing.append(conn)
+                self._internal_error(conn)
+
+    def _internal_error(self, conn) -> None:
+        """A bug must cost one connection, never the bus: it is closed after this pass."""
+        if not conn.peer.state:  # no outbox walk here: disconnect drops it
+            conn.peer.to(CLOSING, "internal error")
+        self.closing.append(conn)
 
     def _next_events(self, ep, clock) -> list:
         """Events after a pass: poll for the adaptive window, then sleep up to LINGER; [] if none came

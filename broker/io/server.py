@@ -6,6 +6,7 @@ import socket
 
 import trio
 
+from ..bus.lifecycle import ACTIVE
 from ..bus.router import Bus
 from ..bus.settings import BusSettings
 from ..payload.closer import closer
@@ -41,7 +42,7 @@ class Server:
         while self.dirty:
             peer = self.dirty.pop()
             conn = self.connections.get(peer)
-            if conn is not None and not conn.dying:
+            if conn is not None and not peer.state:  # ACTIVE
                 conn.flush()
         if self.bus.closing:  # fds the core is done with (written, dropped or refused)
             drain_closing(self.bus)
@@ -139,7 +140,7 @@ class Server:
                 await trio.sleep_until(deadline)
                 continue
             del pending[conn]
-            if not conn.dying and conn.peer is not None:
+            if conn.state is ACTIVE:
                 self.bus.kill(conn.peer, "held fds of an unfinished message longer than pending_fd_timeout")
                 self.reactor.finish_closing()
 

@@ -48,10 +48,10 @@ class PayloadService:
             fd, size = await claim(self.store, peer.creds.uid, cookie)
         except ClaimError as e:
             log.warning("claim refused for %s: %s", peer.describe(), e.message)
-            if not peer.dying:
+            if not peer.state:  # ACTIVE
                 bus.send_error(peer, serial, e.error_name, e.message)
         else:
-            if peer.dying:
+            if peer.state:  # not ACTIVE
                 from .closer import closer
 
                 closer.close(fd)  # a file of our own FUSE mount: close() from this thread would wait for us
