@@ -19,14 +19,12 @@ queue that holds the message. Results go to docs/attacks.md by hand.
 """
 
 import argparse
-import os
 import struct
-import tempfile
 import threading
 import time
 
 from benchmarks import attack_pinned
-from benchmarks.attack_pinned import Client, start, stop
+from benchmarks.attack_pinned import Client, running
 from broker.wire.message import encode_header
 
 MiB = 1 << 20
@@ -81,13 +79,7 @@ def ping(c: Client) -> None:
     c.sock.sendall(encode_header("l", 1, 0, 0, serial, path="/org/freedesktop/DBus", member="Ping",
                                  interface="org.freedesktop.DBus.Peer",
                                  destination="org.freedesktop.DBus"))  # fmt: skip
-    while True:
-        msg = c.parser.get_next_message()
-        if msg is None:
-            c.parser.add_data(c.sock.recv(65536))
-            continue
-        if msg.header.fields.get(5) == serial:  # REPLY_SERIAL
-            return
+    c.reply_to(serial)
 
 
 def attack(path: str, kind: str) -> dict:
@@ -140,20 +132,14 @@ def main() -> None:
           f"{'message transit':>16}")
     for kind in args.targets:
         for body_kind in args.kinds.split(","):
-            wd = tempfile.mkdtemp(prefix="attack-bodycpu.")
-            os.chmod(wd, 0o755)
-            proc = None
             try:
-                proc, _pid, sock = start(kind, wd, args.sealbus_cmd)
-                r = attack(sock, body_kind)
-                print(f"{kind:<12} {body_kind:>5} {r['worst_ms']:>10.1f} ms {r['worst_at_s']:>8.2f} s "
-                      f"{r['median_ms']:>6.2f} ms {r['pings']:>7} "
-                      f"{r['transit_s']:>14.2f} s")  # fmt: skip
+                with running(kind, "attack-bodycpu.", args.sealbus_cmd) as (_pid, sock):
+                    r = attack(sock, body_kind)
+                    print(f"{kind:<12} {body_kind:>5} {r['worst_ms']:>10.1f} ms {r['worst_at_s']:>8.2f} s "
+                          f"{r['median_ms']:>6.2f} ms {r['pings']:>7} "
+                          f"{r['transit_s']:>14.2f} s")  # fmt: skip
             except Exception as e:  # a broker missing on this machine must not hide the others
                 print(f"{kind:<12} {body_kind:>5} failed: {e!r}")
-            finally:
-                if proc is not None:
-                    stop(proc)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ holding the limits below. Results go to docs/attacks.md by hand.
 """
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -29,6 +30,7 @@ import time
 
 from jeepney.low_level import Parser
 
+from benchmarks.rawauth import read_line
 from broker.wire.message import build_message
 
 MiB = 1 << 20
@@ -48,9 +50,7 @@ class Client:
         self.sock.settimeout(30)
         self.sock.connect(path)
         self.sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
-        line = b""
-        while not line.endswith(b"\r\n"):
-            line += self.sock.recv(1)
+        line = read_line(self.sock)
         assert line.startswith(b"OK"), line
         self.sock.sendall(b"BEGIN\r\n")
         self.parser = Parser()
@@ -65,13 +65,17 @@ class Client:
     def call_driver(self, member: str, signature: str = "", body=()) -> tuple:
         serial = self.send(type=1, path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", member=member,
                            destination="org.freedesktop.DBus", signature=signature, body=body)  # fmt: skip
+        return self.reply_to(serial).body
+
+    def reply_to(self, serial: int):
+        """Read until the reply to ``serial`` comes (what comes before it is dropped); that reply."""
         while True:
             msg = self.parser.get_next_message()
             if msg is None:
                 self.parser.add_data(self.sock.recv(65536))
                 continue
             if msg.header.fields.get(5) == serial:  # REPLY_SERIAL
-                return msg.body
+                return msg
 
     def close(self) -> None:
         self.sock.close()
@@ -170,6 +174,21 @@ def stop(proc) -> None:
     kill_tree(proc)
 
 
+@contextlib.contextmanager
+def running(kind: str, prefix: str, sealbus_cmd: str | None = None):
+    """A fresh bus of ``kind`` in a temp dir of its own: yields (broker pid, socket path); stopped and removed after."""
+    wd = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(wd, 0o755)
+    proc = None
+    try:
+        proc, pid, sock = start(kind, wd, sealbus_cmd)
+        yield pid, sock
+    finally:
+        if proc is not None:
+            stop(proc)
+        shutil.rmtree(wd, ignore_errors=True)
+
+
 VARIANTS = ((60, 8 * MiB), (1000, 63 * 1024))
 
 
@@ -184,21 +203,15 @@ def main() -> None:
     print(cols + "  small bytes queued")
     for kind in args.targets:
         for rounds, big in VARIANTS:
-            wd = tempfile.mkdtemp(prefix="attack-pinned.")
-            os.chmod(wd, 0o755)
-            proc = None
             label = f"{rounds} x {big // MiB} MiB" if big >= MiB else f"{rounds} x {big // 1024} KiB"
             try:
-                proc, pid, sock = start(kind, wd, args.sealbus_cmd)
-                r = attack(sock, pid, rounds, big)
-                print(f"{kind:<12} {label:>16} {r['before_kib'] / 1024:>8.1f} MiB {r['after_kib'] / 1024:>8.1f} MiB "
-                      f"{r['growth_kib'] / 1024:>+7.1f} MiB  {r['queued_small_bytes']}")  # fmt: skip
+                with running(kind, "attack-pinned.", args.sealbus_cmd) as (pid, sock):
+                    r = attack(sock, pid, rounds, big)
+                    print(f"{kind:<12} {label:>16} {r['before_kib'] / 1024:>8.1f} MiB "
+                          f"{r['after_kib'] / 1024:>8.1f} MiB "
+                          f"{r['growth_kib'] / 1024:>+7.1f} MiB  {r['queued_small_bytes']}")  # fmt: skip
             except Exception as e:  # a broker missing on this machine must not hide the others
                 print(f"{kind:<12} {label:>16} failed: {e}")
-            finally:
-                if proc is not None:
-                    stop(proc)
-                shutil.rmtree(wd, ignore_errors=True)
 
 
 if __name__ == "__main__":

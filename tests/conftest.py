@@ -356,13 +356,9 @@ class RawClient:
         return reply
 
     def _line(self) -> bytes:
-        buf = b""
-        while not buf.endswith(b"\r\n"):
-            chunk = self.sock.recv(1)
-            if not chunk:
-                raise ConnectionError("closed during authentication")
-            buf += chunk
-        return buf
+        from benchmarks.rawauth import read_line
+
+        return read_line(self.sock)
 
     def next_serial(self) -> int:
         self.serial += 1
