@@ -24,7 +24,7 @@ import threading
 import time
 
 from benchmarks import attack_pinned
-from benchmarks.attack_pinned import Client, running
+from benchmarks.attack_pinned import Client, print_row
 from broker.wire.message import encode_header
 
 MiB = 1 << 20
@@ -120,6 +120,11 @@ def attack(path: str, kind: str) -> dict:
             "transit_s": transit}
 
 
+def _row(r: dict) -> str:
+    return (f"{r['worst_ms']:>10.1f} ms {r['worst_at_s']:>8.2f} s {r['median_ms']:>6.2f} ms {r['pings']:>7} "
+            f"{r['transit_s']:>14.2f} s")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sealbus-cmd", help="command that runs sealbus (default: this venv's; e.g. an older tree)")
@@ -132,14 +137,8 @@ def main() -> None:
           f"{'message transit':>16}")
     for kind in args.targets:
         for body_kind in args.kinds.split(","):
-            try:
-                with running(kind, "attack-bodycpu.", args.sealbus_cmd) as (_pid, sock):
-                    r = attack(sock, body_kind)
-                    print(f"{kind:<12} {body_kind:>5} {r['worst_ms']:>10.1f} ms {r['worst_at_s']:>8.2f} s "
-                          f"{r['median_ms']:>6.2f} ms {r['pings']:>7} "
-                          f"{r['transit_s']:>14.2f} s")  # fmt: skip
-            except Exception as e:  # a broker missing on this machine must not hide the others
-                print(f"{kind:<12} {body_kind:>5} failed: {e!r}")
+            print_row(kind, f"{body_kind:>5}", "attack-bodycpu.", args.sealbus_cmd,
+                      lambda _pid, sock, body_kind=body_kind: _row(attack(sock, body_kind)))  # fmt: skip
 
 
 if __name__ == "__main__":

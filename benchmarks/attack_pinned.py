@@ -189,7 +189,23 @@ def running(kind: str, prefix: str, sealbus_cmd: str | None = None):
         shutil.rmtree(wd, ignore_errors=True)
 
 
+def print_row(kind: str, label: str, prefix: str, sealbus_cmd: str | None, measure) -> None:
+    """Print ``kind``, ``label`` and ``measure(pid, sock)`` (the row's results, formatted) for a fresh bus.
+
+    A target that fails (a broker missing on this machine) prints why, and must not hide the others."""
+    try:
+        with running(kind, prefix, sealbus_cmd) as (pid, sock):
+            print(f"{kind:<12} {label} {measure(pid, sock)}")
+    except Exception as e:
+        print(f"{kind:<12} {label} failed: {e!r}")
+
+
 VARIANTS = ((60, 8 * MiB), (1000, 63 * 1024))
+
+
+def _row(r: dict) -> str:
+    return (f"{r['before_kib'] / 1024:>8.1f} MiB {r['after_kib'] / 1024:>8.1f} MiB "
+            f"{r['growth_kib'] / 1024:>+7.1f} MiB  {r['queued_small_bytes']}")  # fmt: skip
 
 
 def main() -> None:
@@ -204,14 +220,8 @@ def main() -> None:
     for kind in args.targets:
         for rounds, big in VARIANTS:
             label = f"{rounds} x {big // MiB} MiB" if big >= MiB else f"{rounds} x {big // 1024} KiB"
-            try:
-                with running(kind, "attack-pinned.", args.sealbus_cmd) as (pid, sock):
-                    r = attack(sock, pid, rounds, big)
-                    print(f"{kind:<12} {label:>16} {r['before_kib'] / 1024:>8.1f} MiB "
-                          f"{r['after_kib'] / 1024:>8.1f} MiB "
-                          f"{r['growth_kib'] / 1024:>+7.1f} MiB  {r['queued_small_bytes']}")  # fmt: skip
-            except Exception as e:  # a broker missing on this machine must not hide the others
-                print(f"{kind:<12} {label:>16} failed: {e}")
+            print_row(kind, f"{label:>16}", "attack-pinned.", args.sealbus_cmd,
+                      lambda pid, sock, rounds=rounds, big=big: _row(attack(sock, pid, rounds, big)))  # fmt: skip
 
 
 if __name__ == "__main__":
