@@ -18,13 +18,12 @@ starts them, with their limits but a
 queue that holds the message. Results go to docs/attacks.md by hand.
 """
 
-import argparse
 import struct
 import threading
 import time
 
 from benchmarks import attack_pinned
-from benchmarks.attack_pinned import Client, print_row
+from benchmarks.attack_pinned import Client, print_row, target_args
 from broker.wire.message import encode_header
 
 MiB = 1 << 20
@@ -126,10 +125,8 @@ def _row(r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sealbus-cmd", help="command that runs sealbus (default: this venv's; e.g. an older tree)")
+    ap = target_args(__doc__)
     ap.add_argument("--kinds", default="ag,as,av,aay,ay")
-    ap.add_argument("targets", nargs="*", default=["sealbus", "dbus-daemon", "dbus-broker"])
     args = ap.parse_args()
     attack_pinned.LIMITS, attack_pinned.SEALBUS_LIMITS = LIMITS, SEALBUS_LIMITS  # what start() writes
     print(f"limits: {LIMITS}; one {SIZE / MiB:.1f} MiB dense body to a reading receiver, Pings meanwhile")

@@ -208,11 +208,16 @@ def _row(r: dict) -> str:
             f"{r['growth_kib'] / 1024:>+7.1f} MiB  {r['queued_small_bytes']}")  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def target_args(doc: str) -> argparse.ArgumentParser:
+    """The command line the attack scripts share: which brokers (TARGET ...) and which sealbus."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n", maxsplit=1)[0])
     ap.add_argument("--sealbus-cmd", help="command that runs sealbus (default: this venv's; e.g. an older tree)")
     ap.add_argument("targets", nargs="*", default=["sealbus", "dbus-daemon", "dbus-broker"])
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = target_args(__doc__).parse_args()
     print(f"limits: {LIMITS} (sealbus also {SEALBUS_LIMITS}); {FILL_COUNT} x {FILL // 1024} KiB filler, then "
           "N x (80-byte signal to the non-reader + a broadcast nobody receives)")
     cols = f"{'broker':<12} {'N x broadcast':>16} {'RSS before':>12} {'RSS after':>12} {'growth':>11}"
