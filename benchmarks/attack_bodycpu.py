@@ -18,15 +18,12 @@ starts them, with their limits but a
 queue that holds the message. Results go to docs/attacks.md by hand.
 """
 
-import argparse
-import os
 import struct
-import tempfile
 import threading
 import time
 
 from benchmarks import attack_pinned
-from benchmarks.attack_pinned import Client, start, stop
+from benchmarks.attack_pinned import Client, print_row, target_args
 from broker.wire.message import encode_header
 
 MiB = 1 << 20
@@ -81,13 +78,7 @@ def ping(c: Client) -> None:
     c.sock.sendall(encode_header("l", 1, 0, 0, serial, path="/org/freedesktop/DBus", member="Ping",
                                  interface="org.freedesktop.DBus.Peer",
                                  destination="org.freedesktop.DBus"))  # fmt: skip
-    while True:
-        msg = c.parser.get_next_message()
-        if msg is None:
-            c.parser.add_data(c.sock.recv(65536))
-            continue
-        if msg.header.fields.get(5) == serial:  # REPLY_SERIAL
-            return
+    c.reply_to(serial)
 
 
 def attack(path: str, kind: str) -> dict:
@@ -128,11 +119,14 @@ def attack(path: str, kind: str) -> dict:
             "transit_s": transit}
 
 
+def _row(r: dict) -> str:
+    return (f"{r['worst_ms']:>10.1f} ms {r['worst_at_s']:>8.2f} s {r['median_ms']:>6.2f} ms {r['pings']:>7} "
+            f"{r['transit_s']:>14.2f} s")  # fmt: skip
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sealbus-cmd", help="command that runs sealbus (default: this venv's; e.g. an older tree)")
+    ap = target_args(__doc__)
     ap.add_argument("--kinds", default="ag,as,av,aay,ay")
-    ap.add_argument("targets", nargs="*", default=["sealbus", "dbus-daemon", "dbus-broker"])
     args = ap.parse_args()
     attack_pinned.LIMITS, attack_pinned.SEALBUS_LIMITS = LIMITS, SEALBUS_LIMITS  # what start() writes
     print(f"limits: {LIMITS}; one {SIZE / MiB:.1f} MiB dense body to a reading receiver, Pings meanwhile")
@@ -140,20 +134,8 @@ def main() -> None:
           f"{'message transit':>16}")
     for kind in args.targets:
         for body_kind in args.kinds.split(","):
-            wd = tempfile.mkdtemp(prefix="attack-bodycpu.")
-            os.chmod(wd, 0o755)
-            proc = None
-            try:
-                proc, _pid, sock = start(kind, wd, args.sealbus_cmd)
-                r = attack(sock, body_kind)
-                print(f"{kind:<12} {body_kind:>5} {r['worst_ms']:>10.1f} ms {r['worst_at_s']:>8.2f} s "
-                      f"{r['median_ms']:>6.2f} ms {r['pings']:>7} "
-                      f"{r['transit_s']:>14.2f} s")  # fmt: skip
-            except Exception as e:  # a broker missing on this machine must not hide the others
-                print(f"{kind:<12} {body_kind:>5} failed: {e!r}")
-            finally:
-                if proc is not None:
-                    stop(proc)
+            print_row(kind, f"{body_kind:>5}", "attack-bodycpu.", args.sealbus_cmd,
+                      lambda _pid, sock, body_kind=body_kind: _row(attack(sock, body_kind)))  # fmt: skip
 
 
 if __name__ == "__main__":

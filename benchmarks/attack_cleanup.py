@@ -39,6 +39,7 @@ from jeepney.low_level import Parser
 
 from broker.wire.message import build_message
 
+from .rawauth import read_line
 from .run_bench import BrokerInstance, DaemonInstance, bus_config, kill_tree, readline_timeout, wait_bus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,12 +63,7 @@ class Conn:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
-        line = b""
-        while not line.endswith(b"\r\n"):
-            chunk = self.sock.recv(1)
-            if not chunk:
-                raise ConnectionError("bus closed the connection during authentication")
-            line += chunk
+        line = read_line(self.sock)
         if not line.startswith(b"OK"):
             raise ConnectionError(f"authentication refused: {line!r}")
         self.sock.sendall(b"BEGIN\r\n")

@@ -18,6 +18,7 @@ holding the limits below. Results go to docs/attacks.md by hand.
 """
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -29,6 +30,7 @@ import time
 
 from jeepney.low_level import Parser
 
+from benchmarks.rawauth import read_line
 from broker.wire.message import build_message
 
 MiB = 1 << 20
@@ -48,9 +50,7 @@ class Client:
         self.sock.settimeout(30)
         self.sock.connect(path)
         self.sock.sendall(b"\0AUTH EXTERNAL " + str(os.getuid()).encode().hex().encode() + b"\r\n")
-        line = b""
-        while not line.endswith(b"\r\n"):
-            line += self.sock.recv(1)
+        line = read_line(self.sock)
         assert line.startswith(b"OK"), line
         self.sock.sendall(b"BEGIN\r\n")
         self.parser = Parser()
@@ -65,13 +65,17 @@ class Client:
     def call_driver(self, member: str, signature: str = "", body=()) -> tuple:
         serial = self.send(type=1, path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", member=member,
                            destination="org.freedesktop.DBus", signature=signature, body=body)  # fmt: skip
+        return self.reply_to(serial).body
+
+    def reply_to(self, serial: int):
+        """Read until the reply to ``serial`` comes (what comes before it is dropped); that reply."""
         while True:
             msg = self.parser.get_next_message()
             if msg is None:
                 self.parser.add_data(self.sock.recv(65536))
                 continue
             if msg.header.fields.get(5) == serial:  # REPLY_SERIAL
-                return msg.body
+                return msg
 
     def close(self) -> None:
         self.sock.close()
@@ -170,35 +174,59 @@ def stop(proc) -> None:
     kill_tree(proc)
 
 
+@contextlib.contextmanager
+def running(kind: str, prefix: str, sealbus_cmd: str | None = None):
+    """A fresh bus of ``kind`` in a temp dir of its own: yields (broker pid, socket path); stopped and removed after."""
+    wd = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(wd, 0o755)
+    proc = None
+    try:
+        proc, pid, sock = start(kind, wd, sealbus_cmd)
+        yield pid, sock
+    finally:
+        if proc is not None:
+            stop(proc)
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+def print_row(kind: str, label: str, prefix: str, sealbus_cmd: str | None, measure) -> None:
+    """Print ``kind``, ``label`` and ``measure(pid, sock)`` (the row's results, formatted) for a fresh bus.
+
+    A target that fails (a broker missing on this machine) prints why, and must not hide the others."""
+    try:
+        with running(kind, prefix, sealbus_cmd) as (pid, sock):
+            print(f"{kind:<12} {label} {measure(pid, sock)}")
+    except Exception as e:
+        print(f"{kind:<12} {label} failed: {e!r}")
+
+
 VARIANTS = ((60, 8 * MiB), (1000, 63 * 1024))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _row(r: dict) -> str:
+    return (f"{r['before_kib'] / 1024:>8.1f} MiB {r['after_kib'] / 1024:>8.1f} MiB "
+            f"{r['growth_kib'] / 1024:>+7.1f} MiB  {r['queued_small_bytes']}")  # fmt: skip
+
+
+def target_args(doc: str) -> argparse.ArgumentParser:
+    """The command line the attack scripts share: which brokers (TARGET ...) and which sealbus."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n", maxsplit=1)[0])
     ap.add_argument("--sealbus-cmd", help="command that runs sealbus (default: this venv's; e.g. an older tree)")
     ap.add_argument("targets", nargs="*", default=["sealbus", "dbus-daemon", "dbus-broker"])
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = target_args(__doc__).parse_args()
     print(f"limits: {LIMITS} (sealbus also {SEALBUS_LIMITS}); {FILL_COUNT} x {FILL // 1024} KiB filler, then "
           "N x (80-byte signal to the non-reader + a broadcast nobody receives)")
     cols = f"{'broker':<12} {'N x broadcast':>16} {'RSS before':>12} {'RSS after':>12} {'growth':>11}"
     print(cols + "  small bytes queued")
     for kind in args.targets:
         for rounds, big in VARIANTS:
-            wd = tempfile.mkdtemp(prefix="attack-pinned.")
-            os.chmod(wd, 0o755)
-            proc = None
             label = f"{rounds} x {big // MiB} MiB" if big >= MiB else f"{rounds} x {big // 1024} KiB"
-            try:
-                proc, pid, sock = start(kind, wd, args.sealbus_cmd)
-                r = attack(sock, pid, rounds, big)
-                print(f"{kind:<12} {label:>16} {r['before_kib'] / 1024:>8.1f} MiB {r['after_kib'] / 1024:>8.1f} MiB "
-                      f"{r['growth_kib'] / 1024:>+7.1f} MiB  {r['queued_small_bytes']}")  # fmt: skip
-            except Exception as e:  # a broker missing on this machine must not hide the others
-                print(f"{kind:<12} {label:>16} failed: {e}")
-            finally:
-                if proc is not None:
-                    stop(proc)
-                shutil.rmtree(wd, ignore_errors=True)
+            print_row(kind, f"{label:>16}", "attack-pinned.", args.sealbus_cmd,
+                      lambda pid, sock, rounds=rounds, big=big: _row(attack(sock, pid, rounds, big)))  # fmt: skip
 
 
 if __name__ == "__main__":

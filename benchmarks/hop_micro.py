@@ -28,6 +28,27 @@ from broker.wire.message import build_message
 DBUS = dict(path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", destination="org.freedesktop.DBus")
 
 
+def connect(server: Server) -> tuple[Connection, socket.socket]:
+    """A real Connection of ``server``, already authenticated, over a socketpair: (connection, client end).
+
+    The connection is registered with the bus and the reactor but has not sent Hello. Also used by
+    tests/test_pinned_buffers.py.
+    """
+    bus = server.bus
+    broker_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    broker_end.setblocking(False)
+    client_end.setblocking(False)
+    c = Connection(server, broker_end, Creds(os.getuid(), (os.getgid(),), os.getpid(), None))
+    c.peer = bus.connect(c.creds)
+    c.completed = True
+    c.peer.wake = server.mark_dirty
+    c.peer.kill = c._on_kill
+    server.connections[c.peer] = c
+    c.framer = Framer(bus.limits.max_message_size, bus.limits.max_message_unix_fds)
+    server.reactor.add(c)
+    return c, client_end
+
+
 class Rig:
     """A bus with two authenticated connections whose client ends we hold."""
 
@@ -43,18 +64,7 @@ class Rig:
             1, 2, member="RequestName", signature="su", body=("org.bench.Server", 0), **DBUS))  # fmt: skip
 
     def _connect(self):
-        broker_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        broker_end.setblocking(False)
-        client_end.setblocking(False)
-        c = Connection(self.server, broker_end, Creds(os.getuid(), (os.getgid(),), os.getpid(), None))
-        c.peer = self.bus.connect(c.creds)
-        c.completed = True
-        c.peer.wake = self.server.mark_dirty
-        c.peer.kill = c._on_kill
-        self.server.connections[c.peer] = c
-        c.framer = Framer(self.bus.limits.max_message_size, self.bus.limits.max_message_unix_fds)
-        self.server.reactor.add(c)
-        return c, client_end
+        return connect(self.server)
 
     def hop(self, conn) -> None:
         """What the reactor does for one readable connection."""

@@ -47,13 +47,21 @@ LAYERS = [
 RANK = {pkg: rank for rank, pkgs in enumerate(LAYERS) for pkg in pkgs}
 
 
+def longest_prefix(name: str, known, shortest: int = 1) -> str | None:
+    """The longest dotted prefix of ``name``, of at least ``shortest`` parts, that is in ``known``."""
+    parts = name.split(".")
+    for n in range(len(parts), shortest - 1, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in known:
+            return prefix
+    return None
+
+
 def layer_of(module: str) -> str | None:
     """The layer package a module belongs to (None: the empty top-level package)."""
-    parts = module.split(".")
-    for n in range(len(parts), 1, -1):
-        prefix = ".".join(parts[:n])
-        if prefix in RANK:
-            return prefix
+    layer = longest_prefix(module, RANK, shortest=2)
+    if layer is not None:
+        return layer
     if module == PACKAGE:
         return None
     raise SystemExit(f"check-layers: {module} is in no layer: add its package to LAYERS")
@@ -88,12 +96,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[
 
     def resolve(name: str) -> str | None:
         """The longest module of ours that ``name`` names or lies in."""
-        parts = name.split(".")
-        for n in range(len(parts), 0, -1):
-            cand = ".".join(parts[:n])
-            if cand in modules:
-                return cand
-        return None
+        return longest_prefix(name, modules)
 
     out = []
     for node in ast.walk(tree):

@@ -117,6 +117,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                       red=True, bold=True)  # fmt: skip
 
 
+def terminate(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM ``proc`` if it still runs, SIGKILL if it has not exited ``timeout`` seconds later; its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
 class Bus:
     """A running bus process: ``address`` (unix:path=...), ``path`` of its socket,
     ``proc``, and ``log_path`` (its stderr, for asserting on log lines)."""
@@ -142,15 +153,7 @@ class Bus:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                rc = self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                rc = self.proc.wait()
-        else:
-            rc = self.proc.wait()
+        rc = terminate(self.proc, timeout=10)
         shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
         return rc
 
@@ -356,13 +359,9 @@ class RawClient:
         return reply
 
     def _line(self) -> bytes:
-        buf = b""
-        while not buf.endswith(b"\r\n"):
-            chunk = self.sock.recv(1)
-            if not chunk:
-                raise ConnectionError("closed during authentication")
-            buf += chunk
-        return buf
+        from benchmarks.rawauth import read_line
+
+        return read_line(self.sock)
 
     def next_serial(self) -> int:
         self.serial += 1
@@ -482,6 +481,32 @@ def bus_is_alive(bus) -> bool:
                                                              interface="org.freedesktop.DBus.Peer"), "Ping"),
                                  timeout=10)  # fmt: skip
         return r.header.message_type.name == "method_return"
+
+
+def wait_until(pred, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll a condition that has no event to wait on (e.g. /proc fd counts); its last value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+def connected(bus, timeout: float = 10) -> "RawClient":
+    """A RawClient that has authenticated (with fd passing) and said Hello."""
+    c = RawClient(bus, timeout=timeout)
+    assert c.authenticate().startswith(b"OK ")
+    c.hello()
+    return c
+
+
+def assert_fds_back_and_alive(bus, base: int) -> None:
+    """The broker is back to at most ``base`` open fds and still serves a fresh client."""
+    assert wait_until(lambda: bus.fd_count() <= base), (bus.fd_count(), base)
+    assert bus_is_alive(bus)
 
 
 class LineWatcher:

@@ -14,24 +14,16 @@ from jeepney.low_level import HeaderFields
 
 from broker.wire.message import build_message
 
-from .conftest import RawClient, bus_is_alive, describe_msg, ensure_test_users, run_as
-
-
-def connected(bus) -> RawClient:
-    c = RawClient(bus)
-    assert c.authenticate().startswith(b"OK ")
-    c.hello()
-    return c
-
-
-def wait_until(pred, timeout=10.0) -> bool:
-    """Poll a condition that has no event to wait on (e.g. /proc fd counts)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
+from .conftest import (
+    RawClient,
+    assert_fds_back_and_alive,
+    bus_is_alive,
+    connected,
+    describe_msg,
+    ensure_test_users,
+    run_as,
+    wait_until,
+)
 
 
 def test_external_with_another_uid_is_rejected(sealbus):
@@ -164,8 +156,7 @@ def test_fd_flood_disconnects_and_leaks_nothing(sealbus):
     finally:
         for fd in fds:
             os.close(fd)
-    assert wait_until(lambda: sealbus.fd_count() <= base), (sealbus.fd_count(), base)
-    assert bus_is_alive(sealbus)
+    assert_fds_back_and_alive(sealbus, base)
 
 
 def test_slow_reader_does_not_stall_others(sealbus_factory, tmp_path):

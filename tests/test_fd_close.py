@@ -12,13 +12,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
-from .conftest import RawClient, popen_as
+from .conftest import RawClient, popen_as, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE and runs clients as other users")
 
@@ -131,15 +130,6 @@ def fd_links(pid: int) -> list[str]:
     return sorted(out)
 
 
-def wait_for(pred, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 # -- (a) a user's own FUSE mount (no allow_other: the broker cannot even stat it) -----------------
 
 
@@ -183,7 +173,7 @@ def test_stuck_mount_does_not_keep_other_users_fds_open(sealbus, test_users):
             finally:
                 for fd in files:
                     os.close(fd)
-        assert wait_for(lambda: sealbus.fd_count() <= baseline), (baseline, fd_links(sealbus.pid))
+        assert wait_until(lambda: sealbus.fd_count() <= baseline), (baseline, fd_links(sealbus.pid))
         bus_serves_new_clients(sealbus, 1)
     reap(proc)
 
@@ -233,7 +223,7 @@ def test_uid_over_its_close_share_is_disconnected(sealbus_factory, test_users, t
         root.close()
     reap(proc)
     # the server died: the stuck closes returned, the charge drained, the uid may connect again
-    assert wait_for(lambda: _connects_as(attacker, bus))
+    assert wait_until(lambda: _connects_as(attacker, bus), interval=0.05)
 
 
 def _connects_as(user, bus) -> bool:
@@ -344,7 +334,7 @@ def test_system_bus_broker_keeps_closing_behind_a_stuck_private_mount(test_users
             victim.stdin.write("\n")
             victim.stdin.flush()
             assert victim.stdout.readline().strip() == "org.freedesktop.DBus.Error.ServiceUnknown"
-            assert wait_for(lambda: count() <= baseline), (baseline, fd_links(bus.broker_pid))
+            assert wait_until(lambda: count() <= baseline), (baseline, fd_links(bus.broker_pid))
         reap(proc)
     finally:
         assert bus.stop() == 0, bus.logtext()[-3000:]

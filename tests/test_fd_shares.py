@@ -12,20 +12,11 @@ import pytest
 
 from broker.wire.message import build_message
 
-from .conftest import SEALBUS, Bus, RawClient, bus_is_alive, popen_as, run_as
+from .conftest import SEALBUS, Bus, assert_fds_back_and_alive, bus_is_alive, connected, popen_as, run_as, wait_until
 
 ALLOW_ALL = """<busconfig><type>{type}</type><policy context="default"><allow user="*"/>
   <allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy>
   {limits}</busconfig>"""
-
-
-def wait_until(pred, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 def start_bus(tmp_path, conf: str, nofile: int | None = None, name="bus") -> Bus:
@@ -50,13 +41,6 @@ def buses():
     yield made
     for b in made:
         b.stop()
-
-
-def connected(bus) -> RawClient:
-    c = RawClient(bus)
-    assert c.authenticate().startswith(b"OK ")
-    c.hello()
-    return c
 
 
 # -- (2) fds no message claims ---------------------------------------------------------------
@@ -111,8 +95,7 @@ def test_unclaimed_fds_disconnect_and_leave_nothing_behind(sealbus):
     finally:
         for fd in fds:
             os.close(fd)
-    assert wait_until(lambda: sealbus.fd_count() <= base), (sealbus.fd_count(), base)
-    assert bus_is_alive(sealbus)
+    assert_fds_back_and_alive(sealbus, base)
 
 
 def test_pending_fd_timeout_disconnects_a_client_holding_half_a_message(tmp_path, buses):

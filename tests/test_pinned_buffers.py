@@ -9,15 +9,13 @@ memory (hardening class 4). These tests drive the framer, the outbox
 accounting, the real write path over socketpairs, and a real broker.
 """
 
-import os
-import socket
 import struct
 
+from benchmarks import hop_micro
 from broker.bus import peer as peer_mod
 from broker.bus.limits import Limits
 from broker.bus.peer import Creds, OutItem, Peer, UserAccount
 from broker.bus.router import Bus
-from broker.io.connection import Connection
 from broker.io.server import Server
 from broker.wire.framer import DEFAULT_BUFFER, Framer
 from broker.wire.message import build_message, encode_header
@@ -174,7 +172,7 @@ def test_item_that_owns_its_bytes_is_left_alone():
 
 
 class Rig:
-    """A bus with real Connections whose client ends we hold (as benchmarks/hop_micro.py)."""
+    """A bus with real Connections whose client ends we hold (connected by benchmarks/hop_micro.py)."""
 
     def __init__(self, limits: Limits):
         self.bus = Bus(limits)
@@ -182,17 +180,7 @@ class Rig:
         self.bus.server = self.server
 
     def connect(self):
-        broker_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        broker_end.setblocking(False)
-        client_end.setblocking(False)
-        c = Connection(self.server, broker_end, Creds(os.getuid(), (os.getgid(),), os.getpid(), None))
-        c.peer = self.bus.connect(c.creds)
-        c.completed = True
-        c.peer.wake = self.server.mark_dirty
-        c.peer.kill = c._on_kill
-        self.server.connections[c.peer] = c
-        c.framer = Framer(self.bus.limits.max_message_size, self.bus.limits.max_message_unix_fds)
-        self.server.reactor.add(c)
+        c, client_end = hop_micro.connect(self.server)
         self.send(c, client_end, build_message(1, 1, member="Hello", **DBUS))
         drain(client_end)
         return c, client_end

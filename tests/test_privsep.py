@@ -14,7 +14,7 @@ import pytest
 from jeepney import message_bus
 from jeepney.io.blocking import open_dbus_connection
 
-from .conftest import SEALBUS, popen_as, run_as
+from .conftest import SEALBUS, popen_as, run_as, terminate
 from .procfs import children, proc_status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the privilege-separated system bus needs root")
@@ -46,13 +46,7 @@ class SystemBus:
         return Path(self.log.name).read_text()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return terminate(self.proc, timeout=15)
 
 
 @pytest.fixture
@@ -275,13 +269,7 @@ class DaemonBus:
         return (self.dir / "stderr").read_text()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        rc = self.proc.wait()
+        rc = terminate(self.proc, timeout=15)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         return rc

@@ -37,22 +37,14 @@ _SEND_FIELDS = (("type", "_type"), ("path", "_path"), ("interface", "_interface"
                 ("error", "_error"))  # fmt: skip
 
 
-def _user(uid: int | None) -> str:
-    if uid is None:
+def _account(ident: int | None, lookup) -> str:
+    """A rule's user or group id as its name (``lookup``: pwd.getpwuid or grp.getgrgid); "*": any."""
+    if ident is None:
         return "*"
     try:
-        return pwd.getpwuid(uid).pw_name
+        return lookup(ident)[0]  # pw_name / gr_name
     except KeyError:
-        return str(uid)
-
-
-def _group(gid: int | None) -> str:
-    if gid is None:
-        return "*"
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
+        return str(ident)
 
 
 def _message_attrs(r) -> list[tuple[str, object]]:
@@ -81,9 +73,9 @@ def describe_rule(r) -> str:
     elif r.kind == "own":
         attrs = [("own_prefix", r.own_prefix)] if r.own_prefix is not None else [("own", r.own)]
     elif r.kind == "user":
-        attrs = [("user", _user(r.uid))]
+        attrs = [("user", _account(r.uid, pwd.getpwuid))]
     elif r.kind == "group":
-        attrs = [("group", _group(r.gid))]
+        attrs = [("group", _account(r.gid, grp.getgrgid))]
     else:
         attrs = []
     shown = " ".join(f'{k}="{"*" if v is None else v}"' for k, v in attrs)
