@@ -122,7 +122,7 @@ def config(sock: str | None, limits: dict) -> str:
     return (
         "<busconfig><type>session</type>"
         f"{listen}<auth>EXTERNAL</auth>"
-        '<policy context="default"><allow send_destination="*"/><allow receive_sender="*"/>'
+        '<policy context="default"><allow user="*"/><allow send_destination="*"/><allow receive_sender="*"/>'
         f'<allow own="*"/></policy>{rows}</busconfig>\n'
     )
 
@@ -140,13 +140,14 @@ def wait_socket(path: str, proc, timeout: float = 20) -> None:
     raise RuntimeError(f"no bus at {path}")
 
 
-def start(kind: str, wd: str, sealbus_cmd: str | None = None):
-    """(process to stop, broker pid, socket path)"""
+def start(kind: str, wd: str, sealbus_cmd: str | None = None, limits: dict | None = None):
+    """(process to stop, broker pid, socket path); ``limits`` replaces this attack's LIMITS."""
     from benchmarks.run_bench import WRAP, comm, descendants
 
     sock = os.path.join(wd, "bus")
     conf = os.path.join(wd, "bus.conf")
-    limits = dict(LIMITS, **SEALBUS_LIMITS) if kind == "sealbus" else LIMITS
+    if limits is None:
+        limits = dict(LIMITS, **SEALBUS_LIMITS) if kind == "sealbus" else LIMITS
     with open(conf, "w") as f:
         f.write(config(sock, limits))
     log = open(os.path.join(wd, "log"), "wb")
@@ -175,13 +176,13 @@ def stop(proc) -> None:
 
 
 @contextlib.contextmanager
-def running(kind: str, prefix: str, sealbus_cmd: str | None = None):
+def running(kind: str, prefix: str, sealbus_cmd: str | None = None, limits: dict | None = None):
     """A fresh bus of ``kind`` in a temp dir of its own: yields (broker pid, socket path); stopped and removed after."""
     wd = tempfile.mkdtemp(prefix=prefix)
     os.chmod(wd, 0o755)
     proc = None
     try:
-        proc, pid, sock = start(kind, wd, sealbus_cmd)
+        proc, pid, sock = start(kind, wd, sealbus_cmd, limits)
         yield pid, sock
     finally:
         if proc is not None:
@@ -189,12 +190,12 @@ def running(kind: str, prefix: str, sealbus_cmd: str | None = None):
         shutil.rmtree(wd, ignore_errors=True)
 
 
-def print_row(kind: str, label: str, prefix: str, sealbus_cmd: str | None, measure) -> None:
+def print_row(kind: str, label: str, prefix: str, sealbus_cmd: str | None, measure, limits: dict | None = None) -> None:
     """Print ``kind``, ``label`` and ``measure(pid, sock)`` (the row's results, formatted) for a fresh bus.
 
     A target that fails (a broker missing on this machine) prints why, and must not hide the others."""
     try:
-        with running(kind, prefix, sealbus_cmd) as (pid, sock):
+        with running(kind, prefix, sealbus_cmd, limits) as (pid, sock):
             print(f"{kind:<12} {label} {measure(pid, sock)}")
     except Exception as e:
         print(f"{kind:<12} {label} failed: {e!r}")
