@@ -115,8 +115,13 @@ def attack(path: str, kind: str) -> dict:
         c.close()
     rtts.sort()
     median = rtts[len(rtts) // 2] if rtts else float("nan")
-    return {"worst_ms": worst * 1000, "worst_at_s": worst_at, "median_ms": median * 1000, "pings": n,
-            "transit_s": transit}
+    return {
+        "worst_ms": worst * 1000,
+        "worst_at_s": worst_at,
+        "median_ms": median * 1000,
+        "pings": n,
+        "transit_s": transit,
+    }
 
 
 def _row(r: dict) -> str:
@@ -130,8 +135,10 @@ def main() -> None:
     args = ap.parse_args()
     attack_pinned.LIMITS, attack_pinned.SEALBUS_LIMITS = LIMITS, SEALBUS_LIMITS  # what start() writes
     print(f"limits: {LIMITS}; one {SIZE / MiB:.1f} MiB dense body to a reading receiver, Pings meanwhile")
-    print(f"{'broker':<12} {'body':>5} {'longest Ping':>13} {'(sent at)':>10} {'median':>9} {'pings':>7} "
-          f"{'message transit':>16}")
+    print(
+        f"{'broker':<12} {'body':>5} {'longest Ping':>13} {'(sent at)':>10} {'median':>9} {'pings':>7} "
+        f"{'message transit':>16}"
+    )
     for kind in args.targets:
         for body_kind in args.kinds.split(","):
             print_row(kind, f"{body_kind:>5}", "attack-bodycpu.", args.sealbus_cmd,

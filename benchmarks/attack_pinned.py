@@ -219,8 +219,10 @@ def target_args(doc: str) -> argparse.ArgumentParser:
 
 def main() -> None:
     args = target_args(__doc__).parse_args()
-    print(f"limits: {LIMITS} (sealbus also {SEALBUS_LIMITS}); {FILL_COUNT} x {FILL // 1024} KiB filler, then "
-          "N x (80-byte signal to the non-reader + a broadcast nobody receives)")
+    print(
+        f"limits: {LIMITS} (sealbus also {SEALBUS_LIMITS}); {FILL_COUNT} x {FILL // 1024} KiB filler, then "
+        "N x (80-byte signal to the non-reader + a broadcast nobody receives)"
+    )
     cols = f"{'broker':<12} {'N x broadcast':>16} {'RSS before':>12} {'RSS after':>12} {'growth':>11}"
     print(cols + "  small bytes queued")
     for kind in args.targets:

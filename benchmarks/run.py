@@ -197,8 +197,10 @@ def headline(res: dict, targets: list) -> list:
     for bid, what in (("ping_k1", "1 client"), ("ping_k4", "4 clients"), ("ping_k1_d16", "1 client, depth 16")):
         rs = paired(res, bid, NOPOLL, bid, "dbus-daemon", "calls_per_s")
         if rs:
-            L.append(f"| for reference: round trips, {what}, busy polling off (`--busy-poll 0`) vs dbus-daemon "
-                     f"| (no goal) | {fmt_ratio(rs)} | |")
+            L.append(
+                f"| for reference: round trips, {what}, busy polling off (`--busy-poll 0`) vs dbus-daemon "
+                f"| (no goal) | {fmt_ratio(rs)} | |"
+            )
     row(
         "RSS with 5000 idle connections vs dbus-daemon",
         "≤ x2.00",
@@ -380,8 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         help="markdown report; the PNGs go next to it (default docs/benchmarks.md)",
     )
     p.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"), help="raw results")
-    p.add_argument("--reps", type=int, default=5,
-                   help="repetitions per (benchmark, broker): medians need several on a shared machine")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help="repetitions per (benchmark, broker): medians need several on a shared machine",
+    )
     p.add_argument("--scale", type=float, default=0.5, help="scale dbench message counts and durations")
     p.add_argument("--quick", action="store_true", help="1 rep, scaled-down counts, a subset of rows")
     p.add_argument("--only", help="comma-separated benchmark id prefixes (see run_bench.py)")

@@ -94,8 +94,12 @@ def cmd_run(argv: list[str]) -> int:
     p.add_argument("--fd-mode", choices=["any", "sealed", "none"],
                    help="which fds the bus forwards: any (dbus-daemon compatible), sealed (only sealed "
                    "memfds and payload-fs snapshots), none")  # fmt: skip
-    p.add_argument("--payload-fs", metavar="DIR", help="also serve the FUSE payload filesystem at DIR (with "
-                   "--system it is always served: default <runtime dir>/fs, or /sys/fs/kdbus where that exists)")
+    p.add_argument(
+        "--payload-fs",
+        metavar="DIR",
+        help="also serve the FUSE payload filesystem at DIR (with "
+        "--system it is always served: default <runtime dir>/fs, or /sys/fs/kdbus where that exists)",
+    )
     p.add_argument("--system", action="store_true",
                    help="privilege-separated system bus: the launcher stays root (socket, payload fs mount, "
                         "USER_AVC audit records), the broker runs as the bus user with no capabilities, "
@@ -151,6 +155,7 @@ def _run_session(args) -> int:
         except OSError as e:
             raise RunError(f"cannot listen on {address}: {e.strerror or e}") from None
         try:
+
             def ready(bus):
                 print(listener.address, flush=True)
 
@@ -170,7 +175,7 @@ def _private_temp_dir(address: str) -> str | None:
 
     if not address.startswith("unix:path="):
         return None
-    d = os.path.dirname(address[len("unix:path="):])
+    d = os.path.dirname(address[len("unix:path=") :])
     if os.path.dirname(d) == tempfile.gettempdir() and os.path.basename(d).startswith("sealbus-"):
         return d
     return None
@@ -433,7 +438,9 @@ def daemon_user(name: str | None, config: str):
         if os.geteuid() == 0:
             logging.getLogger("sealbus").warning(
                 "started as root and %s names no <user>: the bus runs as root, with every capability (as "
-                "dbus-daemon); name the bus user in <user> to serve it from a sandboxed broker", config)
+                "dbus-daemon); name the bus user in <user> to serve it from a sandboxed broker",
+                config,
+            )
         return None
     try:
         user = pwd.getpwnam(name)

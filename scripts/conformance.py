@@ -286,7 +286,8 @@ def main(argv=None) -> int:
             "dbus-daemon and then at `sealbus-dbus-daemon` (`make conformance`, `scripts/conformance.py`).\n"
             "Causes of the remaining gaps are kept in `scripts/conformance-known.txt`. Only the programs that start a\n"
             "bus are run (the others test libdbus alone and give the same result whatever the daemon), so the totals\n"
-            "are smaller than a run of every program.\n\n" + "\n".join(sections))
+            "are smaller than a run of every program.\n\n" + "\n".join(sections)
+        )
     return 0 if ok else 1
 
 

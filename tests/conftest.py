@@ -283,13 +283,30 @@ class CoreClient:
         self.core.dispatch(self.peer, (HeaderView(memoryview(raw)), []))
         return self.serial
 
-    def call(self, member: str, signature: str = "", body: tuple = (), *, dest: str = "org.freedesktop.DBus",
-             path: str = "/org/freedesktop/DBus", interface: str | None = "org.freedesktop.DBus", flags: int = 0) -> int:
+    def call(
+        self,
+        member: str,
+        signature: str = "",
+        body: tuple = (),
+        *,
+        dest: str = "org.freedesktop.DBus",
+        path: str = "/org/freedesktop/DBus",
+        interface: str | None = "org.freedesktop.DBus",
+        flags: int = 0,
+    ) -> int:
         return self.send(1, signature=signature, body=body, flags=flags, destination=dest, path=path,
                          interface=interface, member=member)  # fmt: skip
 
-    def signal(self, interface: str, member: str, signature: str = "", body: tuple = (), *, path: str = "/",
-               dest: str | None = None) -> int:
+    def signal(
+        self,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: tuple = (),
+        *,
+        path: str = "/",
+        dest: str | None = None,
+    ) -> int:
         return self.send(4, signature=signature, body=body, path=path, interface=interface, member=member,
                          destination=dest)  # fmt: skip
 

@@ -113,7 +113,9 @@ def do(cmd: dict):
         made = 0
         try:
             for i in range(cmd["n"]):
-                fd = os.open(os.path.join(cmd["mount"], "tmp", f"{cmd['prefix']}{i}"), os.O_RDWR | os.O_CREAT | os.O_EXCL)
+                fd = os.open(
+                    os.path.join(cmd["mount"], "tmp", f"{cmd['prefix']}{i}"), os.O_RDWR | os.O_CREAT | os.O_EXCL
+                )
                 os.write(fd, b"y" * cmd.get("size", 0))
                 os.close(fd)  # closed but never sealed nor unlinked
                 made += 1
@@ -129,8 +131,12 @@ def do(cmd: dict):
         data = b""
         while chunk := os.pread(fd, 1 << 20, len(data)):
             data += chunk
-        out = {"sha": hashlib.sha256(data).hexdigest(), "size": len(data), "uid": os.fstat(fd).st_uid,
-               "mode": os.fstat(fd).st_mode & 0o7777}
+        out = {
+            "sha": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "uid": os.fstat(fd).st_uid,
+            "mode": os.fstat(fd).st_mode & 0o7777,
+        }
         for name, attempt in (
             ("write", lambda: os.write(fd, b"z")),
             ("mmap_write", lambda: mmap.mmap(fd, 1, mmap.MAP_SHARED, mmap.PROT_WRITE)),

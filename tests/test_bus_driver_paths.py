@@ -15,7 +15,7 @@ PATH = "/org/freedesktop/DBus"
 
 def _answer(c: CoreClient, member, signature="", body=(), *, path=PATH, interface="org.freedesktop.DBus"):
     serial = c.call(member, signature, body, path=path, interface=interface)
-    (h, out), = [m for m in c.take() if m[0].reply_serial == serial]
+    ((h, out),) = [m for m in c.take() if m[0].reply_serial == serial]
     return (h.error_name, out[0]) if h.type == 3 else (None, out)
 
 
@@ -51,9 +51,12 @@ def test_unknown_interfaces_methods_and_properties(core):
     assert _answer(c, "Nope", interface=None)[0] == E + "UnknownMethod"
     props = "org.freedesktop.DBus.Properties"
     assert _answer(c, "Set", "ssv", ("org.freedesktop.DBus", "Nope", ("s", "x")), interface=props) == (
-        E + "UnknownProperty", 'Property "org.freedesktop.DBus.Nope" not found')
+        E + "UnknownProperty",
+        'Property "org.freedesktop.DBus.Nope" not found',
+    )
     assert _answer(c, "Set", "ssv", ("org.freedesktop.DBus", "Features", ("s", "x")), interface=props)[0] == (
-        E + "PropertyReadOnly")
+        E + "PropertyReadOnly"
+    )
     assert _answer(c, "Get", "ss", ("org.x.None", "Features"), interface=props)[0] == E + "UnknownInterface"
 
 

@@ -92,5 +92,5 @@ def test_sender_rule_uses_the_real_sender_not_the_claimed_one(core):
     sub.call("AddMatch", "s", (f"type='signal',sender='{honest.name}'",))
     sub.take()
     honest.signal("org.x.I", "Hi")
-    (h, _), = sub.take()
+    ((h, _),) = sub.take()
     assert h.member == "Hi" and h.sender == honest.name

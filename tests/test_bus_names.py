@@ -103,7 +103,7 @@ def test_invalid_and_reserved_names_are_refused(core):
     a = CoreClient(core)
     for bad in (":1.99", "org.freedesktop.DBus", "nodots", "org..x", "1org.x"):
         a.call("RequestName", "su", (bad, 0))
-        (h, _), = a.take()
+        ((h, _),) = a.take()
         assert h.error_name == "org.freedesktop.DBus.Error.InvalidArgs", bad
 
 

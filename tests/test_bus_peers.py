@@ -50,12 +50,15 @@ def test_driver_uses_no_router_privates_and_does_not_import_it():
     tree = ast.parse(inspect.getsource(driver_module))
     imports = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert "router" not in imports
-    def is_bus(node):
-        return (isinstance(node, ast.Name) and node.id == "bus") or (isinstance(node, ast.Attribute)
-                                                                      and node.attr == "bus")
 
-    private = sorted({n.attr for n in ast.walk(tree)
-                      if isinstance(n, ast.Attribute) and is_bus(n.value) and n.attr.startswith("_")})
+    def is_bus(node):
+        return (isinstance(node, ast.Name) and node.id == "bus") or (
+            isinstance(node, ast.Attribute) and node.attr == "bus"
+        )
+
+    private = sorted(
+        {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and is_bus(n.value) and n.attr.startswith("_")}
+    )
     assert private == []
 
 

@@ -171,7 +171,7 @@ def test_reply_timeout_gives_no_reply_and_frees_the_slot(core):
     core.expire_replies(50.999)
     assert caller.take() == [] and len(core.pending) == 1
     core.expire_replies(51.0)
-    (h, _), = caller.take()
+    ((h, _),) = caller.take()
     assert h.type == wm.ERROR and h.error_name == E + "NoReply" and h.reply_serial == serial
     assert len(core.pending) == 0 and caller.peer.replies_pending == 0 and svc.peer.owed == {}
     dropped = core.stats["dropped_replies"]
@@ -212,7 +212,7 @@ async def test_the_trio_timer_enforces_reply_timeout(core, autojump_clock):
         await trio.sleep(4.9)
         assert caller.take() == []
         await trio.sleep(0.2)
-        (h, _), = caller.take()
+        ((h, _),) = caller.take()
         assert h.error_name == E + "NoReply" and h.reply_serial == serial
         assert 5.0 <= trio.current_time() - start
         nursery.cancel_scope.cancel()

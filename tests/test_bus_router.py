@@ -37,14 +37,14 @@ def test_first_message_not_hello_disconnects(core):
 def test_sender_is_set_by_the_bus(core):
     a, b = CoreClient(core), CoreClient(core)
     a.send(4, path="/", interface="org.x.I", member="S", destination=b.name, sender=":1.999")
-    (h, _), = b.take()
+    ((h, _),) = b.take()
     assert h.sender == a.name
 
 
 def test_method_reply_is_delivered_once_and_only_when_expected(core):
     caller, svc = CoreClient(core), CoreClient(core)
     serial = caller.call("Do", dest=svc.name, path="/", interface="org.x.I")
-    (call, _), = svc.take()
+    ((call, _),) = svc.take()
     assert call.sender == caller.name and call.serial == serial
     svc.send(wm.METHOD_RETURN, reply_serial=serial, destination=caller.name, signature="s", body=("ok",))
     assert summarize(caller.take()) == [("return", None, ("ok",))]
@@ -94,7 +94,7 @@ def test_caller_gets_no_reply_when_the_callee_disconnects(core):
     caller, svc = CoreClient(core), CoreClient(core)
     serial = caller.call("Do", dest=svc.name, path="/", interface="org.x.I")
     core.disconnect(svc.peer)
-    (h, body), = caller.take()
+    ((h, body),) = caller.take()
     assert h.error_name == E + "NoReply" and h.reply_serial == serial
     assert caller.peer.replies_pending == 0 and not core.pending
 
@@ -177,7 +177,7 @@ def test_driver_errors(core):
     c.call("AddMatch", "s", ("type='bogus'",))
     assert c.take()[0][0].error_name == E + "MatchRuleInvalid"
     c.call("GetConnectionCredentials", "s", (c.name,))
-    (h, (creds,)), = c.take()
+    ((h, (creds,)),) = c.take()
     assert creds["UnixUserID"].value == 1000 and creds["ProcessID"].value == 4242
     assert list(creds["UnixGroupIDs"].value) == [1000] and "LinuxSecurityLabel" not in creds
 
@@ -190,7 +190,7 @@ def test_a_method_call_without_destination_is_answered_not_broadcast(core):
     b.take()
     for flags in (0, wm.NO_REPLY_EXPECTED):
         serial = a.send(wm.METHOD_CALL, path="/", interface="org.x.I", member="M", flags=flags)
-        (h, body), = a.take()
+        ((h, body),) = a.take()
         assert (h.error_name, h.reply_serial) == (E + "UnknownMethod", serial)
         assert body == ('Method "M" with signature "" on interface "org.x.I" doesn\'t exist\n',)
     assert b.take() == []

@@ -14,7 +14,7 @@ from jeepney.io.blocking import open_dbus_connection
 from broker.cli import DESCRIPTION
 
 SEALBUS = os.path.join(os.path.dirname(sys.executable), "sealbus")
-BAD_CONF = '<busconfig><frobnicate/></busconfig>'
+BAD_CONF = "<busconfig><frobnicate/></busconfig>"
 POLICY = ('<busconfig><policy context="default"><allow user="*"/><allow own="*"/><deny own="org.x.Taken"/>'
           '<allow send_destination="*"/><deny send_type="method_call" send_destination="org.x.Svc"/>'
           '</policy></busconfig>')  # fmt: skip
@@ -40,10 +40,14 @@ BAD_INPUTS = [
     (["run", "--payload-fs", "{d}/no-such-dir", "--address", "unix:path={d}/fs.sock"], "mkdir -p {d}/no-such-dir"),
     (["run", "--address", "bogus"], "address 'bogus'"),
     ([*SEND, "--address", "bogus", "--payload", "{d}/payload"], "bad --address 'bogus'"),
-    ([*SEND, "--address", "unix:path={d}/no.sock", "--payload", "{d}/payload"],
-     "cannot connect to unix:path={d}/no.sock: No such file or directory (is the bus running?"),
-    ([*SEND, "--address", "unix:path={d}/no.sock", "--payload", "{d}/big.iso"],
-     "--payload {d}/big.iso: No such file or directory"),
+    (
+        [*SEND, "--address", "unix:path={d}/no.sock", "--payload", "{d}/payload"],
+        "cannot connect to unix:path={d}/no.sock: No such file or directory (is the bus running?",
+    ),
+    (
+        [*SEND, "--address", "unix:path={d}/no.sock", "--payload", "{d}/big.iso"],
+        "--payload {d}/big.iso: No such file or directory",
+    ),
     (["receive", "--address", "bogus"], "bad --address 'bogus'"),
     (["receive", "--address", "unix:path={d}/no.sock"], "cannot connect to unix:path={d}/no.sock"),
     (["receive", "--address", "unix:path={d}/no.sock", "--out", "{d}/no-dir"], "mkdir -p {d}/no-dir"),

@@ -3,22 +3,28 @@
 import importlib.util
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location("conformance", Path(__file__).resolve().parent.parent / "scripts" / "conformance.py")
+spec = importlib.util.spec_from_file_location(
+    "conformance", Path(__file__).resolve().parent.parent / "scripts" / "conformance.py"
+)
 conformance = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(conformance)
 
 
 def test_tap_lines_give_pass_fail_and_skip():
-    text = "\n".join([
-        "# random seed: R02S",
-        "ok 1 /a/b",
-        "not ok 2 /a/c",
-        "ok 3 /a/d # SKIP AppArmor not enabled",
-        "ok 4 - dbus-daemon with stdin closed",
-        "Bail out! ERROR: something",
-    ])
+    text = "\n".join(
+        [
+            "# random seed: R02S",
+            "ok 1 /a/b",
+            "not ok 2 /a/c",
+            "ok 3 /a/d # SKIP AppArmor not enabled",
+            "ok 4 - dbus-daemon with stdin closed",
+            "Bail out! ERROR: something",
+        ]
+    )
     assert conformance.parse_tap(text) == [
-        ("/a/b", "pass", ""), ("/a/c", "fail", ""), ("/a/d", "skip", "AppArmor not enabled"),
+        ("/a/b", "pass", ""),
+        ("/a/c", "fail", ""),
+        ("/a/d", "skip", "AppArmor not enabled"),
         ("dbus-daemon with stdin closed", "pass", ""),
     ]
 

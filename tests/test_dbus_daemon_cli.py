@@ -71,7 +71,7 @@ def list_names(address: str) -> str:
 
 def socket_path(address: str) -> str:
     assert address.startswith("unix:path="), address
-    return address[len("unix:path="):].split(",", maxsplit=1)[0]
+    return address[len("unix:path=") :].split(",", maxsplit=1)[0]
 
 
 class Forked:
@@ -177,8 +177,13 @@ def test_unwritable_pidfile_stops_start_up(tmp_path, fork):
     """As dbus-daemon: a pid file that cannot be written stops start-up (status 1, the reason on stderr);
     with --fork the parent reports it and the socket is gone."""
     conf = write_conf(tmp_path, f"<pidfile>{tmp_path}/missing/bus.pid</pidfile>")
-    out = subprocess.run([SEALBUS_DD, f"--config-file={conf}", fork, "--print-address=1"],
-                         capture_output=True, text=True, timeout=30, env={**os.environ, "DBUS_DEBUG_OUTPUT": "1"})
+    out = subprocess.run(
+        [SEALBUS_DD, f"--config-file={conf}", fork, "--print-address=1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "DBUS_DEBUG_OUTPUT": "1"},
+    )
     assert out.returncode == 1 and "pid file" in out.stderr, out.stderr
     assert not out.stdout
     assert os.listdir(tmp_path / "sock") == []
@@ -375,8 +380,10 @@ def test_features_name_systemd_activation(tmp_path, daemon):
 
 # -- the reference implementation's own tests --------------------------------------------------------------
 
-needs_dbus_tests = pytest.mark.skipif(not os.path.exists(f"{DBUS_TESTS}/test-dbus-daemon"),
-                                      reason=f"Debian's dbus-tests package is not installed ({DBUS_TESTS})")
+needs_dbus_tests = pytest.mark.skipif(
+    not os.path.exists(f"{DBUS_TESTS}/test-dbus-daemon"),
+    reason=f"Debian's dbus-tests package is not installed ({DBUS_TESTS})",
+)
 
 
 def _dbus_tests_env(tmp_path: Path) -> dict:

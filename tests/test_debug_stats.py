@@ -88,9 +88,12 @@ def test_root_and_the_explicitly_allowed_user_read_stats(bus):
 def test_the_last_rule_naming_debug_stats_decides_not_a_later_catch_all(core):
     """USER's own deny of Debug.Stats is not undone by a catch-all allow that comes later (mandatory);
     READER's explicit allow is not hidden by it either."""
-    xml = CATCH_ALL.format(reader=READER).replace("</policy></busconfig>", f"""</policy>
+    xml = CATCH_ALL.format(reader=READER).replace(
+        "</policy></busconfig>",
+        f"""</policy>
       <policy user="{USER}"><deny send_destination="org.freedesktop.DBus" send_interface="{STATS}"/></policy>
-      <policy context="mandatory"><allow send_destination="org.freedesktop.DBus"/></policy></busconfig>""")
+      <policy context="mandatory"><allow send_destination="org.freedesktop.DBus"/></policy></busconfig>""",
+    )
     core.policy = BusPolicy(parse_config_string(xml).policy)
     user, reader = CoreClient(core, uid=USER, gids=(USER,)), CoreClient(core, uid=READER, gids=(READER,))
     assert stats_call(user, "GetAllMatchRules")[0] == DENIED

@@ -365,7 +365,9 @@ def test_fds_count_once_and_a_sender_over_its_share_pays_itself(core):
         sender.serial += 1
         raw = build_message(4 if member == "F" else 1, sender.serial, path="/", interface="org.x.F", member=member,
                             signature="h" * 16, body=tuple(range(16)), unix_fds=16, **fields)  # fmt: skip
-        core.dispatch(sender.peer, (HeaderView(memoryview(raw)), [os.open("/dev/null", os.O_RDONLY) for _ in range(16)]))
+        core.dispatch(
+            sender.peer, (HeaderView(memoryview(raw)), [os.open("/dev/null", os.O_RDONLY) for _ in range(16)])
+        )
 
     send("F")
     assert sender.peer.account.message_fds == 16  # one broadcast to three subscribers holds 16 fds, not 48

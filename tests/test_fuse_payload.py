@@ -137,8 +137,9 @@ async def mounted(limits: Limits | None = None, *, via: str = "fd", backing_dir_
             async def serve(task_status=trio.TASK_STATUS_IGNORED):
                 try:
                     with cs:
-                        await serve_payload_fs(store, mnt, fuse_fd=None if fuse_fd is None else os.dup(fuse_fd),
-                                               task_status=task_status)
+                        await serve_payload_fs(
+                            store, mnt, fuse_fd=None if fuse_fd is None else os.dup(fuse_fd), task_status=task_status
+                        )
                 finally:
                     done.set()
 
@@ -413,8 +414,16 @@ def test_unprivileged_session_mount_via_fusermount3(users, tmp_path):
     os.chown(mnt, user.pw_uid, user.pw_gid)
     script = os.path.join(os.path.dirname(ACTOR), "fuse_session_server.py")
     try:
-        proc = subprocess.Popen([sys.executable, script, mnt], user=user.pw_uid, group=user.pw_gid, extra_groups=[],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+        proc = subprocess.Popen(
+            [sys.executable, script, mnt],
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
         try:
             stdout, stderr = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
@@ -434,7 +443,6 @@ def test_unprivileged_session_mount_via_fusermount3(users, tmp_path):
             abort(conn)
             _libc.umount2(mnt.encode(), MNT_DETACH)
         os.rmdir(mnt)
-
 
 
 async def test_watchdog_is_not_vacuous():

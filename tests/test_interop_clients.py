@@ -237,7 +237,8 @@ async def test_jeepney_trio_call(sealbus, service):
 
     async with open_dbus_router(sealbus.address) as router:
         reply = await router.send_and_get_reply(
-            new_method_call(DBusAddress("/", bus_name="org.sealbus.Svc", interface=IFACE), "Echo", "s", ("trio",)))
+            new_method_call(DBusAddress("/", bus_name="org.sealbus.Svc", interface=IFACE), "Echo", "s", ("trio",))
+        )
         assert reply.body == ("trio",)
 
 
@@ -317,10 +318,20 @@ def test_dbus_fast_owns_name_signals_fds_and_owner_changes(sealbus, service):
                 got.put_nowait(msg)
 
         bus.add_message_handler(handler)
-        for rule in (f"type='signal',interface='{IFACE}',member='Wanted'",
-                     "type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='org.sealbus.Gone'"):
-            r = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                       interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule]))
+        for rule in (
+            f"type='signal',interface='{IFACE}',member='Wanted'",
+            "type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='org.sealbus.Gone'",
+        ):
+            r = await bus.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="AddMatch",
+                    signature="s",
+                    body=[rule],
+                )
+            )
             assert r.message_type == FMT.METHOD_RETURN
 
         def jeepney_side():

@@ -254,7 +254,9 @@ def test_unix_socket_with_fds_in_flight_refused_in_any_mode(sealbus):
     assert "fd #0" in reply.body[0] and "in flight" in reply.body[0]
     # an empty socketpair end is fine in `any` mode (dbus-daemon compatible) and the sender goes on
     c, d = socket.socketpair()
-    client.send(new_method_call(DBusAddress("/t", bus_name="org.sealbus.Sink", interface=IFACE), "Take", "h", (d.fileno(),)))
+    client.send(
+        new_method_call(DBusAddress("/t", bus_name="org.sealbus.Sink", interface=IFACE), "Take", "h", (d.fileno(),))
+    )
     m = recv_call(service)
     with socket.socket(fileno=m.body[0].to_raw_fd()) as got:
         c.sendall(b"ping")
@@ -336,7 +338,6 @@ def test_cli_send_receive_cat(sealed_bus, tmp_path):
 # -- a client's own FUSE mount must not stall the bus ------------------------------------------
 
 
-
 @pytest.mark.root
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", ["any", "sealed"])
@@ -345,7 +346,9 @@ def test_fd_from_hostile_fuse_mount_does_not_stall_the_bus(sealbus_factory, host
     service, client = connect(bus), connect(bus)
     service.send_and_get_reply(message_bus.RequestName("org.sealbus.Sink"))
     fuse_fd = os.open(hostile_fuse / "f", os.O_RDONLY)  # not closed here: the fixture's teardown frees it
-    client.send(new_method_call(DBusAddress("/t", bus_name="org.sealbus.Sink", interface=IFACE), "Take", "h", (fuse_fd,)))
+    client.send(
+        new_method_call(DBusAddress("/t", bus_name="org.sealbus.Sink", interface=IFACE), "Take", "h", (fuse_fd,))
+    )
     if mode == "any":
         m = recv_call(service)
         m.body[0].to_raw_fd()  # the receiver keeps it too; the broker's own copy is the one closed

@@ -156,7 +156,7 @@ def test_a_caller_of_a_closing_peer_gets_no_reply_when_it_goes(core):
     core.kill(svc.peer, "bad")
     assert caller.take() == []  # nothing until it is gone
     core.disconnect(svc.peer)
-    (h, _), = caller.take()
+    ((h, _),) = caller.take()
     assert h.error_name == "org.freedesktop.DBus.Error.NoReply"
 
 

@@ -293,7 +293,9 @@ def test_dbus_daemon_drop_in_serves_from_a_sandboxed_broker_as_config_user(test_
         broker = bus.serving_pid()
         assert broker != bus.pid and children(bus.pid) == [broker]
         assert_confined(broker, bus_user)
-        assert f"broker sandboxed: uid={bus_user.pw_uid} gid={bus_user.pw_gid} landlock=True seccomp=True" in bus.logtext()
+        assert (
+            f"broker sandboxed: uid={bus_user.pw_uid} gid={bus_user.pw_gid} landlock=True seccomp=True" in bus.logtext()
+        )
         # real clients, as root and as another user
         out = subprocess.run(["dbus-send", f"--bus={bus.address}", "--print-reply", "--dest=org.freedesktop.DBus",
                               "/org/freedesktop/DBus", "org.freedesktop.DBus.ListNames"],

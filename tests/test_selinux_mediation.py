@@ -69,7 +69,7 @@ def test_calls_to_the_driver_are_sends_to_the_bus_label(mediated):
     assert (CLIENT, BUS, "send_msg") in avc.asked and len(returns(client)) == 1
     nobody = CoreClient(core, label="system_u:system_r:nobody_t:s0")
     nobody.call("ListNames")
-    (name, text), = errors(nobody)
+    ((name, text),) = errors(nobody)
     assert name == DENIED and f"tcontext={BUS}" in text
 
 
@@ -79,7 +79,7 @@ def test_acquire_svc_uses_the_association_or_the_bus_label(mediated):
     svc.call("RequestName", "su", ("org.sb.Service", 4))
     assert returns(svc) == [(1,)]
     client.call("RequestName", "su", ("org.sb.Service", 4))
-    (name, text), = errors(client)
+    ((name, text),) = errors(client)
     assert name == DENIED and f"scontext={CLIENT}" in text and f"tcontext={NAME_T}" in text
     assert (CLIENT, NAME_T, "acquire_svc") in avc.asked
     client.call("RequestName", "su", ("org.sb.Unassociated", 4))  # no association: the bus's own label
@@ -97,12 +97,22 @@ def test_send_msg_between_peers_and_the_denial_record(mediated):
     assert [h.member for h, _ in svc.take()] == ["Get"]
     spy.call("Get", dest=svc.name, path="/o", interface="org.sb.I")
     assert svc.take() == []
-    (name, text), = errors(spy)
+    ((name, text),) = errors(spy)
     assert name == DENIED and f"scontext={SPY}" in text and f"tcontext={SERVICE}" in text
     (rec,) = records
     assert USER_AVC_FORM.fullmatch(rec)
-    for part in ("{ send_msg }", "msgtype=method_call", "interface=org.sb.I", "member=Get", f"dest={svc.name}",
-                 "spid=33", "tpid=11", f"scontext={SPY}", f"tcontext={SERVICE}", "permissive=0"):
+    for part in (
+        "{ send_msg }",
+        "msgtype=method_call",
+        "interface=org.sb.I",
+        "member=Get",
+        f"dest={svc.name}",
+        "spid=33",
+        "tpid=11",
+        f"scontext={SPY}",
+        f"tcontext={SERVICE}",
+        "permissive=0",
+    ):
         assert part in rec, part
 
 

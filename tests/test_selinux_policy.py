@@ -98,8 +98,9 @@ def test_neverallow_violation_is_rejected(tmp_path):
     te = (selinux_audit.POLICY_SRC / "sealbus.te").read_text()
     te += "\nallow sealbus_t self:tcp_socket create;\nallow sealbus_demo_client_t sealbus_fs_t:filesystem mount;\n"
     (mod / "sealbus.te").write_text(te)
-    subprocess.run(["make", "-f", str(selinux_audit.DEVEL_MAKEFILE), "sealbus.pp"], cwd=mod, capture_output=True,
-                   check=True)
+    subprocess.run(
+        ["make", "-f", str(selinux_audit.DEVEL_MAKEFILE), "sealbus.pp"], cwd=mod, capture_output=True, check=True
+    )
     with pytest.raises(selinux_audit.AuditError, match="neverallow"):
         selinux_audit.link_policy(mod / "sealbus.pp", tmp_path / "root")
 

@@ -83,9 +83,11 @@ def agree(raw: bytes) -> None:
     ref, reason = libdbus_accepts(raw)
     if ref and not ours and known_stricter(err):
         return
-    assert ours == ref, f"sealbus {'accepts' if ours else f'rejects ({err})'}, libdbus " + (
-        "accepts" if ref else f"rejects ({reason})"
-    ) + f": {raw.hex()}"
+    assert ours == ref, (
+        f"sealbus {'accepts' if ours else f'rejects ({err})'}, libdbus "
+        + ("accepts" if ref else f"rejects ({reason})")
+        + f": {raw.hex()}"
+    )
 
 
 def message(signature: str, body: bytes, endian: str = "l") -> bytes:

@@ -226,8 +226,15 @@ def test_long_object_paths_judged_as_the_regex_judges_them(tail, long_prefix):
     assert body_check._valid_long_path(path, 0, len(path)) == (body_check._PATH.fullmatch(path) is not None)
 
 
-@pytest.mark.parametrize(("path", "ok"), [(b"/a_9" * 5000, True), (b"/a_9" * 5000 + b"/", False),
-                                          (b"/a" * 5000 + b"//b", False), (b"/a" * 5000 + b"-", False)])
+@pytest.mark.parametrize(
+    ("path", "ok"),
+    [
+        (b"/a_9" * 5000, True),
+        (b"/a_9" * 5000 + b"/", False),
+        (b"/a" * 5000 + b"//b", False),
+        (b"/a" * 5000 + b"-", False),
+    ],
+)
 def test_a_long_object_path_is_checked_without_the_regex(monkeypatch, path, ok):
     monkeypatch.setattr(body_check, "_PATH", None)  # a path over PATH_REGEX_MAX never reaches it
     body = struct.pack("<I", len(path)) + path + b"\0"

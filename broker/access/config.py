@@ -32,7 +32,6 @@ MESSAGE_TYPES = {"*", "method_call", "method_return", "signal", "error"}
 BOOL_ATTRS = {"send_broadcast", "send_requested_reply", "receive_requested_reply", "eavesdrop", "log"}
 
 
-
 def _log_unbounding_limit(file: str, line: int, name: str) -> None:
     """Say so when a config sets a limit that sealbus accepts but that bounds nothing here (NOTHING_TO_BOUND:
     a warning for the container ones, info for the activation ones, which dbus-daemon's session.conf sets)
@@ -45,6 +44,7 @@ def _log_unbounding_limit(file: str, line: int, name: str) -> None:
     elif name in HELD_OTHERWISE:
         log.info("%s:%d: <limit name=%r> accepted; sealbus bounds this otherwise: %s", file, line, name,
                  HELD_OTHERWISE[name])  # fmt: skip
+
 
 @dataclass
 class Rule:

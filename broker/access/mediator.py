@@ -105,10 +105,10 @@ class BusPolicy:
         sdesc = sender.describe() if sender is not None else "the bus driver"
         rule = d.rule.where if d.rule else "no rule allows it"
         text = (
-            f"Rejected {what} message, {len(d.matched)} matched rules; type=\"{_TYPES.get(msg.type)}\", "
-            f"sender=\"{sname}\" interface=\"{msg.interface or '(unset)'}\" "
-            f"member=\"{msg.member or '(unset)'}\" error name=\"{msg.error_name or '(unset)'}\" "
-            f"requested_reply=\"{int(requested_reply)}\" destination=\"{msg.destination or tname}\" "
+            f'Rejected {what} message, {len(d.matched)} matched rules; type="{_TYPES.get(msg.type)}", '
+            f'sender="{sname}" interface="{msg.interface or "(unset)"}" '
+            f'member="{msg.member or "(unset)"}" error name="{msg.error_name or "(unset)"}" '
+            f'requested_reply="{int(requested_reply)}" destination="{msg.destination or tname}" '
             f"(decided by {rule})"
         )
         log.warning("denied %s from %s to %s: %s", what, sdesc, tdesc, text)

@@ -149,8 +149,9 @@ def main(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("explain", help="why is this message / name / connection allowed or denied?",
                        epilog=EXIT_CODES)  # fmt: skip
-    e.add_argument("--config", required=True, metavar="FILE",
-                   help="the bus config (e.g. /usr/share/dbus-1/system.conf)")
+    e.add_argument(
+        "--config", required=True, metavar="FILE", help="the bus config (e.g. /usr/share/dbus-1/system.conf)"
+    )
     e.add_argument("--sender-uid", type=int, required=True)
     e.add_argument("--sender-name", help="a name the sender owns (for receive_sender rules)")
     e.add_argument("--dest", default="org.freedesktop.DBus", help="destination bus name")

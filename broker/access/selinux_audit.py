@@ -55,7 +55,10 @@ def build_module(src: Path, out_dir: Path) -> Path:
         shutil.copy2(src / name, out_dir / name)
     proc = subprocess.run(
         ["make", "-f", str(DEVEL_MAKEFILE), "sealbus.pp"],
-        cwd=out_dir, capture_output=True, text=True, check=False,
+        cwd=out_dir,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise AuditError(f"module build failed:\n{proc.stdout}{proc.stderr}")
@@ -77,7 +80,9 @@ def link_policy(module_pp: Path, root: Path) -> Path:
     (root / "etc/selinux/semanage.conf").write_text("\n".join([*lines, "expand-check = 1", ""]))
     proc = subprocess.run(
         ["semodule", "-p", str(root), "-s", STORE, "-n", "-i", str(module_pp)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise AuditError(f"semodule link failed:\n{proc.stdout}{proc.stderr}")
@@ -266,7 +271,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--expected", type=Path, default=EXPECTED, help=f"expected answers (default {EXPECTED})")
     parser.add_argument("--write-expected", action="store_true", help="record the current answers as expected")
     parser.add_argument(
-        "--infoflow-graph", action="store_true",
+        "--infoflow-graph",
+        action="store_true",
         help="answer the flow question with setools InfoFlowAnalysis over the whole policy graph (slow, minutes)",
     )
     parser.add_argument("--json", action="store_true", help="print the answers as JSON")

@@ -150,7 +150,7 @@ class Driver:
             raise BusError("InvalidArgs", f"invalid bus name {name!r}")
         p = self.bus.resolve(name)
         if p is None:
-            raise BusError("NameHasNoOwner", f'Could not get owner of name \'{name}\': no such name')
+            raise BusError("NameHasNoOwner", f"Could not get owner of name '{name}': no such name")
         return p
 
     # -- org.freedesktop.DBus ---------------------------------------------------

@@ -224,10 +224,7 @@ class Peer:
     def describe(self) -> str:
         """For log lines: who this is, in terms a sysadmin can act on."""
         c = self.creds
-        return (
-            f"{self.unique_name or '(no Hello)'} uid={c.uid} pid={c.pid} "
-            f"label={c.label or '-'}"
-        )
+        return f"{self.unique_name or '(no Hello)'} uid={c.uid} pid={c.pid} label={c.label or '-'}"
 
     # -- lifecycle (bus/lifecycle.py) ---------------------------------------
 

@@ -38,7 +38,6 @@ METHOD_CALL, METHOD_RETURN, ERROR, NO_REPLY_EXPECTED = wm.METHOD_CALL, wm.METHOD
 log = logging.getLogger("sealbus.bus")
 
 
-
 def own_creds() -> Creds:
     label = None
     try:

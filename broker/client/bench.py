@@ -191,8 +191,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--targets", default="sealbus,dbus-daemon",
                    help="buses to start, comma-separated: sealbus, dbus-daemon (default: both; one that is not "
                         "installed is reported and skipped)")  # fmt: skip
-    p.add_argument("--bus", action="append", type=_bus_spec, default=[], metavar="LABEL=ADDRESS",
-                   help="also measure an already running bus, e.g. dbus-broker=unix:path=/run/user/0/bus")
+    p.add_argument(
+        "--bus",
+        action="append",
+        type=_bus_spec,
+        default=[],
+        metavar="LABEL=ADDRESS",
+        help="also measure an already running bus, e.g. dbus-broker=unix:path=/run/user/0/bus",
+    )
     p.add_argument("--calls", type=int, default=2000, help="round trips per bus (default 2000)")
     p.add_argument("--payloads", type=int, default=20, help="sealed payloads per bus (default 20)")
     p.add_argument("--payload-size", type=_size, default=1 << 20, metavar="SIZE", help="bytes per payload "

@@ -101,7 +101,7 @@ def snapshot_devices(conn) -> set[int]:
 
 
 def trusted_kind(fd: int, snapshot_devs: set[int] = frozenset()) -> str:
-    """"sealed-memfd", or "payload-snapshot" (on a device from ``snapshot_devices``); PayloadError for
+    """ "sealed-memfd", or "payload-snapshot" (on a device from ``snapshot_devices``); PayloadError for
     anything that could still change."""
     if get_seals(fd) is not None:
         check_sealed(fd)

@@ -204,8 +204,13 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             fds += (fuse_fd,)
             cmd += ["--fuse-fd", str(fuse_fd)]
         # preexec_fn: the launcher has no threads; the drop must happen here, in sealbus_launch_t
-        proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                preexec_fn=become_bus_user(user.pw_uid, user.pw_gid))  # noqa: PLW1509
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=become_bus_user(user.pw_uid, user.pw_gid),  # noqa: PLW1509
+        )
         ctl_broker.close()
         if fuse_fd is not None:
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out

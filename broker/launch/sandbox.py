@@ -111,8 +111,10 @@ def apply_landlock(required: bool, selinuxfs: bool = False, payload_fs: str | No
         try:
             rs.allow(path, rules=functools.reduce(operator.or_, (getattr(FSAccess, r) for r in rights)))
         except OSError as e:
-            raise SandboxError(f"cannot grant the broker {path} ({e.strerror}): the bus user must be able to "
-                               "reach it (for the payload fs: a directory every user can search)") from None
+            raise SandboxError(
+                f"cannot grant the broker {path} ({e.strerror}): the bus user must be able to "
+                "reach it (for the payload fs: a directory every user can search)"
+            ) from None
     rs.apply()
     return True
 

@@ -27,9 +27,7 @@ from .signature import ALIGNMENT, MAX_TOTAL_DEPTH, split_signature
 MAX_ARRAY_LENGTH = 64 * 1024 * 1024
 
 _INT_CODES = {"y": "B", "n": "h", "q": "H", "i": "i", "u": "I", "x": "q", "t": "Q", "h": "I", "d": "d"}
-_STRUCTS = {
-    (e, c): struct.Struct(("<" if e == "l" else ">") + f) for e in "lB" for c, f in _INT_CODES.items()
-}
+_STRUCTS = {(e, c): struct.Struct(("<" if e == "l" else ">") + f) for e in "lB" for c, f in _INT_CODES.items()}
 _U32 = {"l": struct.Struct("<I"), "B": struct.Struct(">I")}
 _INT_RANGES = {
     "y": (0, 0xFF), "n": (-0x8000, 0x7FFF), "q": (0, 0xFFFF), "i": (-(2**31), 2**31 - 1),

@@ -84,7 +84,7 @@ class SaslServer:
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
-            return b"ERROR \"non-ASCII command\"\r\n"
+            return b'ERROR "non-ASCII command"\r\n'
         cmd, _, arg = text.partition(" ")
         st = self.state
         if cmd == "AUTH" and st is State.WAIT_AUTH:
@@ -110,14 +110,14 @@ class SaslServer:
             if self.unix_fd_supported:
                 self.unix_fd = True
                 return b"AGREE_UNIX_FD\r\n"
-            return b"ERROR \"fd passing is not supported on this transport\"\r\n"
+            return b'ERROR "fd passing is not supported on this transport"\r\n'
         if cmd in ("AUTH", "DATA", "CANCEL", "NEGOTIATE_UNIX_FD", "ERROR"):
             if st is State.WAIT_DATA:
                 return self._reject()
-            return b"ERROR \"unexpected command in this state\"\r\n"
+            return b'ERROR "unexpected command in this state"\r\n'
         if st is State.WAIT_DATA:
             return self._reject()
-        return b"ERROR \"unknown command\"\r\n"
+        return b'ERROR "unknown command"\r\n'
 
     def _external(self, resp: str) -> bytes:
         if resp:

@@ -150,8 +150,12 @@ def case_platform() -> None:
 def case_socket(start: float) -> None:
     """Socket rules with a stand-in listener in sealbus_launch_t in a sealbus_var_run_t dir."""
     sock = PROBE_DIR / "bus"
-    listener = subprocess.Popen([str(HELPER), "listen", str(sock)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listener = subprocess.Popen(
+        [str(HELPER), "listen", str(sock)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         up = wait_for(sock.exists, 30)
         if not up:
@@ -247,7 +251,7 @@ class LauncherLog:
         lines = [ln for ln in self.lines if ln.strip()]
         for i in range(len(lines) - 1, -1, -1):
             if lines[i].lstrip(" |").startswith("File "):
-                return " / ".join(ln.strip(" |") for ln in lines[i:i + 4])
+                return " / ".join(ln.strip(" |") for ln in lines[i : i + 4])
         return " / ".join(lines[-3:]) or "no stderr"
 
 
@@ -272,9 +276,14 @@ def start_real_bus(runtime: Path, config: Path) -> tuple[subprocess.Popen | None
 
 
 def case_real_bus(start: float) -> None:
-    names = ["launcher runs in sealbus_launch_t", "broker runs in sealbus_t",
-             "demo_client connects to the real bus", "demo_denied: EACCES on the real bus socket",
-             "demo_client seals a payload on the real payload fs", "demo_denied: EACCES on the real payload fs"]
+    names = [
+        "launcher runs in sealbus_launch_t",
+        "broker runs in sealbus_t",
+        "demo_client connects to the real bus",
+        "demo_denied: EACCES on the real bus socket",
+        "demo_client seals a payload on the real payload fs",
+        "demo_denied: EACCES on the real payload fs",
+    ]
     proc, why, log = start_real_bus(BUS_DIR, write_tier_config())
     if proc is None:
         for name in names:
@@ -293,8 +302,11 @@ def case_real_bus(start: float) -> None:
             user = st.get("Uid", "").split()
             ok = (len(set(user)) == 1 and user[0] != "0" and not any(caps.values())
                   and st.get("NoNewPrivs") == "1" and st.get("Seccomp") == "2")  # fmt: skip
-            record("broker: bus user, no capabilities, no_new_privs, seccomp", ok,
-                   f"Uid={st.get('Uid')} caps={caps} NoNewPrivs={st.get('NoNewPrivs')} Seccomp={st.get('Seccomp')}")
+            record(
+                "broker: bus user, no capabilities, no_new_privs, seccomp",
+                ok,
+                f"Uid={st.get('Uid')} caps={caps} NoNewPrivs={st.get('NoNewPrivs')} Seccomp={st.get('Seccomp')}",
+            )
         path = why.split("path=", 1)[1].split(",")[0]
         rc, out = probe("sealbus_demo_client_t", "connect", path)
         record(names[2], rc == 0, out)
@@ -360,7 +372,8 @@ def _user_avc(perm: str, since: float, stype: str, ttype: str, extra: str) -> tu
     if not wait_for(look, 10):
         others = user_avcs(perm, since)
         return False, f"no USER_AVC {perm} {stype} -> {ttype} ({extra}); {len(others)} other(s): " + (
-            others[0]["line"][-200:] if others else "none")
+            others[0]["line"][-200:] if others else "none"
+        )
     rec = found[0]
     subj_ok = ":sealbus_launch_t:" in rec.get("subj", "")  # written by the launcher for the broker
     return subj_ok, f"subj={rec.get('subj')} " + rec["line"].split("msg='", 1)[-1][:220]
@@ -397,14 +410,14 @@ def case_dbus_class(address: str | None, start: float, log: LauncherLog) -> None
 
         rc, out = probe("sealbus_demo_stranger_t", "call", address, SERVICE_NAME)
         ok, detail = _denied(rc, out, "sealbus_demo_stranger_t", "sealbus_demo_service_t")
-        audited, avc = _user_avc("send_msg", since, "sealbus_demo_stranger_t", "sealbus_demo_service_t",
-                                 "member=Ping")
+        audited, avc = _user_avc("send_msg", since, "sealbus_demo_stranger_t", "sealbus_demo_service_t", "member=Ping")
         record(DBUS_CASES["send"], ok and audited, f"{detail} | {avc}")
 
         rc, out = probe("sealbus_demo_stranger_t", "own", address, GUARDED_NAME)
         ok, detail = _denied(rc, out, "sealbus_demo_stranger_t", "sealbus_demo_name_t")
-        audited, avc = _user_avc("acquire_svc", since, "sealbus_demo_stranger_t", "sealbus_demo_name_t",
-                                 f"service={GUARDED_NAME}")
+        audited, avc = _user_avc(
+            "acquire_svc", since, "sealbus_demo_stranger_t", "sealbus_demo_name_t", f"service={GUARDED_NAME}"
+        )
         record(DBUS_CASES["acquire"], ok and audited, f"{detail} | {avc}")
 
         rc, out = probe("sealbus_demo_client_t", "own", address, FREE_NAME)
@@ -420,9 +433,12 @@ def case_dbus_class(address: str | None, start: float, log: LauncherLog) -> None
         lines += [ln.strip() for ln in (rest or "").splitlines()]
     calls = [ln for ln in lines if ln.startswith("CALL")]
     denials = [ln for ln in log.lines if "SELinux" in ln and "denied" in ln]
-    record(DBUS_CASES["logged"], len(calls) == 1 and len(denials) >= 3,
-           f"service saw {calls or 'no call'}; broker log: {len(denials)} denial line(s): "
-           + (denials[0][-160:] if denials else "none"))
+    record(
+        DBUS_CASES["logged"],
+        len(calls) == 1 and len(denials) >= 3,
+        f"service saw {calls or 'no call'}; broker log: {len(denials)} denial line(s): "
+        + (denials[0][-160:] if denials else "none"),
+    )
 
 
 def table(results: list[Case]) -> str:
@@ -470,8 +486,13 @@ def main(argv: list[str]) -> int:
     PROBE_DIR.mkdir(exist_ok=True)
     sh("chcon", "-t", "sealbus_var_run_t", str(PROBE_DIR))
     start = time.time()
-    for step in (case_platform, lambda: case_socket(start), lambda: case_payload_fs(start),
-                 lambda: case_real_bus(start), case_systemd):
+    for step in (
+        case_platform,
+        lambda: case_socket(start),
+        lambda: case_payload_fs(start),
+        lambda: case_real_bus(start),
+        case_systemd,
+    ):
         try:
             step()
         except Exception as e:  # a broken step is a failure, never a skip

@@ -102,8 +102,9 @@ def call(address: str, dest: str) -> str:
     from jeepney import DBusAddress, new_method_call
 
     with _bus(address) as conn:
-        msg = new_method_call(DBusAddress(DEMO_PATH, bus_name=dest, interface=DEMO_IFACE), "Ping", "s",
-                              (conn.unique_name,))
+        msg = new_method_call(
+            DBusAddress(DEMO_PATH, bus_name=dest, interface=DEMO_IFACE), "Ping", "s", (conn.unique_name,)
+        )
         body = _unwrap(conn.send_and_get_reply(msg, timeout=DBUS_TIMEOUT))
         return f"{conn.unique_name} -> {dest}: {body[0]}"
 
@@ -150,8 +151,7 @@ def serve(address: str, names: str) -> str:
                 continue
             if msg.header.message_type == MessageType.method_call:
                 fields = msg.header.fields
-                print("CALL", fields.get(HeaderFields.sender, "?"), fields.get(HeaderFields.member, "?"),
-                      flush=True)
+                print("CALL", fields.get(HeaderFields.sender, "?"), fields.get(HeaderFields.member, "?"), flush=True)
                 conn.send_message(new_method_return(msg, "s", (f"pong from {me}",)))
         return "timed out"
 
@@ -184,8 +184,18 @@ def claim(address: str, mount: str) -> str:
     return f"claimed via {via}: {kind}, identical bytes, {writable}"
 
 
-ACTIONS = {"connect": connect, "write-payload": write_payload, "read": read_file, "list": list_dir,
-           "seal-payload": seal_payload, "own": own, "call": call, "serve": serve, "claim": claim, "whoami": whoami}
+ACTIONS = {
+    "connect": connect,
+    "write-payload": write_payload,
+    "read": read_file,
+    "list": list_dir,
+    "seal-payload": seal_payload,
+    "own": own,
+    "call": call,
+    "serve": serve,
+    "claim": claim,
+    "whoami": whoami,
+}
 
 
 def main() -> int:
