@@ -324,38 +324,44 @@ class BodyChecker:
         sig_value = self._signature_value
         simple = _BASIC_CODES[endian]
 
-        def signature(b, p, d, f, value_at=False):
-            # value_at: only a variant's signature, (check of its value, where it starts), for variant_gen
-            if p >= len(b):
-                raise _truncated(p, "a signature length")
-            n = b[p]
-            q = p + 1 + n
-            if q >= len(b):
-                raise TruncatedError(f"signature at offset {p} runs past the end of the body")
-            if b[q]:
-                raise InvalidValueError(f"signature at offset {p} is not NUL-terminated")
-            if n == 1:
-                plan = simple.get(b[p + 1]) or sig_value(bytes(b[p + 1 : q]), endian)
-            elif n:
-                plan = sig_value(bytes(b[p + 1 : q]), endian)
-            else:
-                plan = False  # the empty signature: valid, but no type for a variant
-            if not variant:
-                return q + 1
-            if not plan:
-                raise SignatureError(f"variant signature at offset {p} is not one single complete type")
-            if d + inner > MAX_DEPTH:
-                raise LimitExceededError(f"variant at offset {p} nests values deeper than {MAX_DEPTH}")
-            if value_at:
-                return plan, q + 1
-            return plan(b, q + 1, d + inner, f)
+        def make(value_at: bool):
+            # value_at: the check of only a variant's signature, for variant_gen: (its value's check,
+            # where the value starts). A second closure, not an argument: no cost to the one-shot check.
+            def signature(b, p, d, f):
+                if p >= len(b):
+                    raise _truncated(p, "a signature length")
+                n = b[p]
+                q = p + 1 + n
+                if q >= len(b):
+                    raise TruncatedError(f"signature at offset {p} runs past the end of the body")
+                if b[q]:
+                    raise InvalidValueError(f"signature at offset {p} is not NUL-terminated")
+                if n == 1:
+                    plan = simple.get(b[p + 1]) or sig_value(bytes(b[p + 1 : q]), endian)
+                elif n:
+                    plan = sig_value(bytes(b[p + 1 : q]), endian)
+                else:
+                    plan = False  # the empty signature: valid, but no type for a variant
+                if not variant:
+                    return q + 1
+                if not plan:
+                    raise SignatureError(f"variant signature at offset {p} is not one single complete type")
+                if d + inner > MAX_DEPTH:
+                    raise LimitExceededError(f"variant at offset {p} nests values deeper than {MAX_DEPTH}")
+                if value_at:
+                    return plan, q + 1
+                return plan(b, q + 1, d + inner, f)
 
+            return signature
+
+        signature = make(False)
         if not variant:
             signature.gen = None
             return signature
+        value_at = make(True)
 
         def variant_gen(b, p, d, f):  # the same, the value walked by its resumable check
-            plan, p = signature(b, p, d, f, True)
+            plan, p = value_at(b, p, d, f)
             if plan.gen is None:
                 return plan(b, p, d + inner, f)
             return (yield from plan.gen(b, p, d + inner, f))
@@ -401,14 +407,14 @@ class BodyChecker:
         inner = depth + 1
         size = FIXED_SIZE.get(elem, 0)
         if size and elem not in "bh":  # b and h are fixed-size, but each value needs a look
-            array = _array_check(endian, elem, size, inner)
+            array = _array_check(False, endian, elem, size, inner)
             array.gen = None  # fixed-size elements: the length says it all
             return array
         if elem[0] == "{":
             return self._dict_array(elem, depth, endian)
         each = self._compile(elem, inner, endian)
-        array = _array_check(endian, elem, size, inner, each)
-        array.gen = _array_gen(array, each, each.gen)
+        array = _array_check(False, endian, elem, size, inner, each)
+        array.gen = _array_gen(_array_check(True, endian, elem, size, inner, each), each, each.gen)
         return array
 
     def _dict_array(self, elem: str, depth: int, endian: str):
@@ -418,7 +424,7 @@ class BodyChecker:
         key = self._compile(k, depth + 2, endian)
         value = self._compile(v, depth + 2, endian)
         # the entries are one level deeper than the array, their key and value two
-        dict_array = _array_check(endian, elem, 0, depth + 2, None, key, value)
+        dict_array = _array_check(False, endian, elem, 0, depth + 2, None, key, value)
 
         def entry(b, p, d, f, key_only=False):  # one entry, for the resumable walk (key_only: for entry_gen)
             if p & 7:
@@ -435,15 +441,17 @@ class BodyChecker:
             def entry_gen(b, p, d, f):
                 return (yield from value.gen(b, entry(b, p, d, f, True), d, f))
 
-        dict_array.gen = _array_gen(dict_array, entry, entry_gen)
+        head = _array_check(True, endian, elem, 0, depth + 2, None, key, value)
+        dict_array.gen = _array_gen(head, entry, entry_gen)
         return dict_array
 
 
-def _array_check(endian: str, elem: str, size: int, inner: int, each=None, key=None, value=None):
+def _array_check(head: bool, endian: str, elem: str, size: int, inner: int, each=None, key=None, value=None):
     """The one-shot check of an array of ``elem`` (``size`` bytes each if fixed, else 0; at static
     nesting ``inner``): its elements are checked by ``each``, or are dict entries of ``key`` and
-    ``value``, or (both None) need no look. Called with ``head=True`` it checks only what precedes the
-    elements and returns (first element, end): the resumable walk's first step, the same code.
+    ``value``, or (both None) need no look. With ``head`` True, the check of only what precedes the
+    elements, returning (first element, end): the resumable walk's first step, from the same code
+    (a second closure, not an argument: no cost to the one-shot check).
 
     Once per array it costs no call of its own; the per-element loops are written out in it (a dict
     entry with no call of its own: the most common container, every property map)."""
@@ -451,7 +459,7 @@ def _array_check(endian: str, elem: str, size: int, inner: int, each=None, key=N
     am = 7 if key is not None else ALIGNMENT[elem[0]] - 1
     what = "dict entry" if key is not None else "array"
 
-    def array(b, p, d, f, head=False):
+    def array(b, p, d, f):
         if p & 3:
             q = (p + 3) & -4
             if b[p:q] != _ZEROS[q - p]:
@@ -532,14 +540,14 @@ def _struct_gen(struct, members):
     return struct_gen
 
 
-def _array_gen(array, each, each_gen):
-    """The resumable walk of an array: ``array`` is its one-shot check (with ``head=True``: what
-    precedes the elements), ``each`` is the
+def _array_gen(head, each, each_gen):
+    """The resumable walk of an array: ``head`` checks what precedes the elements (see
+    ``_array_check``), ``each`` is the
     one-shot check of an element, ``each_gen`` its resumable twin (None: ``each`` costs no more than
     its bytes in C, e.g. a string). Yields after every SLICE bytes of elements and at the end."""
 
     def array_gen(b, p, d, f):
-        p, end = array(b, p, d, f, True)
+        p, end = head(b, p, d, f)
         while p < end:
             cut = p + SLICE
             if cut >= len(b):  # what is left of the body is less than a step
