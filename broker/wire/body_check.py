@@ -99,8 +99,8 @@ def _basic(c: str, endian: str):
     The alignment padding check (``if p & 3: q = ...; if b[p:q] != _ZEROS[q - p]: ...``) is written
     out in every check that runs once per value (here, structs, arrays, dict entries) on purpose: a
     shared ``_pad()`` call there cost 5-13% on dense bodies (``a{sv}``, ``as``) and on
-    PropertiesChanged when measured. The resumable walks reuse these checks (``head=True`` and the
-    like) rather than repeat them.
+    PropertiesChanged when measured. The resumable walks reuse these checks (head-only closures
+    built from the same code) rather than repeat them.
     """
     u32 = _U32[endian]
     if c == "y":
@@ -311,7 +311,7 @@ class BodyChecker:
         if c == "(":
             members = [self._compile(m, depth + 1, endian) for m in struct_members(t)]
             fn = self._struct(members, depth + 1)
-            fn.gen = _struct_gen(getattr(fn, "head", fn), members) if any(m.gen for m in members) else None
+            fn.gen = _struct_gen(fn.head, members) if any(m.gen for m in members) else None
             return fn
         if c == "a":
             return self._array(t[1:], depth, endian)
@@ -372,20 +372,25 @@ class BodyChecker:
     def _struct(self, members, inner: int):
         """A struct: 8-aligned, its members one level deeper."""
 
-        def container(b, p, d, f, head=False):  # head: only the checks before the members (struct_gen)
-            if p & 7:
-                q = (p + 7) & -8
-                if b[p:q] != _ZEROS[q - p]:
-                    raise _bad_pad(b, p, q)
-                p = q
-            if d + inner > MAX_DEPTH:
-                raise LimitExceededError(f"struct at offset {p} nests values deeper than {MAX_DEPTH}")
-            if head:
+        def make(head: bool):  # head: only the checks before the members, for struct_gen (a closure constant)
+            def container(b, p, d, f):
+                if p & 7:
+                    q = (p + 7) & -8
+                    if b[p:q] != _ZEROS[q - p]:
+                        raise _bad_pad(b, p, q)
+                    p = q
+                if d + inner > MAX_DEPTH:
+                    raise LimitExceededError(f"struct at offset {p} nests values deeper than {MAX_DEPTH}")
+                if head:
+                    return p
+                for fn in members:
+                    p = fn(b, p, d, f)
                 return p
-            for fn in members:
-                p = fn(b, p, d, f)
-            return p
 
+            return container
+
+        container = make(False)
+        container.head = make(True)
         if len(members) != 2:
             return container
         first, second = members
@@ -400,7 +405,7 @@ class BodyChecker:
                 raise LimitExceededError(f"struct at offset {p} nests values deeper than {MAX_DEPTH}")
             return second(b, first(b, p, d, f), d, f)
 
-        pair.head = container
+        pair.head = container.head
         return pair
 
     def _array(self, elem: str, depth: int, endian: str):
@@ -426,20 +431,25 @@ class BodyChecker:
         # the entries are one level deeper than the array, their key and value two
         dict_array = _array_check(False, endian, elem, 0, depth + 2, None, key, value)
 
-        def entry(b, p, d, f, key_only=False):  # one entry, for the resumable walk (key_only: for entry_gen)
-            if p & 7:
-                q = (p + 7) & -8
-                if b[p:q] != _ZEROS[q - p]:
-                    raise _bad_pad(b, p, q)
-                p = q
-            p = key(b, p, d, f)
-            return p if key_only else value(b, p, d, f)
+        def make(key_only: bool):  # one entry, for the resumable walk (key_only: up to its value, for entry_gen)
+            def entry(b, p, d, f):
+                if p & 7:
+                    q = (p + 7) & -8
+                    if b[p:q] != _ZEROS[q - p]:
+                        raise _bad_pad(b, p, q)
+                    p = q
+                p = key(b, p, d, f)
+                return p if key_only else value(b, p, d, f)
 
+            return entry
+
+        entry = make(False)
         entry_gen = None
         if value.gen is not None:
+            entry_key = make(True)
 
             def entry_gen(b, p, d, f):
-                return (yield from value.gen(b, entry(b, p, d, f, True), d, f))
+                return (yield from value.gen(b, entry_key(b, p, d, f), d, f))
 
         head = _array_check(True, endian, elem, 0, depth + 2, None, key, value)
         dict_array.gen = _array_gen(head, entry, entry_gen)
@@ -530,12 +540,12 @@ def _top_gen(fns):
     return top
 
 
-def _struct_gen(struct, members):
-    """The resumable walk of a struct: ``struct`` is its one-shot check (with ``head=True``: the checks
-    before its members), ``members`` the checks of its members."""
+def _struct_gen(head, members):
+    """The resumable walk of a struct: ``head`` checks what precedes its members (the struct's
+    ``.head``), ``members`` are the checks of its members."""
 
     def struct_gen(b, p, d, f):
-        return (yield from _walk_gen(members, b, struct(b, p, d, f, True), d, f))
+        return (yield from _walk_gen(members, b, head(b, p, d, f), d, f))
 
     return struct_gen
 
