@@ -70,6 +70,8 @@ def _valid_long_path(b, e: int, q: int) -> bool:
     """What ``_PATH`` accepts: "/", or "/" then elements of [A-Za-z0-9_]+ separated by single "/"."""
     path = bytes(b[e:q])
     return path[:1] == b"/" and path[-1:] != b"/" and not path.translate(None, _PATH_CHARS) and b"//" not in path
+
+
 # A body of at most this many bytes whose signature has strings is copied once to ``bytes`` before
 # the walk (slicing and decoding bytes is cheaper than through a memoryview); a larger one is walked
 # in place. Either way the buffer holds the body 8-aligned, as alignment is relative to its start.
