@@ -172,15 +172,8 @@ class MatchRegistry:
         rules only if ``eavesdrop_only``). Per message: five dict lookups, or none for an index
         that is empty."""
         out = []
-        ix = self.index
-        if ix.count and not eavesdrop_only:
-            b = ix.by_member.get(h.member)
-            if b:
-                out.append(b)
-            if ix.keyed_other:
-                ix.buckets_other(h, sender_name, body, out)
-            if ix.wild:
-                out.append(ix.wild)
+        if not eavesdrop_only:
+            self.index.buckets(h, sender_name, body, out)
         if self.eavesdroppers:
             self.eaves.buckets(h, sender_name, body, out)
         return out
