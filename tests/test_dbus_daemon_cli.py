@@ -488,3 +488,15 @@ def test_refused_connection_reads_no_more_than_a_hello(bus_with):
     except ConnectionResetError:
         pass  # closed with the rest of the message unread
     assert RawConn(address).error == LIMITS_EXCEEDED  # a real Hello still gets its answer
+
+
+def test_pidfile_planted_as_a_symlink_is_never_followed(tmp_path):
+    """A pid file path pointing (dangling) at another file: the bus refuses to start and writes nothing there."""
+    victim = tmp_path / "victim"
+    pidfile = tmp_path / "bus.pid"
+    pidfile.symlink_to(victim)  # dangling: a plain exists() check would miss it
+    conf = write_conf(tmp_path, f"<pidfile>{pidfile}</pidfile>")
+    out = subprocess.run([SEALBUS_DD, f"--config-file={conf}", "--nofork", "--print-address=1"],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode != 0 and "pid file" in out.stderr, out.stderr
+    assert not victim.exists() and pidfile.is_symlink()
