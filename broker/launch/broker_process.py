@@ -33,6 +33,7 @@ import broker.io.fuse
 from broker.access.mediator import BusPolicy
 from broker.access.policy import Policy
 from broker.access.selinux import make_mediator
+from broker.activation.catalog import ServiceCatalog, catalog_from_json
 from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
 from broker.io import control
@@ -80,6 +81,8 @@ def settings_from_message(msg: dict) -> BusSettings:
     if msg.get("busy_poll_us") is not None:
         s.busy_poll_us = int(msg["busy_poll_us"])
     s.extra["systemd_activation"] = bool(msg.get("systemd_activation"))
+    # the launcher read the service directories (the sandboxed broker may not): never read them here
+    s.catalog = catalog_from_json(msg["catalog"]) if msg.get("catalog") is not None else ServiceCatalog()
     return s
 
 
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
 
     async def run():
         async with trio.open_nursery() as n:
-            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd))
+            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd, launcher=ctl))
             # the launcher called listen(): accepted sockets carry its pid as their peer, so a client passing
             # its own bus connection through the bus is recognised by that pid too
             bus.payload.ctx.own_pids.add(os.getppid())
