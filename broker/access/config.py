@@ -216,7 +216,7 @@ class _Parser:
         elif tag in ("standard_session_servicedirs", "standard_system_servicedirs"):
             self._no_attrs(el, file)
             self._empty(el, file)
-            std = standard_session_servicedirs() if tag == "standard_session_servicedirs" else None
+            std = standard_session_servicedirs(create=True) if tag == "standard_session_servicedirs" else None
             add_unique(cfg.servicedirs, std if std is not None else standard_system_servicedirs())
         elif tag == "servicehelper":
             self._no_attrs(el, file)
