@@ -214,10 +214,10 @@ def make_bus(settings: BusSettings) -> Bus:
 
 
 async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
-                launcher=None, task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+                task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
     """Run the bus on already-bound listening sockets until cancelled.
 
-    ``launcher``: the control socket of the launcher that reads the configuration for this bus (reloads
+    ``control``: the control socket of the launcher, which reads the configuration for this bus (reloads
     are asked of it); without one, the bus re-reads its own config file and watches its directories."""
     import gc
 
@@ -225,7 +225,7 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
     # now out of the collector's way and collect young objects less often.
     gc.freeze()
     gc.set_threshold(50000, 20, 100)
-    watcher = open_config_watcher(settings, launcher)  # before make_bus reads the service directories
+    watcher = open_config_watcher(settings, control)  # before make_bus reads the service directories
     bus = bus or make_bus(settings)
     server = Server(bus, settings.busy_poll_us)
     bus.server = server
@@ -236,7 +236,7 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         from .timers import run_reply_timer
 
         nursery.start_soon(run_reply_timer, bus, server)  # reply_timeout (idle while nothing is timed)
-        start_reloader(bus, settings, nursery, launcher, watcher)
+        start_reloader(bus, settings, nursery, control, watcher)
         from ..payload.bus_glue import note_listening_sockets
 
         socks = [getattr(lst, "sock", lst) for lst in listeners]
