@@ -35,6 +35,17 @@ class Server:
         closer.uid_share = bus.limits.max_inflight_fds_per_user
         classifier.prepare()  # its /proc fds, opened once now rather than at the first fd a client passes
 
+    def apply_limits(self, values: dict) -> None:
+        """New <limit> values from a reload, in force for every decision from now on, as dbus-daemon
+        applies them (a connection's framer keeps the message bounds it was made with)."""
+        from ..bus.limits import Limits
+
+        new = Limits()
+        new.update(values)
+        raise_fd_limit(new)  # the same cap on queued fds as at start-up
+        self.bus.limits.update(vars(new))
+        closer.uid_share = new.max_inflight_fds_per_user
+
     def mark_dirty(self, peer) -> None:
         self.dirty.add(peer)
 

@@ -302,7 +302,7 @@ def reload_for_broker(ctl, config_path: str, owner_uid: int | None, req_id: int 
     if watcher is not None:
         watcher.set_paths(loaded.watch)
     control.send_msg(ctl, {"type": "reload", "id": req_id, "ok": True, "policy": policy_json(loaded.config, owner_uid),
-                           "catalog": catalog_to_json(loaded.catalog)})  # fmt: skip
+                           "catalog": catalog_to_json(loaded.catalog), "limits": loaded.limits})  # fmt: skip
     log.info("configuration reloaded from %s and handed to the broker (%d activatable services)", config_path,
              len(loaded.catalog))  # fmt: skip
 
