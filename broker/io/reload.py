@@ -1,18 +1,18 @@
-"""Reloading the configuration, its policy and the catalogue of activatable services, without dropping a
-connection: on ReloadConfig, SIGHUP, and a change inotify reports in a watched directory.
+"""Reloading the configuration, its policy, its limits and the catalogue of activatable services, without
+dropping a connection: on ReloadConfig, SIGHUP, and a change inotify reports in a watched directory.
 
 Who reads: the process that may. A bus without a launcher (``sealbus run``, ``sealbus dbus-daemon`` as a
 user) reads the config and the service directories itself, in a worker thread, so the event loop never
 waits on the file system. A sandboxed broker (``run --system``, ``dbus-daemon`` as root with ``<user>``)
 cannot read /etc and never tries: it asks the launcher over the control channel (``reload-request``), and
 the launcher, which also watches the directories and takes SIGHUP, re-reads everything and sends the
-result (``reload``: compiled policy and catalogue, or the error). See docs/architecture.md.
+result (``reload``: compiled policy, limits and catalogue, or the error). See docs/architecture.md.
 
 Requests are coalesced: at most one reload runs at a time; every request that arrives while one runs is
 served by one more pass after it (so each caller sees files at least as new as its request), and its
 caller is answered then. A flood of ReloadConfig calls or inotify events therefore costs at most one
 reload at a time, and the callers waiting are bounded (``MAX_WAITERS``; past it: LimitsExceeded).
-A config that fails to load changes nothing: the old policy and catalogue stay, ReloadConfig callers get
+A config that fails to load changes nothing: the old policy, limits and catalogue stay, ReloadConfig callers get
 ``org.freedesktop.DBus.Error.Failed`` with the reason (as dbus-daemon), SIGHUP and inotify log it.
 """
 
@@ -65,9 +65,7 @@ def read_config(path: str, default_type: str) -> Loaded:
     except Exception as e:  # ConfigError, and anything policy compilation raises: the old config stays
         raise ReloadFailed(str(e)) from None
     bus_type = cfg.type or default_type
-    catalog = load_catalog(
-        cfg.servicedirs, system_bus=bus_type == "system", log=logging.getLogger("sealbus.activation")
-    )
+    catalog = load_catalog(cfg.servicedirs, system_bus=bus_type == "system")
     return Loaded(cfg.policy, catalog, watch_paths(cfg), cfg, vars(limits_for(bus_type, cfg.limits)))
 
 
