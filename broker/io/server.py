@@ -193,8 +193,15 @@ def make_bus(settings: BusSettings) -> Bus:
     bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
     bus.fd_quota.pool = fd_pool(soft)
     bus.policy = settings.policy
+    bus.bus_type = settings.bus_type
     if settings.extra.get("systemd_activation"):
         bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
+        bus.activator.systemd = True
+    from .activation import _StandInCatalog, inherited_environment, standin_dirs
+
+    bus.activator.base_env = inherited_environment()
+    if settings.extra.get("config") is not None:
+        bus.activator.catalog = _StandInCatalog(standin_dirs(settings.extra["config"]))
     if settings.selinux is not None:
         bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
         from ..access.mediator import BusPolicy
@@ -209,8 +216,9 @@ def make_bus(settings: BusSettings) -> Bus:
 
 
 async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
-    """Run the bus on already-bound listening sockets until cancelled."""
+                starter=None, task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+    """Run the bus on already-bound listening sockets until cancelled. ``starter``: who starts
+    activatable services (default: the session spawn helper; the broker of a system bus: the launcher)."""
     import gc
 
     # Routing allocates short-lived objects only; move everything that exists
@@ -227,6 +235,11 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         from .timers import run_reply_timer
 
         nursery.start_soon(run_reply_timer, bus, server)  # reply_timeout (idle while nothing is timed)
+        from .activation import SessionStarter, run_activation
+
+        address = next((lst.address for lst in listeners if getattr(lst, "address", None)), "")
+        bus.activator.address = f"{address},guid={bus.guid}" if address else ""
+        nursery.start_soon(run_activation, bus, server, starter or SessionStarter(nursery))
         from ..payload.bus_glue import note_listening_sockets
 
         socks = [getattr(lst, "sock", lst) for lst in listeners]
@@ -246,7 +259,12 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
 
 
 def apply_control(bus: Bus, msg: dict) -> None:
-    """A message from the launcher: currently only a policy reload."""
+    """A message from the launcher: a policy reload, or how a service start it was asked for went."""
+    if msg.get("type") == "start_result":
+        from .activation import apply_start_result
+
+        apply_start_result(bus, msg)
+        return
     if msg.get("type") == "reload" and "policy" in msg:
         from ..access.mediator import BusPolicy
         from ..access.policy import Policy
