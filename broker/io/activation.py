@@ -97,6 +97,14 @@ class LauncherStarter:
         self.send = send  # a dict to the launcher (control.send_msg on the control socket)
 
     def start(self, bus, server, start) -> None:
+        def done(why: str) -> None:
+            if why == "timeout":  # as dbus-daemon, a service that does not come up is killed
+                try:
+                    self.send({"type": "stop", "name": start.name})
+                except OSError:
+                    pass
+
+        start.on_done = done
         try:
             self.send({"type": "start", "name": start.name})
         except OSError as e:

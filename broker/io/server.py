@@ -202,6 +202,11 @@ def make_bus(settings: BusSettings) -> Bus:
     bus.activator.base_env = inherited_environment()
     if settings.extra.get("config") is not None:
         bus.activator.catalog = _StandInCatalog(standin_dirs(settings.extra["config"]))
+    if settings.extra.get("services") is not None:  # a broker under a root launcher: the launcher's list
+        import types
+
+        bus.activator.via_launcher = True
+        bus.activator.catalog = {s["name"]: types.SimpleNamespace(**s) for s in settings.extra["services"]}
     if settings.selinux is not None:
         bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
         from ..access.mediator import BusPolicy

@@ -36,6 +36,7 @@ from broker.access.selinux import make_mediator
 from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
 from broker.io import control
+from broker.io.activation import LauncherStarter
 from broker.io.server import apply_control, serve
 from broker.launch import sandbox
 from broker.launch.logs import setup_logging
@@ -80,6 +81,7 @@ def settings_from_message(msg: dict) -> BusSettings:
     if msg.get("busy_poll_us") is not None:
         s.busy_poll_us = int(msg["busy_poll_us"])
     s.extra["systemd_activation"] = bool(msg.get("systemd_activation"))
+    s.extra["services"] = msg.get("services") or []
     return s
 
 
@@ -110,7 +112,9 @@ def main(argv=None) -> int:
 
     async def run():
         async with trio.open_nursery() as n:
-            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd))
+            # the broker never execs: the launcher starts services, by name (broker/launch/service_start.py)
+            starter = LauncherStarter(lambda m: control.send_msg(ctl, m))
+            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd, starter=starter))
             # the launcher called listen(): accepted sockets carry its pid as their peer, so a client passing
             # its own bus connection through the bus is recognised by that pid too
             bus.payload.ctx.own_pids.add(os.getppid())

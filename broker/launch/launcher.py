@@ -26,6 +26,7 @@ from ..io import control
 from ..io.address import listen, systemd_listeners
 from . import sandbox
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
+from .service_start import ServiceSpawner
 
 log = logging.getLogger("sealbus.launcher")
 
@@ -215,14 +216,17 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
         if fuse_fd is not None:
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
         settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
+        spawner = service_spawner(cfg, lambda msg: control.send_msg(ctl_launcher, msg))
+        settings["services"] = activatable_services(spawner, cfg)
         control.send_msg(ctl_launcher, settings)
         ready = wait_ready(proc, ctl_launcher, payload_mount, stop=stop)
         if ready.get("type") != "ready":
             raise RuntimeError(f"unexpected message from the broker: {ready}")
+        spawner.address = f"{listeners[0].address},guid={ready.get('guid', '')}"
         log.info("broker pid %d ready on %s as uid %d", proc.pid, listeners[0].address, user.pw_uid)
         announce(ready)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=broker pid {proc.pid}")
-        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount, owner_uid)
+        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount, owner_uid, spawner)
     except (EOFError, OSError, RuntimeError) as e:
         log.error("broker failed to start: %s", e)
         return 1
@@ -279,8 +283,34 @@ def stop_broker(proc, payload_mount: str | None) -> None:
                 proc.wait(timeout=10)
 
 
+def service_spawner(cfg, send) -> ServiceSpawner:
+    """Who starts services when the broker asks (by name; broker/launch/service_start.py)."""
+    from ..io.activation import _StandInCatalog, standin_dirs
+
+    catalog = _StandInCatalog(standin_dirs(cfg))
+    return ServiceSpawner(catalog.get, send, bus_type=cfg.type or "system")
+
+
+def activatable_services(spawner: ServiceSpawner, cfg) -> list[dict]:
+    """What the broker may ask to start (it cannot read the service directories itself)."""
+    from ..io.activation import _StandInCatalog, standin_dirs
+
+    out = []
+    for d in standin_dirs(cfg):
+        try:
+            files = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for f in files:
+            if f.endswith(".service"):
+                e = _StandInCatalog([d]).get(f[: -len(".service")])
+                if e is not None:
+                    out.append({"name": e.name, "exec": e.exec, "systemd_service": e.systemd_service})
+    return out
+
+
 def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str | None = None,
-              owner_uid: int | None = None) -> int:  # fmt: skip
+              owner_uid: int | None = None, spawner: ServiceSpawner | None = None) -> int:  # fmt: skip
     audit, limiter = AuditWriter(), AuditLimiter()
     inbox = control.Inbox(ctl)
     while True:
@@ -302,6 +332,8 @@ def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str 
             rc = proc.wait(timeout=30)
             log.error("the broker (pid %d) exited unexpectedly with status %s", proc.pid, rc)
             return 1
+        if spawner is not None:
+            spawner.reap()
         try:
             readable, _, _ = select.select([ctl], [], [], 0.2)
         except InterruptedError:
@@ -312,6 +344,9 @@ def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str 
             except EOFError:
                 msgs = []  # the broker is gone: proc.poll() reports it on the next round
             for msg in msgs:
+                if msg.get("type") in ("start", "stop") and spawner is not None:
+                    spawner.handle(msg)  # a name only: the launcher reads and checks the service file itself
+                    continue
                 # a broker SELinux denial (we hold CAP_AUDIT_WRITE); a compromised broker must not be able
                 # to forge other kinds of records or flood the audit log
                 text = str(msg.get("text", ""))
