@@ -35,7 +35,9 @@ CONFIG = """<busconfig><type>{type}</type>
 
 
 class ActivatingBus:
-    """A bus with a service directory of its own (``write_service``) and a marker directory."""
+    """A bus with a service directory of its own and a marker directory. The bus starts when its
+    ``address`` is first asked for: the service files written before are the ones it knows (a file added
+    later needs ReloadConfig, as with dbus-daemon's inotify-less directories)."""
 
     def __init__(self, *, system: bool = False, deny: str = "", timeout: int = 25000, max_pending: int = 512,
                  services: dict | None = None):  # fmt: skip
@@ -52,15 +54,22 @@ class ActivatingBus:
         for name, kw in (services or {}).items():  # those the launcher must know of when it starts
             self.write_service(name, **kw)
         self.log = open(self.dir / "bus.log", "w+")
-        if system:
-            runtime = self.dir / "run"
-            runtime.mkdir()
-            argv = [SEALBUS, "run", "--system", "--runtime-dir", str(runtime), "--config", str(self.config)]
-        else:
-            argv = [SEALBUS, "run", "--address", f"unix:path={self.dir}/bus", "--config", str(self.config)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.address = self.proc.stdout.readline().strip()
-        assert self.address.startswith("unix:path="), self.logtext()
+        self.system = system
+        self.proc = self._address = None
+
+    @property
+    def address(self) -> str:
+        if self.proc is None:
+            if self.system:
+                runtime = self.dir / "run"
+                runtime.mkdir()
+                argv = [SEALBUS, "run", "--system", "--runtime-dir", str(runtime), "--config", str(self.config)]
+            else:
+                argv = [SEALBUS, "run", "--address", f"unix:path={self.dir}/bus", "--config", str(self.config)]
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
+            self._address = self.proc.stdout.readline().strip()
+            assert self._address.startswith("unix:path="), self.logtext()
+        return self._address
 
     def write_service(self, name: str, exec_line: str | None = None, user: str | None = None,
                       file_name: str | None = None) -> None:  # fmt: skip
@@ -77,7 +86,8 @@ class ActivatingBus:
         return (self.dir / "bus.log").read_text()
 
     def stop(self) -> None:
-        terminate(self.proc, timeout=15)
+        if self.proc is not None:
+            terminate(self.proc, timeout=15)
         self.log.close()
 
 
@@ -147,11 +157,11 @@ def _send(conn, msg) -> int:
 
 def test_no_auto_start_flag_gets_name_has_no_owner_and_starts_nothing(session_bus):
     session_bus.write_service("org.example.Svc")
+    session_bus.write_service("org.example.Other")
     with open_dbus_connection(session_bus.address) as c:
         reply = call(c, "org.example.Svc", "Echo", "s", ("x",), flags=MessageFlag.no_auto_start)
         assert error_name(reply) == E + "NameHasNoOwner"
         # a later start goes through the same spawn queue: had the first asked for one, it came first
-        session_bus.write_service("org.example.Other")
         assert start_by_name(c, "org.example.Other").body == (1,)
     assert not session_bus.started("org.example.Svc")
 
@@ -335,8 +345,7 @@ def test_launcher_takes_names_only_and_checks_them_itself(tmp_path, test_users):
     """The control channel request: a compromised broker can name a service, nothing more. A command
     line or user in the request is ignored, a name that is not a valid bus name or has no service file is
     refused, and the file the launcher reads is its own."""
-    from broker.io.activation import _StandInCatalog
-    from broker.launch.service_start import ServiceSpawner
+    from broker.launch.service_start import ServiceSpawner, lookup_service
 
     out = Path(tempfile.mkdtemp(prefix="sealbus-act-out-"))  # where the service (its User=) may write
     out.chmod(0o777)
@@ -344,7 +353,7 @@ def test_launcher_takes_names_only_and_checks_them_itself(tmp_path, test_users):
         f"[D-BUS Service]\nName=org.example.Svc\nExec=/bin/sh -c 'touch {out}/ran'\nUser={test_users[0].pw_name}\n"
     )
     sent = []
-    spawner = ServiceSpawner(_StandInCatalog([str(tmp_path)]).get, sent.append)
+    spawner = ServiceSpawner(lambda name: lookup_service([str(tmp_path)], name, system_bus=True), sent.append)
     marker = tmp_path / "pwned"
     for name in ("../../etc/passwd", "org.example.Missing", ":1.5", 42):
         spawner.handle({"type": "start", "name": name, "exec": f"/bin/touch {marker}", "user": "root"})

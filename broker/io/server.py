@@ -1,5 +1,6 @@
 """The trio shell around the sans-IO bus: accept loop, connections, flushing."""
 
+import contextlib
 import logging
 import os
 import socket
@@ -197,16 +198,19 @@ def make_bus(settings: BusSettings) -> Bus:
     if settings.extra.get("systemd_activation"):
         bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
         bus.activator.systemd = True
-    from .activation import _StandInCatalog, inherited_environment, standin_dirs
+    from ..activation.catalog import catalog_from_json, load_catalog
+    from .activation import inherited_environment
 
     bus.activator.base_env = inherited_environment()
-    if settings.extra.get("config") is not None:
-        bus.activator.catalog = _StandInCatalog(standin_dirs(settings.extra["config"]))
-    if settings.extra.get("services") is not None:  # a broker under a root launcher: the launcher's list
-        import types
-
+    if "catalog" in settings.extra:  # a broker under a root launcher: it cannot read the directories itself
         bus.activator.via_launcher = True
-        bus.activator.catalog = {s["name"]: types.SimpleNamespace(**s) for s in settings.extra["services"]}
+        bus.activator.catalog = catalog_from_json(settings.extra["catalog"])
+    else:
+        for d in settings.servicedirs:  # as dbus-daemon: the transient directory is made at start-up
+            if d.strict_naming:
+                with contextlib.suppress(OSError):
+                    os.makedirs(d.path, mode=0o700, exist_ok=True)
+        bus.activator.catalog = load_catalog(settings.servicedirs, system_bus=settings.bus_type == "system", log=log)
     if settings.selinux is not None:
         bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
         from ..access.mediator import BusPolicy

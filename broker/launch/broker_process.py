@@ -81,7 +81,7 @@ def settings_from_message(msg: dict) -> BusSettings:
     if msg.get("busy_poll_us") is not None:
         s.busy_poll_us = int(msg["busy_poll_us"])
     s.extra["systemd_activation"] = bool(msg.get("systemd_activation"))
-    s.extra["services"] = msg.get("services") or []
+    s.extra["catalog"] = msg.get("catalog") or {"dirs": [], "services": []}  # what the launcher can start
     return s
 
 

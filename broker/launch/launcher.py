@@ -21,12 +21,13 @@ import time
 from ..access.audit import AuditWriter
 from ..access.config import load_config
 from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
+from ..activation.catalog import catalog_to_json, load_catalog
 from ..bus.limits import limits_for
 from ..io import control
 from ..io.address import listen, systemd_listeners
 from . import sandbox
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
-from .service_start import ServiceSpawner
+from .service_start import ServiceSpawner, lookup_service
 
 log = logging.getLogger("sealbus.launcher")
 
@@ -217,7 +218,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
         settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
         spawner = service_spawner(cfg, lambda msg: control.send_msg(ctl_launcher, msg))
-        settings["services"] = activatable_services(spawner, cfg)
+        settings["catalog"] = activatable_services(cfg)
         control.send_msg(ctl_launcher, settings)
         ready = wait_ready(proc, ctl_launcher, payload_mount, stop=stop)
         if ready.get("type") != "ready":
@@ -285,28 +286,14 @@ def stop_broker(proc, payload_mount: str | None) -> None:
 
 def service_spawner(cfg, send) -> ServiceSpawner:
     """Who starts services when the broker asks (by name; broker/launch/service_start.py)."""
-    from ..io.activation import _StandInCatalog, standin_dirs
+    system_bus = (cfg.type or "system") == "system"
+    return ServiceSpawner(lambda name: lookup_service(cfg.servicedirs, name, system_bus=system_bus), send,
+                          bus_type=cfg.type or "system")  # fmt: skip
 
-    catalog = _StandInCatalog(standin_dirs(cfg))
-    return ServiceSpawner(catalog.get, send, bus_type=cfg.type or "system")
 
-
-def activatable_services(spawner: ServiceSpawner, cfg) -> list[dict]:
+def activatable_services(cfg) -> dict:
     """What the broker may ask to start (it cannot read the service directories itself)."""
-    from ..io.activation import _StandInCatalog, standin_dirs
-
-    out = []
-    for d in standin_dirs(cfg):
-        try:
-            files = sorted(os.listdir(d))
-        except OSError:
-            continue
-        for f in files:
-            if f.endswith(".service"):
-                e = _StandInCatalog([d]).get(f[: -len(".service")])
-                if e is not None:
-                    out.append({"name": e.name, "exec": e.exec, "systemd_service": e.systemd_service})
-    return out
+    return catalog_to_json(load_catalog(cfg.servicedirs, system_bus=(cfg.type or "system") == "system", log=log))
 
 
 def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str | None = None,

@@ -26,6 +26,7 @@ import pwd
 import signal
 import subprocess
 
+from ..activation.service_file import SUFFIX, ServiceFileError, read_service_file
 from ..bus.activation import SPAWN
 from ..bus.common import E
 from ..io.activation import exec_argv
@@ -58,6 +59,24 @@ def become_service_user(uid: int, gid: int, groups: list[int]):
         os.chdir("/")
 
     return drop
+
+
+def lookup_service(dirs, name: str, *, system_bus: bool):
+    """The service file for ``name``, read now from the first of ``dirs`` that has ``name``.service (the
+    launch helper's rule: the file is named after the name); None if none has; StartRefused if it is
+    invalid or names another service."""
+    for d in dirs:
+        path = os.path.join(getattr(d, "path", d), name + SUFFIX)
+        if not os.path.lexists(path):
+            continue
+        try:
+            entry = read_service_file(path, system_bus=system_bus)
+        except ServiceFileError as e:
+            raise StartRefused(SPAWN + "FileInvalid", str(e)) from None
+        if entry.name != name:
+            raise StartRefused(SPAWN + "FileInvalid", f"{path} provides {entry.name}, not {name}")
+        return entry
+    return None
 
 
 class ServiceSpawner:
