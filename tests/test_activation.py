@@ -364,3 +364,27 @@ def test_launcher_takes_names_only_and_checks_them_itself(tmp_path, test_users):
     assert sent[-1] == {"type": "start_result", "name": "org.example.Svc", "status": 0}
     assert (out / "ran").exists() and not marker.exists()
     assert (out / "ran").stat().st_uid == test_users[0].pw_uid
+
+
+def test_core_queued_bytes_are_bounded_per_sending_uid(core):
+    """Sans-IO: what waits for a service counts against the sender's max_outgoing_bytes_per_user."""
+    core.limits.max_outgoing_bytes_per_user = 4096
+    core.activator.catalog = _Catalog({"org.example.S": _entry("org.example.S")})
+    a = CoreClient(core, uid=1000)
+    a.call("Echo", "s", ("x" * 1500,), dest="org.example.S", path="/", interface="org.example.Svc")
+    a.call("Echo", "s", ("x" * 1500,), dest="org.example.S", path="/", interface="org.example.Svc")
+    assert a.take() == [] and a.peer.account.start_bytes > 3000
+    a.call("Echo", "s", ("x" * 1500,), dest="org.example.S", path="/", interface="org.example.Svc")
+    [(h, body)] = a.take()
+    assert h.error_name == E + "LimitsExceeded" and "max_outgoing_bytes_per_user" in body[0]
+    assert core.activator.count == 2
+
+
+def test_core_update_activation_environment_is_for_the_bus_owner_only(core):
+    """Sans-IO: another uid cannot choose what the bus's services run with (LD_PRELOAD and friends)."""
+    other, owner = CoreClient(core, uid=os.getuid() + 1000), CoreClient(core, uid=os.getuid())
+    other.call("UpdateActivationEnvironment", "a{ss}", ({"LD_PRELOAD": "/tmp/evil.so"},))
+    [(h, _)] = other.take()
+    assert h.error_name == E + "AccessDenied" and core.activator.env == {}
+    owner.call("UpdateActivationEnvironment", "a{ss}", ({"FOO": "bar"},))
+    assert owner.take()[0][0].type == 2 and core.activator.environment()["FOO"] == "bar"
