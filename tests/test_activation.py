@@ -320,12 +320,21 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the root launcher nee
 @needs_root
 def test_launcher_starts_the_service_as_its_user_with_a_clean_environment(test_users):
     user = test_users[0]
-    services = {"org.example.Svc": {"user": user.pw_name}, "org.example.NoUser": {"user": "sealbus-no-such-user"}}
+    services = {
+        "org.example.Svc": {"user": user.pw_name},
+        "org.example.NoUser": {"user": "sealbus-no-such-user"},
+        "org.example.Fails": {"user": user.pw_name, "exec_line": "/bin/sh -c 'exit 7'"},
+    }
     bus = ActivatingBus(system=True, services=services)
     try:
         with open_dbus_connection(bus.address) as c:
             info = call(c, "org.example.Svc", "Whoami").body[0]
             assert error_name(start_by_name(c, "org.example.NoUser")) == E + "Spawn.PermissionsInvalid"
+            failed = call(c, "org.example.Fails", "Echo", "s", ("x",))  # the launcher reaps it, the broker tells
+            assert (error_name(failed), failed.body) == (
+                E + "Spawn.ChildExited",
+                ("Process org.example.Fails exited with status 7",),
+            )
             env = new_method_call(message_bus, "UpdateActivationEnvironment", "a{ss}", ({"LD_PRELOAD": "/x"},))
             assert error_name(c.send_and_get_reply(env)) == E + "AccessDenied"  # root too: never on a system bus
     finally:

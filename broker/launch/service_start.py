@@ -19,7 +19,6 @@ per name at a time; a ``stop`` for a name (its start timed out) kills the
 child started for that name, and only that.
 """
 
-import grp
 import logging
 import os
 import pwd
@@ -132,7 +131,7 @@ class ServiceSpawner:
             argv = exec_argv(entry.exec or "")
         except ValueError as e:
             raise StartRefused(E + "InvalidArgs", f"{entry.path}: invalid Exec= line: {e}") from None
-        groups = sorted({g.gr_gid for g in grp.getgrall() if entry.user in g.gr_mem} | {pw.pw_gid})
+        groups = sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid)))
         env = {"PATH": DEFAULT_PATH, "DBUS_STARTER_BUS_TYPE": self.bus_type}
         if self.address:
             env["DBUS_STARTER_ADDRESS"] = self.address
