@@ -275,7 +275,7 @@ def test_core_bounds_waiters_per_uid_and_frees_them_with_their_peer(core):
     """Sans-IO: a non-root uid may hold a quarter of max_pending_service_starts; a peer that leaves takes
     its queued messages and its charges with it, and its queued fds are released."""
     core.limits.max_pending_service_starts = 8
-    core.activator.catalog = _Catalog({f"org.example.S{i}": _entry(f"org.example.S{i}") for i in range(4)})
+    core.catalog = _Catalog({f"org.example.S{i}": _entry(f"org.example.S{i}") for i in range(4)})
     a, b = CoreClient(core, uid=1000), CoreClient(core, uid=1001)
     for i in range(2):
         a.call("Echo", "s", ("x",), dest=f"org.example.S{i}", path="/", interface="org.example.Svc")
@@ -295,7 +295,7 @@ def test_core_systemd_activation_request_waits_for_systemd_and_failure_reaches_w
     """Sans-IO: with systemd activation the bus asks systemd (queued until it is on the bus), and only
     systemd's own ActivationFailure fails the start."""
     core.activator.systemd = True
-    core.activator.catalog = _Catalog({"org.example.U": _entry("org.example.U", unit="dbus-org.example.U.service")})
+    core.catalog = _Catalog({"org.example.U": _entry("org.example.U", unit="dbus-org.example.U.service")})
     caller, systemd, forger = CoreClient(core), CoreClient(core, uid=os.getuid()), CoreClient(core, uid=os.getuid())
     caller.call("Echo", dest="org.example.U", path="/", interface="org.example.Svc")
     assert caller.take() == [] and core.activator.requests == []  # nothing to spawn: systemd's job
@@ -378,7 +378,7 @@ def test_launcher_takes_names_only_and_checks_them_itself(tmp_path, test_users):
 def test_core_queued_bytes_are_bounded_per_sending_uid(core):
     """Sans-IO: what waits for a service counts against the sender's max_outgoing_bytes_per_user."""
     core.limits.max_outgoing_bytes_per_user = 4096
-    core.activator.catalog = _Catalog({"org.example.S": _entry("org.example.S")})
+    core.catalog = _Catalog({"org.example.S": _entry("org.example.S")})
     a = CoreClient(core, uid=1000)
     a.call("Echo", "s", ("x" * 1500,), dest="org.example.S", path="/", interface="org.example.Svc")
     a.call("Echo", "s", ("x" * 1500,), dest="org.example.S", path="/", interface="org.example.Svc")

@@ -341,3 +341,21 @@ def test_catalog_json_round_trip_and_malformed(tmp_path):
 def test_empty_catalog():
     cat = ServiceCatalog()
     assert cat.names() == [] and cat.get("org.example.X") is None and len(cat) == 0
+
+
+def test_transient_session_dir_is_created_only_in_a_private_runtime_dir(tmp_path, monkeypatch):
+    """As dbus-daemon: <standard_session_servicedirs/> makes $XDG_RUNTIME_DIR/dbus-1/services (systemd and the
+    reference tests drop transient services there), but only where the runtime dir is this user's alone."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    cfg = parse_config_string("<busconfig><standard_session_servicedirs/></busconfig>")
+    assert cfg.servicedirs[0] == ServiceDir(str(runtime / "dbus-1/services"), strict_naming=True, watch=False)
+    assert (runtime / "dbus-1/services").is_dir()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared))
+    cfg = parse_config_string("<busconfig><standard_session_servicedirs/></busconfig>")
+    assert not (shared / "dbus-1").exists()
+    assert all(not d.path.startswith(str(shared)) for d in cfg.servicedirs)

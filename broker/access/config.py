@@ -128,6 +128,7 @@ class BusConfig:
     apparmor_mode: str | None = None
     sealbus: SealbusOptions = field(default_factory=SealbusOptions)
     files: list[str] = field(default_factory=list)
+    includedirs: list[str] = field(default_factory=list)  # watched for new files, like the files' own directories
     policy: object = None
 
 
@@ -215,7 +216,7 @@ class _Parser:
         elif tag in ("standard_session_servicedirs", "standard_system_servicedirs"):
             self._no_attrs(el, file)
             self._empty(el, file)
-            std = standard_session_servicedirs() if tag == "standard_session_servicedirs" else None
+            std = standard_session_servicedirs(create=True) if tag == "standard_session_servicedirs" else None
             add_unique(cfg.servicedirs, std if std is not None else standard_system_servicedirs())
         elif tag == "servicehelper":
             self._no_attrs(el, file)
@@ -225,6 +226,7 @@ class _Parser:
         elif tag == "includedir":
             self._no_attrs(el, file)
             d = self._resolve(file, self._text(el, file))
+            self.cfg.includedirs.append(d)
             # a missing directory is not an error (as dbus-daemon)
             for p in sorted(glob.glob(os.path.join(glob.escape(d), "*.conf"))):
                 self.parse_file(p)

@@ -7,9 +7,12 @@ order, each directory once (a repeated one keeps its first place, and keeps a
 flag only if every mention sets it, as dbus-daemon merges them).
 """
 
+import logging
 import os
 
 from ..bus.settings import ServiceDir
+
+log = logging.getLogger("sealbus.config")
 
 SESSION_SUBDIR = "dbus-1/services"
 SYSTEM_SUBDIR = "dbus-1/system-services"
@@ -22,14 +25,38 @@ def standard_system_servicedirs() -> list[ServiceDir]:
     return [ServiceDir(os.path.join(base, SYSTEM_SUBDIR)) for base in SYSTEM_BASES]
 
 
-def standard_session_servicedirs(env=None) -> list[ServiceDir]:
-    """$XDG_RUNTIME_DIR/dbus-1/services (transient: strict naming, not watched), $XDG_DATA_HOME,
-    each of $XDG_DATA_DIRS, then DATADIR, each with /dbus-1/services: dbus-daemon's order and defaults."""
+def set_up_transient_dir(runtime: str) -> str | None:
+    """Create $XDG_RUNTIME_DIR/dbus-1/services as dbus-daemon does (where tools such as systemd drop
+    transient services), only in a runtime directory private to this user; its path, or None (logged)."""
+    try:
+        st = os.stat(runtime)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise OSError(f"{runtime} is not private to uid {os.getuid()}")
+        path = runtime
+        for part in SESSION_SUBDIR.split("/"):
+            path = os.path.join(path, part)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+        return path
+    except OSError as e:
+        log.warning("no transient service directory: %s", e)
+        return None
+
+
+def standard_session_servicedirs(env=None, *, create: bool = False) -> list[ServiceDir]:
+    """$XDG_RUNTIME_DIR/dbus-1/services (transient: strict naming, not watched; ``create``: made if
+    missing, as dbus-daemon does), $XDG_DATA_HOME, each of $XDG_DATA_DIRS, then DATADIR, each with
+    /dbus-1/services: dbus-daemon's order and defaults."""
     env = os.environ if env is None else env
     dirs = []
     runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime:
-        dirs.append(ServiceDir(os.path.join(runtime, SESSION_SUBDIR), strict_naming=True, watch=False))
+    transient = (
+        (set_up_transient_dir(runtime) if create else os.path.join(runtime, SESSION_SUBDIR)) if runtime else None
+    )
+    if transient:
+        dirs.append(ServiceDir(transient, strict_naming=True, watch=False))
     data_home = env.get("XDG_DATA_HOME") or (os.path.join(env["HOME"], ".local/share") if env.get("HOME") else None)
     bases = [data_home] if data_home else []
     data_dirs = env.get("XDG_DATA_DIRS")

@@ -84,7 +84,6 @@ def uid_share(limit: int) -> int:
 class Activator:
     def __init__(self, bus):
         self.bus = bus
-        self.catalog = None  # the activatable services (.get(name) -> entry or None); set by the shell
         self.systemd = False  # --systemd-activation: SystemdService= entries are started by systemd
         self.via_launcher = False  # a root launcher starts services (system bus): no environment updates
         self.pending: dict[str, PendingStart] = {}
@@ -102,9 +101,10 @@ class Activator:
 
     def entry(self, name: str):
         """The service that provides ``name``, or None."""
-        if self.catalog is None or not name or name[0] == ":":
+        catalog = self.bus.catalog  # replaced whole by a reload; starts already pending keep their entry
+        if catalog is None or not name or name[0] == ":":
             return None
-        return self.catalog.get(name)
+        return catalog.get(name)
 
     def activatable(self, name: str) -> bool:
         return (self.systemd and name == SYSTEMD) or self.entry(name) is not None

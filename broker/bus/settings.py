@@ -28,5 +28,6 @@ class BusSettings:
     auth: tuple[str, ...] = ("EXTERNAL",)
     machine_id: str = ""
     servicedirs: list[ServiceDir] = field(default_factory=list)  # in config order, standard ones expanded
+    catalog: object = None  # broker.activation.catalog.ServiceCatalog from the launcher; None: read servicedirs
     busy_poll_us: int = 50  # longest adaptive poll before the reactor sleeps (0: never poll); see broker.io.busy_poll
     extra: dict = field(default_factory=dict)

@@ -111,6 +111,15 @@ class LauncherStarter:
             bus.activator.start_failed(start.name, SPAWN + "Failed", f"cannot ask the launcher: {e}")
 
 
+def default_starter(nursery, launcher):
+    """The launcher (``launcher``: its control socket) on a privilege-separated bus, else ourselves."""
+    if launcher is None:
+        return SessionStarter(nursery)
+    from .control import send_msg
+
+    return LauncherStarter(lambda msg: send_msg(launcher, msg))
+
+
 def apply_start_result(bus, msg: dict) -> None:
     """The launcher's answer about a start: ``error`` (a D-Bus error name) and ``text`` when it could not
     start it, or ``status`` when the process it started ended (exit code, or -signal)."""

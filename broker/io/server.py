@@ -1,6 +1,5 @@
 """The trio shell around the sans-IO bus: accept loop, connections, flushing."""
 
-import contextlib
 import logging
 import os
 import socket
@@ -195,22 +194,17 @@ def make_bus(settings: BusSettings) -> Bus:
     bus.fd_quota.pool = fd_pool(soft)
     bus.policy = settings.policy
     bus.bus_type = settings.bus_type
+    bus.catalog = settings.catalog
+    if bus.catalog is None:  # no launcher read it for us: read the service directories (before serving)
+        from ..activation.catalog import load_catalog
+
+        bus.catalog = load_catalog(settings.servicedirs, system_bus=settings.bus_type == "system")
     if settings.extra.get("systemd_activation"):
         bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
         bus.activator.systemd = True
-    from ..activation.catalog import catalog_from_json, load_catalog
     from .activation import inherited_environment
 
     bus.activator.base_env = inherited_environment()
-    if "catalog" in settings.extra:  # a broker under a root launcher: it cannot read the directories itself
-        bus.activator.via_launcher = True
-        bus.activator.catalog = catalog_from_json(settings.extra["catalog"])
-    else:
-        for d in settings.servicedirs:  # as dbus-daemon: the transient directory is made at start-up
-            if d.strict_naming:
-                with contextlib.suppress(OSError):
-                    os.makedirs(d.path, mode=0o700, exist_ok=True)
-        bus.activator.catalog = load_catalog(settings.servicedirs, system_bus=settings.bus_type == "system", log=log)
     if settings.selinux is not None:
         bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
         from ..access.mediator import BusPolicy
@@ -225,15 +219,19 @@ def make_bus(settings: BusSettings) -> Bus:
 
 
 async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
-                starter=None, task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
-    """Run the bus on already-bound listening sockets until cancelled. ``starter``: who starts
-    activatable services (default: the session spawn helper; the broker of a system bus: the launcher)."""
+                launcher=None, task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+    """Run the bus on already-bound listening sockets until cancelled.
+
+    ``launcher``: the control socket of the launcher that reads the configuration for this bus (reloads
+    are asked of it, and it starts activatable services); without one, the bus re-reads its own config file
+    and watches its directories, and spawns services itself."""
     import gc
 
     # Routing allocates short-lived objects only; move everything that exists
     # now out of the collector's way and collect young objects less often.
     gc.freeze()
     gc.set_threshold(50000, 20, 100)
+    watcher = open_config_watcher(settings, launcher)  # before make_bus reads the service directories
     bus = bus or make_bus(settings)
     server = Server(bus, settings.busy_poll_us)
     bus.server = server
@@ -244,11 +242,13 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         from .timers import run_reply_timer
 
         nursery.start_soon(run_reply_timer, bus, server)  # reply_timeout (idle while nothing is timed)
-        from .activation import SessionStarter, run_activation
+        from .activation import default_starter, run_activation
 
+        bus.activator.via_launcher = launcher is not None  # it starts services: no environment updates
         address = next((lst.address for lst in listeners if getattr(lst, "address", None)), "")
         bus.activator.address = f"{address},guid={bus.guid}" if address else ""
-        nursery.start_soon(run_activation, bus, server, starter or SessionStarter(nursery))
+        nursery.start_soon(run_activation, bus, server, default_starter(nursery, launcher))
+        start_reloader(bus, settings, nursery, launcher, watcher)
         from ..payload.bus_glue import note_listening_sockets
 
         socks = [getattr(lst, "sock", lst) for lst in listeners]
@@ -267,20 +267,36 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         log.info("bus ready (pid %d, guid %s)", os.getpid(), bus.guid)
 
 
+def open_config_watcher(settings: BusSettings, launcher):
+    """inotify on the config's directories, for a bus that reads its own config (else None)."""
+    cfg = settings.extra.get("config")
+    if launcher is not None or cfg is None:
+        return None
+    from .reload import open_watcher, watch_paths
+
+    return open_watcher(watch_paths(cfg))
+
+
+def start_reloader(bus: Bus, settings: BusSettings, nursery, launcher, watcher) -> None:
+    """ReloadConfig, SIGHUP (``bus.reloader.request``) and inotify: see broker.io.reload."""
+    from .reload import Reloader
+
+    cfg = settings.extra.get("config")
+    path = cfg.files[0] if cfg is not None and cfg.files else None
+    reloader = Reloader(bus, path, settings.bus_type, launcher=launcher)
+    bus.reloader = reloader
+    bus.reload_hook = reloader.driver_hook
+    nursery.start_soon(reloader.run)
+    if watcher is not None:
+        nursery.start_soon(reloader.watch, watcher)
+
+
 def apply_control(bus: Bus, msg: dict) -> None:
-    """A message from the launcher: a policy reload, or how a service start it was asked for went."""
+    """A message from the launcher: a reload (asked for by us, or its own on SIGHUP or inotify), or how a
+    service start it was asked for went."""
     if msg.get("type") == "start_result":
         from .activation import apply_start_result
 
         apply_start_result(bus, msg)
-        return
-    if msg.get("type") == "reload" and "policy" in msg:
-        from ..access.mediator import BusPolicy
-        from ..access.policy import Policy
-
-        xml = Policy.from_json(msg["policy"]) if msg["policy"] else None
-        if bus.policy is not None and bus.policy.selinux is not None:
-            bus.policy = bus.policy.with_xml(xml)
-        else:
-            bus.policy = BusPolicy(xml) if xml is not None else None
-        log.info("policy reloaded by the launcher")
+    elif msg.get("type") == "reload":
+        bus.reloader.on_launcher_message(msg)

@@ -33,10 +33,10 @@ import broker.io.fuse
 from broker.access.mediator import BusPolicy
 from broker.access.policy import Policy
 from broker.access.selinux import make_mediator
+from broker.activation.catalog import ServiceCatalog, catalog_from_json
 from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
 from broker.io import control
-from broker.io.activation import LauncherStarter
 from broker.io.server import apply_control, serve
 from broker.launch import sandbox
 from broker.launch.logs import setup_logging
@@ -81,7 +81,8 @@ def settings_from_message(msg: dict) -> BusSettings:
     if msg.get("busy_poll_us") is not None:
         s.busy_poll_us = int(msg["busy_poll_us"])
     s.extra["systemd_activation"] = bool(msg.get("systemd_activation"))
-    s.extra["catalog"] = msg.get("catalog") or {"dirs": [], "services": []}  # what the launcher can start
+    # the launcher read the service directories (the sandboxed broker may not): never read them here
+    s.catalog = catalog_from_json(msg["catalog"]) if msg.get("catalog") is not None else ServiceCatalog()
     return s
 
 
@@ -112,9 +113,7 @@ def main(argv=None) -> int:
 
     async def run():
         async with trio.open_nursery() as n:
-            # the broker never execs: the launcher starts services, by name (broker/launch/service_start.py)
-            starter = LauncherStarter(lambda m: control.send_msg(ctl, m))
-            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd, starter=starter))
+            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd, launcher=ctl))
             # the launcher called listen(): accepted sockets carry its pid as their peer, so a client passing
             # its own bus connection through the bus is recognised by that pid too
             bus.payload.ctx.own_pids.add(os.getppid())
