@@ -335,6 +335,13 @@ def test_launcher_starts_the_service_as_its_user_with_a_clean_environment(test_u
                 E + "Spawn.ChildExited",
                 ("Process org.example.Fails exited with status 7",),
             )
+            # a service file added later is seen after ReloadConfig, by the broker (catalogue) and the launcher
+            bus.write_service("org.example.Late", user=user.pw_name)
+            assert (
+                c.send_and_get_reply(new_method_call(message_bus, "ReloadConfig")).header.message_type
+                == MessageType.method_return
+            )
+            assert start_by_name(c, "org.example.Late").body == (1,)
             env = new_method_call(message_bus, "UpdateActivationEnvironment", "a{ss}", ({"LD_PRELOAD": "/x"},))
             assert error_name(c.send_and_get_reply(env)) == E + "AccessDenied"  # root too: never on a system bus
     finally:
@@ -354,7 +361,7 @@ def test_launcher_takes_names_only_and_checks_them_itself(tmp_path, test_users):
     """The control channel request: a compromised broker can name a service, nothing more. A command
     line or user in the request is ignored, a name that is not a valid bus name or has no service file is
     refused, and the file the launcher reads is its own."""
-    from broker.launch.service_start import ServiceSpawner, lookup_service
+    from broker.launch.service_start import ServiceSpawner
 
     out = Path(tempfile.mkdtemp(prefix="sealbus-act-out-"))  # where the service (its User=) may write
     out.chmod(0o777)
@@ -362,7 +369,7 @@ def test_launcher_takes_names_only_and_checks_them_itself(tmp_path, test_users):
         f"[D-BUS Service]\nName=org.example.Svc\nExec=/bin/sh -c 'touch {out}/ran'\nUser={test_users[0].pw_name}\n"
     )
     sent = []
-    spawner = ServiceSpawner(lambda name: lookup_service([str(tmp_path)], name, system_bus=True), sent.append)
+    spawner = ServiceSpawner([str(tmp_path)], sent.append)
     marker = tmp_path / "pwned"
     for name in ("../../etc/passwd", "org.example.Missing", ":1.5", 42):
         spawner.handle({"type": "start", "name": name, "exec": f"/bin/touch {marker}", "user": "root"})

@@ -29,7 +29,7 @@ from ..io.inotify import DirWatcher
 from ..io.reload import SETTLE_SECONDS, ReloadFailed, open_watcher, read_config, watch_paths
 from . import sandbox
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
-from .service_start import ServiceSpawner, lookup_service
+from .service_start import ServiceSpawner
 
 log = logging.getLogger("sealbus.launcher")
 
@@ -292,13 +292,11 @@ def stop_broker(proc, payload_mount: str | None) -> None:
 
 def service_spawner(cfg, send) -> ServiceSpawner:
     """Who starts services when the broker asks (by name; broker/launch/service_start.py)."""
-    system_bus = (cfg.type or "system") == "system"
-    return ServiceSpawner(lambda name: lookup_service(cfg.servicedirs, name, system_bus=system_bus), send,
-                          bus_type=cfg.type or "system")  # fmt: skip
+    return ServiceSpawner(cfg.servicedirs, send, bus_type=cfg.type or "system")
 
 
 def reload_for_broker(ctl, config_path: str, owner_uid: int | None, req_id: int | None,
-                      watcher: DirWatcher | None) -> None:  # fmt: skip
+                      watcher: DirWatcher | None, spawner: ServiceSpawner | None = None) -> None:  # fmt: skip
     """Re-read the config and the service directories and hand the result to the broker (``req_id``: the
     broker's reload-request this answers, None for our own on SIGHUP or inotify). A config that does not
     load changes nothing; the broker is told why only when it asked (it answers its ReloadConfig caller)."""
@@ -311,6 +309,8 @@ def reload_for_broker(ctl, config_path: str, owner_uid: int | None, req_id: int 
         return
     if watcher is not None:
         watcher.set_paths(loaded.watch)
+    if spawner is not None:  # starts look in the directories the broker's new catalogue came from
+        spawner.dirs = loaded.config.servicedirs
     control.send_msg(ctl, {"type": "reload", "id": req_id, "ok": True, "policy": policy_json(loaded.config, owner_uid),
                            "catalog": catalog_to_json(loaded.catalog)})  # fmt: skip
     log.info("configuration reloaded from %s and handed to the broker (%d activatable services)", config_path,
@@ -335,7 +335,7 @@ def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid
     while True:
         if stop["sig"] == signal.SIGHUP:
             stop["sig"] = None
-            reload_for_broker(ctl, config_path, owner_uid, None, watcher)
+            reload_for_broker(ctl, config_path, owner_uid, None, watcher, spawner)
         elif stop["sig"] is not None:
             log.info("stopping on %s", signal.Signals(stop["sig"]).name)
             stop_broker(proc, payload_mount)
@@ -343,7 +343,7 @@ def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid
         if changed_at is not None and time.monotonic() - changed_at >= SETTLE_SECONDS:
             changed_at = None
             watcher.drain()
-            reload_for_broker(ctl, config_path, owner_uid, None, watcher)
+            reload_for_broker(ctl, config_path, owner_uid, None, watcher, spawner)
         if broker_exiting(proc):
             if payload_mount is not None:
                 abort_payload_fs(payload_mount)  # lets a broker stuck on its own mount finish dying
@@ -377,4 +377,4 @@ def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid
                 elif msg.get("type") == "reload-request" and isinstance(msg.get("id"), int):
                     asked = msg["id"]  # requests read together are served by one reload (the last id)
             if asked is not None:
-                reload_for_broker(ctl, config_path, owner_uid, asked, watcher)
+                reload_for_broker(ctl, config_path, owner_uid, asked, watcher, spawner)

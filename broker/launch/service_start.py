@@ -81,8 +81,8 @@ def lookup_service(dirs, name: str, *, system_bus: bool):
 class ServiceSpawner:
     """Starts services for the broker, by name only (see the module docstring)."""
 
-    def __init__(self, lookup, send, *, bus_type: str = "system"):
-        self.lookup = lookup  # name -> service entry read afresh from the configured directories, or None
+    def __init__(self, dirs, send, *, bus_type: str = "system"):
+        self.dirs = dirs  # the configured service directories (replaced on reload), searched at every start
         self.send = send  # a dict to the broker
         self.bus_type = bus_type
         self.address = ""  # the bus address services are told (DBUS_STARTER_ADDRESS)
@@ -115,7 +115,7 @@ class ServiceSpawner:
             return None
         if len(self.children) >= MAX_CHILDREN:
             raise StartRefused(E + "LimitsExceeded", f"{MAX_CHILDREN} started services not yet reaped")
-        entry = self.lookup(name)
+        entry = lookup_service(self.dirs, name, system_bus=self.bus_type == "system")
         if entry is None:
             raise StartRefused(SPAWN + "ServiceNotFound", "Bus name not found in system service directory")
         if not entry.user:
