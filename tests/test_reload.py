@@ -256,3 +256,67 @@ def test_watch_paths_are_config_dirs_includedirs_and_watched_servicedirs(tmp_pat
     assert loaded.watch[:3] == [str(tmp_path), str(tmp_path / "d"), "/s"]
     assert loaded.watch[3:] and all(p.endswith("dbus-1/services") for p in loaded.watch[3:])
     assert "/run/user/4242/dbus-1/services" not in loaded.watch  # the transient dir: not watched, as dbus-daemon
+
+
+def test_inotify_flood_costs_few_reloads_and_the_bus_keeps_serving():
+    """Thousands of files written into a watched service directory: the bus keeps answering while they land,
+    the changes are coalesced into a few reloads, and the catalogue ends up with every valid file."""
+    bus = ReloadBus("self")
+    try:
+        files = 2000
+        with open_dbus_connection(bus.address) as c:
+            for i in range(files):
+                bus.service(bus.watched, f"org.example.Flood{i}")
+                if i % 500 == 0:
+                    assert still_up(c)
+        assert wait_until(lambda: len(bus.activatable()) == files + 1, timeout=30), bus.logtext()[-2000:]
+        reloads = bus.logtext().count("configuration reloaded")
+        assert 1 <= reloads < files // 10, reloads
+    finally:
+        bus.stop()
+
+
+def test_launcher_serves_reload_requests_by_id_and_reads_only_its_own_config(tmp_path):
+    """The launcher's side of the control channel, with a real child as the "broker": a burst of requests
+    (carrying junk fields such as a path) is served by one reload answering the last id, and what it sends
+    back comes from its own config file only."""
+    import socket
+    import threading
+
+    from broker.io import control
+    from broker.launch.launcher import supervise
+
+    svc_dir = tmp_path / "svc"
+    svc_dir.mkdir()
+    (svc_dir / "org.example.Mine.service").write_text("[D-BUS Service]\nName=org.example.Mine\nExec=/bin/false\n"
+                                                      "User=root\n")  # fmt: skip
+    conf = tmp_path / "bus.conf"
+    conf.write_text(f"<busconfig><type>system</type><servicedir>{svc_dir}</servicedir></busconfig>")
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen(["sleep", "60"])
+    stop = {"sig": None}
+    t = threading.Thread(target=supervise, args=(child, ours, str(conf), None, stop), daemon=True)
+    t.start()
+    try:
+        burst = b"".join(control.encode({"type": "reload-request", "id": i, "path": "/etc/shadow"})
+                         for i in range(1, 101))  # fmt: skip
+        theirs.sendall(burst)
+        theirs.settimeout(30)
+        first = control.recv_msg(theirs)
+        assert first["type"] == "reload" and first["ok"] is True
+        assert [s[0] for s in first["catalog"]["services"]] == ["org.example.Mine"]
+        answered = {first["id"]}
+        theirs.settimeout(1.0)
+        try:
+            while True:
+                answered.add(control.recv_msg(theirs)["id"])
+        except TimeoutError:
+            pass
+        assert 100 in answered and len(answered) < 100, answered
+    finally:
+        stop["sig"] = signal.SIGTERM
+        t.join(timeout=20)
+        terminate(child, timeout=5)
+        ours.close()
+        theirs.close()
+    assert not t.is_alive()

@@ -90,7 +90,7 @@ def install(bus, loaded: Loaded) -> None:
     install_policy(bus, loaded.policy)
     if loaded.catalog is not None:
         bus.catalog = loaded.catalog
-    log.info("configuration reloaded: %d activatable service(s)", len(bus.catalog))
+    log.info("configuration reloaded: %d activatable service(s)", len(bus.catalog or ()))
 
 
 class Reloader:
@@ -133,7 +133,7 @@ class Reloader:
             return
         try:
             install(self.bus, loaded_from_message(msg))
-        except (ReloadFailed, ValueError, KeyError) as e:
+        except (ReloadFailed, ValueError, KeyError, TypeError) as e:
             log.warning("the launcher's reload was not applied: %s", e)
 
     # -- the loop ---------------------------------------------------------
@@ -153,6 +153,9 @@ class Reloader:
             except ReloadFailed as e:
                 error = str(e)
                 log.error("reload failed, keeping the old configuration: %s", error)
+            except Exception as e:  # a reload must never take the bus down with it
+                error = f"internal error while reloading: {e!r}"
+                log.exception("reload failed, keeping the old configuration")
             self.passes += 1
             self._answer_waiters(waiters, error)
 
@@ -173,7 +176,7 @@ class Reloader:
             raise ReloadFailed("the launcher did not answer the reload request")
         try:
             return loaded_from_message(self._answer)
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ReloadFailed(f"malformed reload from the launcher: {e}") from None
 
     def _answer_waiters(self, waiters, error: str | None) -> None:
