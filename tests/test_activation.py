@@ -404,3 +404,21 @@ def test_core_update_activation_environment_is_for_the_bus_owner_only(core):
     assert h.error_name == E + "AccessDenied" and core.activator.env == {}
     owner.call("UpdateActivationEnvironment", "a{ss}", ({"FOO": "bar"},))
     assert owner.take()[0][0].type == 2 and core.activator.environment()["FOO"] == "bar"
+
+
+@needs_root
+def test_launcher_kills_a_service_whose_start_timed_out(test_users):
+    """The broker's service_start_timeout reaches the launcher as a stop for that name: its child is killed."""
+    user = test_users[0]
+    bus = ActivatingBus(system=True, timeout=2000, services={})
+    pidfile = bus.markers / "slow.pid"
+    bus.write_service("org.example.Slow", f"/bin/sh -c 'echo $$ > {pidfile}; exec sleep 60'", user=user.pw_name)
+    try:
+        with open_dbus_connection(bus.address) as c:
+            reply = start_by_name(c, "org.example.Slow")
+        assert error_name(reply) == E + "TimedOut"
+        pid = int(pidfile.read_text())
+        assert wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid))
+        assert "its start timed out" in bus.logtext()
+    finally:
+        bus.stop()
