@@ -371,13 +371,14 @@ def test_launcher_takes_names_only_and_checks_them_itself(tmp_path, test_users):
     sent = []
     spawner = ServiceSpawner([str(tmp_path)], sent.append)
     marker = tmp_path / "pwned"
-    for name in ("../../etc/passwd", "org.example.Missing", ":1.5", 42):
-        spawner.handle({"type": "start", "name": name, "exec": f"/bin/touch {marker}", "user": "root"})
+    for i, name in enumerate(("../../etc/passwd", "org.example.Missing", ":1.5", 42)):
+        spawner.handle({"type": "start", "name": name, "id": i, "exec": f"/bin/touch {marker}", "user": "root"})
     assert [m["error"].rsplit(".", 1)[1] for m in sent] == ["ServiceNotValid", "ServiceNotFound",
                                                             "ServiceNotValid", "ServiceNotValid"]  # fmt: skip
-    spawner.handle({"type": "start", "name": "org.example.Svc", "exec": f"/bin/touch {marker}", "user": "root"})
+    spawner.handle({"type": "start", "name": "org.example.Svc", "id": 9, "exec": f"/bin/touch {marker}",
+                    "user": "root"})  # fmt: skip
     assert wait_until(lambda: (spawner.reap(), not spawner.children)[1])
-    assert sent[-1] == {"type": "start_result", "name": "org.example.Svc", "status": 0}
+    assert sent[-1] == {"type": "start_result", "name": "org.example.Svc", "id": 9, "status": 0}
     assert (out / "ran").exists() and not marker.exists()
     assert (out / "ran").stat().st_uid == test_users[0].pw_uid
 
@@ -422,3 +423,19 @@ def test_launcher_kills_a_service_whose_start_timed_out(test_users):
         assert "its start timed out" in bus.logtext()
     finally:
         bus.stop()
+
+
+def test_core_ignores_a_launcher_answer_about_an_earlier_start(core):
+    """Sans-IO: the launcher's answers name the start they are about; a late one (the process of a start that
+    timed out, killed since) does not fail the name's next start."""
+    from broker.io.activation import apply_start_result
+
+    core.catalog = _Catalog({"org.example.S": _entry("org.example.S")})
+    a = CoreClient(core)
+    a.call("Echo", dest="org.example.S", path="/", interface="org.example.Svc")
+    ident = core.activator.pending["org.example.S"].ident
+    apply_start_result(core, {"type": "start_result", "name": "org.example.S", "id": ident - 1, "status": -9})
+    assert a.take() == [] and "org.example.S" in core.activator.pending
+    apply_start_result(core, {"type": "start_result", "name": "org.example.S", "id": ident, "status": 3})
+    [(h, body)] = a.take()
+    assert (h.error_name, body) == (E + "Spawn.ChildExited", ("Process org.example.S exited with status 3",))

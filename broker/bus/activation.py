@@ -64,10 +64,11 @@ class Waiter:
 class PendingStart:
     """A name being started, and who waits for it (insertion-ordered)."""
 
-    __slots__ = ("deadline", "done", "name", "on_done", "qbytes", "service", "waiters")
+    __slots__ = ("deadline", "done", "ident", "name", "on_done", "qbytes", "service", "waiters")
 
-    def __init__(self, name: str, service):
+    def __init__(self, name: str, service, ident: int = 0):
         self.name = name
+        self.ident = ident  # this start's number on the bus (what the launcher's answers name)
         self.service = service  # the catalog's entry (None: systemd itself, in systemd-activation mode)
         self.waiters: dict[Waiter, None] = {}
         self.qbytes = 0  # bytes of the messages queued for this name
@@ -88,6 +89,7 @@ class Activator:
         self.via_launcher = False  # a root launcher starts services (system bus): no environment updates
         self.pending: dict[str, PendingStart] = {}
         self.count = 0  # waiters on the whole bus (max_pending_service_starts)
+        self.started = 0  # starts so far (each PendingStart's ident)
         self.requests: list[PendingStart] = []  # starts the shell must perform (drained by it)
         self.on_request = None  # shell hook: requests is no longer empty
         self.fresh: dict[PendingStart, None] = {}  # pending starts awaiting their deadline
@@ -185,7 +187,8 @@ class Activator:
         start = self.pending.get(name)
         new = start is None
         if new:
-            start = self.pending[name] = PendingStart(name, self.entry(name))
+            self.started += 1
+            start = self.pending[name] = PendingStart(name, self.entry(name), self.started)
             armed = not self.fresh
             self.fresh[start] = None
             if armed and self.on_armed is not None:

@@ -14,7 +14,8 @@ routing pass:
 - ``LauncherStarter`` (system bus): the broker never execs; it sends the
   launcher a *name* over the control channel (``{"type": "start", "name"}``)
   and the launcher, which re-reads and checks the service file itself,
-  answers with ``start_result`` messages (``apply_start_result``).
+  answers with ``start_result`` messages (``apply_start_result``), each
+  naming the start (``id``) it is about.
 """
 
 import logging
@@ -100,13 +101,13 @@ class LauncherStarter:
         def done(why: str) -> None:
             if why == "timeout":  # as dbus-daemon, a service that does not come up is killed
                 try:
-                    self.send({"type": "stop", "name": start.name})
+                    self.send({"type": "stop", "name": start.name, "id": start.ident})
                 except OSError:
                     pass
 
         start.on_done = done
         try:
-            self.send({"type": "start", "name": start.name})
+            self.send({"type": "start", "name": start.name, "id": start.ident})
         except OSError as e:
             bus.activator.start_failed(start.name, SPAWN + "Failed", f"cannot ask the launcher: {e}")
 
@@ -128,7 +129,7 @@ def apply_start_result(bus, msg: dict) -> None:
         return
     act = bus.activator
     start = act.pending.get(name)
-    if start is None:
+    if start is None or msg.get("id") != start.ident:  # about an earlier start of that name: it is over
         return
     error = msg.get("error")
     if isinstance(error, str) and error.startswith(E):

@@ -14,9 +14,11 @@ and reports how it ended (``start_result`` with ``status``, or ``error`` and
 ``text`` when it could not start it), the broker turning an exit before the
 name was taken into ChildExited/ChildSignaled, as dbus-daemon does.
 
-Bounded: at most ``MAX_CHILDREN`` started services not yet reaped, one start
-per name at a time; a ``stop`` for a name (its start timed out) kills the
-child started for that name, and only that.
+Each request carries the broker's id for that start, echoed in the answers,
+so that a late answer about an earlier start of the same name is never taken
+for the current one. Bounded: at most ``MAX_CHILDREN`` started services not
+yet reaped; a ``stop`` (the start timed out) kills the child of that start,
+and only that.
 """
 
 import logging
@@ -86,33 +88,33 @@ class ServiceSpawner:
         self.send = send  # a dict to the broker
         self.bus_type = bus_type
         self.address = ""  # the bus address services are told (DBUS_STARTER_ADDRESS)
-        self.children: dict[str, subprocess.Popen] = {}  # name -> the process started for it, until reaped
+        # the broker's start id -> (name, the process started for it), until reaped
+        self.children: dict[int, tuple[str, subprocess.Popen]] = {}
 
     def handle(self, msg: dict) -> None:
-        name = msg.get("name")
+        name, ident = msg.get("name"), msg.get("id")
+        if not isinstance(ident, int) or isinstance(ident, bool):
+            ident = None
         if msg.get("type") == "stop":
-            proc = self.children.get(name) if isinstance(name, str) else None
-            if proc is not None and proc.poll() is None:
-                log.warning("killing %s (pid %d): its start timed out", name, proc.pid)
-                proc.send_signal(signal.SIGKILL)
+            name_proc = self.children.get(ident)
+            if name_proc is not None and name_proc[0] == name and name_proc[1].poll() is None:
+                log.warning("killing %s (pid %d): its start timed out", name, name_proc[1].pid)
+                name_proc[1].send_signal(signal.SIGKILL)
             return
         try:
+            if ident is None or ident in self.children:
+                raise StartRefused(SPAWN + "ServiceNotValid", "a start needs an id of its own")
             proc = self.start(name)
         except StartRefused as e:
             log.warning("not starting %r for the broker: %s", name, e.text)
-            self.send({"type": "start_result", "name": name if isinstance(name, str) else "", "error": e.error,
-                       "text": e.text})  # fmt: skip
+            self.send({"type": "start_result", "name": name if isinstance(name, str) else "", "id": ident,
+                       "error": e.error, "text": e.text})  # fmt: skip
             return
-        if proc is not None:
-            self.children[name] = proc
+        self.children[ident] = (name, proc)
 
-    def start(self, name) -> subprocess.Popen | None:
+    def start(self, name) -> subprocess.Popen:
         if not isinstance(name, str) or not wn.is_well_known_name(name):
             raise StartRefused(SPAWN + "ServiceNotValid", "Bus name is not valid or missing")
-        old = self.children.get(name)
-        if old is not None and old.poll() is None:
-            log.info("%s is starting already (pid %d)", name, old.pid)
-            return None
         if len(self.children) >= MAX_CHILDREN:
             raise StartRefused(E + "LimitsExceeded", f"{MAX_CHILDREN} started services not yet reaped")
         entry = lookup_service(self.dirs, name, system_bus=self.bus_type == "system")
@@ -150,10 +152,10 @@ class ServiceSpawner:
 
     def reap(self) -> None:
         """Report the started services that ended (called from the supervise loop)."""
-        for name, proc in list(self.children.items()):
+        for ident, (name, proc) in list(self.children.items()):
             status = proc.poll()
             if status is None:
                 continue
-            del self.children[name]
+            del self.children[ident]
             log.info("service %s (pid %d) ended with status %d", name, proc.pid, status)
-            self.send({"type": "start_result", "name": name, "status": status})
+            self.send({"type": "start_result", "name": name, "id": ident, "status": status})
