@@ -359,3 +359,67 @@ def test_transient_session_dir_is_created_only_in_a_private_runtime_dir(tmp_path
     cfg = parse_config_string("<busconfig><standard_session_servicedirs/></busconfig>")
     assert not (shared / "dbus-1").exists()
     assert all(not d.path.startswith(str(shared)) for d in cfg.servicedirs)
+
+
+# -- the oracle: dbus-daemon reading the same directories ------------------------------------------------
+
+
+HOSTILE = {
+    "org.example.Good.service": "[D-BUS Service]\nName=org.example.Good\nExec=/bin/true\n",
+    "misnamed.service": "[D-BUS Service]\nName=org.example.Misnamed\nExec=/bin/true\n",
+    "org.example.NoExec.service": "[D-BUS Service]\nName=org.example.NoExec\n",
+    "org.example.BadEscape.service": "[D-BUS Service]\nName=org.example.BadEscape\nExec=/bin/true \\q\n",
+    "org.example.Escapes.service": "[D-BUS Service]\nName=org.example.Escapes\nExec=/bin/echo\\sa\\tb\\\\\n",
+    "org.example.Localised.service": "[D-BUS Service]\nName=org.example.Localised\nExec[fr]=x \\q\nExec=/bin/true\n",
+    "org.example.EmptyHeader.service": "[]\nName=org.example.EmptyHeader\nExec=/bin/true\n",
+    "org.example.BeforeGroup.service": "Name=org.example.BeforeGroup\n[D-BUS Service]\nExec=/bin/true\n",
+    "org.example.OtherGroup.service": "[Other]\nName=org.example.OtherGroup\nExec=/bin/true\n",
+    "org.example.NoEquals.service": "[D-BUS Service]\nName=org.example.NoEquals\nExec /bin/true\n",
+    "org.example.KeyChars.service": "[D-BUS Service]\nName=org.example.KeyChars\nExec=/bin/true\nX_y=1\n",
+    "org.example.Crlf.service": "[D-BUS Service]\r\nName=org.example.Crlf\r\nExec=/bin/true\r\n",
+    "org.example.Second.service": "[D-BUS Service]\nName=org.example.Good\nExec=/bin/false\n",
+    "org.example.Txt.conf": "[D-BUS Service]\nName=org.example.Txt\nExec=/bin/true\n",
+    "org.example.Big.service": "[D-BUS Service]\nName=org.example.Big\nExec=/bin/true\n#" + "x" * MAX_FILE_BYTES + "\n",
+}
+
+
+def _activatable(address: str) -> set[str]:
+    from jeepney import message_bus, new_method_call
+    from jeepney.io.blocking import open_dbus_connection
+
+    with open_dbus_connection(address) as c:
+        return set(c.send_and_get_reply(new_method_call(message_bus, "ListActivatableNames"), timeout=30).body[0])
+
+
+@needs_dbus_data
+@pytest.mark.skipif(not os.path.exists("/usr/bin/dbus-daemon"), reason="no dbus-daemon to compare with")
+def test_list_activatable_names_matches_dbus_daemon(tmp_path):
+    """The same service directories (dbus-daemon's own test data, and hostile files of every kind the
+    desktop-file rules refuse or accept) give the same ListActivatableNames on dbus-daemon and on sealbus."""
+    import subprocess
+
+    from .conftest import VENV_BIN, terminate
+
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    for fname, text in HOSTILE.items():
+        (hostile / fname).write_text(text)
+    dirs = [hostile, DBUS_DATA / "valid-service-files", DBUS_DATA / "systemd-activation", tmp_path / "missing"]
+    conf = tmp_path / "bus.conf"
+    conf.write_text(
+        "<busconfig><type>session</type><listen>unix:tmpdir=/tmp</listen>"
+        + "".join(f"<servicedir>{d}</servicedir>" for d in dirs)
+        + '<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/>'
+        '<allow own="*"/></policy></busconfig>'
+    )
+    seen = {}
+    for daemon in ("/usr/bin/dbus-daemon", os.path.join(VENV_BIN, "sealbus-dbus-daemon")):
+        proc = subprocess.Popen([daemon, f"--config-file={conf}", "--nofork", "--print-address=1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        try:
+            seen[daemon] = _activatable(proc.stdout.readline().strip())
+        finally:
+            terminate(proc, timeout=15)
+    reference, ours = seen.values()
+    assert "org.example.Good" in reference and "com.example.SystemdActivatable1" in reference
+    assert ours == reference, (sorted(ours - reference), sorted(reference - ours))

@@ -27,7 +27,7 @@ needs_dbus_send = pytest.mark.skipif(shutil.which("dbus-send") is None, reason="
 POLICY = """<policy context="default"><allow user="*"/><allow send_destination="*" eavesdrop="true"/>
   <allow eavesdrop="true"/><allow own="*"/>{deny}</policy>"""
 CONF = """<busconfig><type>{type}</type><servicedir>{watched}</servicedir><servicedir>{late}</servicedir>
-  {policy}</busconfig>"""
+  {policy}{limits}</busconfig>"""
 MODES = ["self", "launcher"]
 
 
@@ -58,10 +58,10 @@ class ReloadBus:
         self.address = self.proc.stdout.readline().strip()
         assert self.address.startswith("unix:path="), self.logtext()
 
-    def write_conf(self, deny: str = "", text: str | None = None) -> None:
+    def write_conf(self, deny: str = "", text: str | None = None, limits: str = "") -> None:
         if text is None:
             text = CONF.format(type="system" if self.system else "session", watched=self.watched, late=self.late,
-                               policy=POLICY.format(deny=deny))  # fmt: skip
+                               policy=POLICY.format(deny=deny), limits=limits)  # fmt: skip
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.rename(self.conf)  # whole, as a package manager writes it: never half a file
@@ -165,6 +165,26 @@ def test_reload_applies_a_changed_deny_rule(rbus):
     reply = c.send_and_get_reply(message_bus.RequestName("org.example.Forbidden"))
     assert reply.header.message_type.name == "error" and "AccessDenied" in str(reply.header.fields)
     assert c.send_and_get_reply(message_bus.GetNameOwner("org.example.Before")).body[0] == c.unique_name
+    c.close()
+
+
+def test_reload_applies_changed_limits(rbus):
+    """As dbus-daemon, <limit> values are re-read too: a lower max_names_per_connection (the unique name
+    counts) refuses the next name; what a connection already owns stays owned."""
+    c = open_dbus_connection(rbus.address)
+    for name in ("org.example.N1", "org.example.N2", "org.example.N3"):
+        assert c.send_and_get_reply(message_bus.RequestName(name)).body[0] == 1
+    rbus.write_conf(limits='<limit name="max_names_per_connection">3</limit>')
+    reply = c.send_and_get_reply(new_method_call(message_bus, "ReloadConfig"), timeout=30)
+    assert reply.header.message_type.name == "method_return", reply.body
+    reply = c.send_and_get_reply(message_bus.RequestName("org.example.N4"))
+    assert reply.header.message_type.name == "error" and "LimitsExceeded" in str(reply.header.fields)
+    assert c.send_and_get_reply(message_bus.GetNameOwner("org.example.N3")).body[0] == c.unique_name
+    with open_dbus_connection(rbus.address) as fresh:  # a new connection: two names, then the limit
+        assert fresh.send_and_get_reply(message_bus.RequestName("org.example.F1")).body[0] == 1
+        assert fresh.send_and_get_reply(message_bus.RequestName("org.example.F2")).body[0] == 1
+        reply = fresh.send_and_get_reply(message_bus.RequestName("org.example.F3"))
+        assert reply.header.message_type.name == "error" and "LimitsExceeded" in str(reply.header.fields)
     c.close()
 
 

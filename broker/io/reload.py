@@ -25,6 +25,7 @@ import trio
 from ..access.config import load_config
 from ..access.mediator import BusPolicy
 from ..activation.catalog import ServiceCatalog, catalog_from_json, load_catalog
+from ..bus.limits import limits_for
 from . import control
 from .inotify import DirWatcher
 
@@ -47,6 +48,7 @@ class Loaded:
     catalog: ServiceCatalog
     watch: list[str] = field(default_factory=list)  # directories whose changes mean "reload"
     config: object = None  # the BusConfig (None when it came from the launcher)
+    limits: dict | None = None  # every <limit>, by name (limits_for: the config's over the defaults)
 
 
 def watch_paths(cfg) -> list[str]:
@@ -62,9 +64,11 @@ def read_config(path: str, default_type: str) -> Loaded:
         cfg = load_config(path)
     except Exception as e:  # ConfigError, and anything policy compilation raises: the old config stays
         raise ReloadFailed(str(e)) from None
-    system_bus = (cfg.type or default_type) == "system"
-    catalog = load_catalog(cfg.servicedirs, system_bus=system_bus, log=logging.getLogger("sealbus.activation"))
-    return Loaded(cfg.policy, catalog, watch_paths(cfg), cfg)
+    bus_type = cfg.type or default_type
+    catalog = load_catalog(
+        cfg.servicedirs, system_bus=bus_type == "system", log=logging.getLogger("sealbus.activation")
+    )
+    return Loaded(cfg.policy, catalog, watch_paths(cfg), cfg, vars(limits_for(bus_type, cfg.limits)))
 
 
 def install_policy(bus, xml_policy) -> None:
@@ -83,10 +87,15 @@ def loaded_from_message(msg: dict) -> Loaded:
         raise ReloadFailed(str(msg.get("error") or "the launcher could not reload the configuration"))
     policy = Policy.from_json(msg["policy"]) if msg.get("policy") else None
     catalog = catalog_from_json(msg["catalog"]) if msg.get("catalog") is not None else None
-    return Loaded(policy, catalog)
+    limits = msg.get("limits")
+    if limits is not None and not isinstance(limits, dict):
+        raise ValueError("limits must be an object")
+    return Loaded(policy, catalog, limits=limits)
 
 
 def install(bus, loaded: Loaded) -> None:
+    if loaded.limits is not None and bus.server is not None:
+        bus.server.apply_limits(loaded.limits)  # first: an unknown limit name refuses the whole reload
     install_policy(bus, loaded.policy)
     if loaded.catalog is not None:
         bus.catalog = loaded.catalog

@@ -35,6 +35,17 @@ class Server:
         closer.uid_share = bus.limits.max_inflight_fds_per_user
         classifier.prepare()  # its /proc fds, opened once now rather than at the first fd a client passes
 
+    def apply_limits(self, values: dict) -> None:
+        """New <limit> values from a reload, in force for every decision from now on, as dbus-daemon
+        applies them (a connection's framer keeps the message bounds it was made with)."""
+        from ..bus.limits import Limits
+
+        new = Limits()
+        new.update(values)
+        raise_fd_limit(new)  # the same cap on queued fds as at start-up
+        self.bus.limits.update(vars(new))
+        closer.uid_share = new.max_inflight_fds_per_user
+
     def mark_dirty(self, peer) -> None:
         self.dirty.add(peer)
 
@@ -219,19 +230,19 @@ def make_bus(settings: BusSettings) -> Bus:
 
 
 async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
-                launcher=None, task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+                task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
     """Run the bus on already-bound listening sockets until cancelled.
 
-    ``launcher``: the control socket of the launcher that reads the configuration for this bus (reloads
-    are asked of it, and it starts activatable services); without one, the bus re-reads its own config file
-    and watches its directories, and spawns services itself."""
+    ``control``: the control socket of the launcher, which reads the configuration for this bus (reloads
+    are asked of it, and it starts activatable services); without one, the bus re-reads its own config
+    file and watches its directories, and spawns services itself."""
     import gc
 
     # Routing allocates short-lived objects only; move everything that exists
     # now out of the collector's way and collect young objects less often.
     gc.freeze()
     gc.set_threshold(50000, 20, 100)
-    watcher = open_config_watcher(settings, launcher)  # before make_bus reads the service directories
+    watcher = open_config_watcher(settings, control)  # before make_bus reads the service directories
     bus = bus or make_bus(settings)
     server = Server(bus, settings.busy_poll_us)
     bus.server = server
@@ -244,11 +255,11 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         nursery.start_soon(run_reply_timer, bus, server)  # reply_timeout (idle while nothing is timed)
         from .activation import default_starter, run_activation
 
-        bus.activator.via_launcher = launcher is not None  # it starts services: no environment updates
+        bus.activator.via_launcher = control is not None  # it starts services: no environment updates
         address = next((lst.address for lst in listeners if getattr(lst, "address", None)), "")
         bus.activator.address = f"{address},guid={bus.guid}" if address else ""
-        nursery.start_soon(run_activation, bus, server, default_starter(nursery, launcher))
-        start_reloader(bus, settings, nursery, launcher, watcher)
+        nursery.start_soon(run_activation, bus, server, default_starter(nursery, control))
+        start_reloader(bus, settings, nursery, control, watcher)
         from ..payload.bus_glue import note_listening_sockets
 
         socks = [getattr(lst, "sock", lst) for lst in listeners]

@@ -37,7 +37,7 @@ from broker.activation.catalog import ServiceCatalog, catalog_from_json
 from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
 from broker.io import control
-from broker.io.server import apply_control, serve
+from broker.io.server import serve
 from broker.launch import sandbox
 from broker.launch.logs import setup_logging
 
@@ -113,11 +113,11 @@ def main(argv=None) -> int:
 
     async def run():
         async with trio.open_nursery() as n:
-            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd, launcher=ctl))
+            # serve reads the launcher's messages (control_loop) and asks it for reloads
+            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd, control=ctl))
             # the launcher called listen(): accepted sockets carry its pid as their peer, so a client passing
             # its own bus connection through the bus is recognised by that pid too
             bus.payload.ctx.own_pids.add(os.getppid())
-            n.start_soon(control.control_loop, ctl, lambda m: apply_control(bus, m))
             control.send_msg(ctl, {"type": "ready", "pid": os.getpid(), "guid": bus.guid})
 
     try:

@@ -312,7 +312,7 @@ def reload_for_broker(ctl, config_path: str, owner_uid: int | None, req_id: int 
     if spawner is not None:  # starts look in the directories the broker's new catalogue came from
         spawner.dirs = loaded.config.servicedirs
     control.send_msg(ctl, {"type": "reload", "id": req_id, "ok": True, "policy": policy_json(loaded.config, owner_uid),
-                           "catalog": catalog_to_json(loaded.catalog)})  # fmt: skip
+                           "catalog": catalog_to_json(loaded.catalog), "limits": loaded.limits})  # fmt: skip
     log.info("configuration reloaded from %s and handed to the broker (%d activatable services)", config_path,
              len(loaded.catalog))  # fmt: skip
 
