@@ -194,16 +194,16 @@ class Driver:
         return (result,)
 
     def m_StartServiceByName(self, peer, h, name, flags):
-        if self.bus.resolve(name) is not None:
-            return (2,)  # DBUS_START_REPLY_ALREADY_RUNNING
-        raise BusError("ServiceUnknown", f"The name {name} was not provided by any .service files")
+        return self.bus.activator.start_by_name(peer, h, name)
 
     def m_UpdateActivationEnvironment(self, peer, h, env):
         if not self.privileged(peer):
             raise BusError("AccessDenied", "only the bus owner may update the activation environment")
-        if len(self.bus.activation_env) + len(env) > 1024:
-            raise BusError("LimitsExceeded", "activation environment too large")
-        self.bus.activation_env.update(env)
+        if self.bus.activator.via_launcher:
+            # as dbus-daemon with its setuid helper: services the root launcher starts as other users get a
+            # clean environment, never one a client (or the bus's own uid) chose
+            raise BusError("AccessDenied", "Cannot change activation environment on a system bus.")
+        self.bus.activator.update_environment(env)
         return ()
 
     def bus_owner_uid(self) -> int:

@@ -21,6 +21,7 @@ import struct
 
 from ..wire import message as wm
 from ..wire.errors import WireError
+from .activation import ACTIVATOR, Activator
 from .common import DBUS_NAME, DBUS_PATH, BusError, E
 from .driver import FEATURES, Driver
 from .lifecycle import CLOSING, GONE
@@ -104,7 +105,7 @@ class Bus:
         self.serial = 0
         self.policy = None  # allow-all when None; see broker.access
         self.fd_vetter = None  # callable(peer, header, fds) raising BusError
-        self.activation_env: dict[str, str] = {}
+        self.bus_type = "session"  # DBUS_STARTER_BUS_TYPE of activated services; set by the shell
         self.stats = {"messages": 0, "broadcasts": 0, "dropped_replies": 0, "limits": 0}
         self.reload_hook = None  # callable(peer, serial or None): ReloadConfig, answered later (the I/O shell's)
         # the catalogue of activatable services (broker.activation.catalog.ServiceCatalog: names(), get(name));
@@ -118,6 +119,7 @@ class Bus:
         self.server = None  # the I/O shell (broker.io.server.Server), set by serve(): flush_dirty()
         self.spawn = None  # start a trio task (the shell's nursery.start_soon), set by serve()
         self.driver = Driver(self)
+        self.activator = Activator(self)  # bus activation (activation.py): pending starts, queued messages
         self.features = list(FEATURES)  # org.freedesktop.DBus.Features; the shell adds what its settings enable
         # The driver answers credential queries about itself with the broker's own.
         self.self_peer = Peer(0, own_creds(), UserAccount(os.getuid()), unique_name=DBUS_NAME)
@@ -156,6 +158,8 @@ class Bus:
         if peer.monitor:
             self.monitoring.remove(peer)
         self.matches.remove_all(peer)
+        if peer.starts:
+            self.activator.peer_gone(peer)
         # its own calls are forgotten (a late reply is dropped); callers still waiting on it get NoReply
         self.replies.drop_caller(peer)
         self.send_no_replies(self.replies.drop_replier(peer), NO_REPLY_GONE)
@@ -290,6 +294,9 @@ class Bus:
                 return
         dest = h.destination
         if dest == DBUS_NAME:
+            if h.type == wm.SIGNAL and h.member == "ActivationFailure" and h.interface == ACTIVATOR:
+                self._activation_failure(peer, h, fdref)
+                return
             self._to_monitors(peer, h, fdref)
             if self.policy is not None:
                 err = self.policy_send(peer, h, None, False, fdref)
@@ -315,6 +322,10 @@ class Bus:
             return
         target = self.peers.get(dest) if dest[0] == ":" else self.registry.owner(dest)  # resolve(), inlined
         if target is None:
+            if (h.type == METHOD_CALL or h.type == wm.SIGNAL) and not h.flags & wm.NO_AUTO_START \
+                    and self.activator.activatable(dest):  # fmt: skip
+                self.activator.auto_start(peer, h, fdref)
+                return
             self._to_monitors(peer, h, fdref)
             if h.type == METHOD_RETURN or h.type == ERROR:
                 self.stats["dropped_replies"] += 1  # e.g. its caller left before the answer came
@@ -330,6 +341,31 @@ class Bus:
             return
         self._unicast(peer, h, fdref, target)
 
+    def _activation_failure(self, peer: Peer, h, fdref) -> None:
+        """systemd's ActivationFailure signal to the bus. As dbus-daemon, the errors it causes reach
+        monitors before the signal itself."""
+        if self.policy is not None:
+            err = self.policy_send(peer, h, None, False, fdref)
+            if err is not None:
+                self._to_monitors(peer, h, fdref)
+                self.send_error(peer, h.serial, E + "AccessDenied", err)
+                return
+        self.activator.systemd_failure(peer, h)
+        self._to_monitors(peer, h, fdref)
+
+    def show_monitors(self, peer: Peer | None, h, fdref) -> None:
+        """Monitors get their copy of ``h`` now (activation: a message whose delivery waits)."""
+        self._to_monitors(peer, h, fdref)
+
+    def deliver_queued(self, peer: Peer, h, fdref, target: Peer) -> None:
+        """A message that waited for ``target`` to be started: routed now, through the same checks as any
+        (monitors saw it when it was sent)."""
+        self._unicast(peer, h, fdref, target, seen=True)
+
+    def policy_activation(self, peer: Peer, h, name: str, fdref) -> str | None:
+        """May ``peer`` make the bus start ``name`` for ``h``? The denial text, or None."""
+        return self.policy.mediate_activation(peer, h, name, fdref)
+
     def resolve(self, name: str) -> Peer | None:
         if name.startswith(":"):
             return self.peers.get(name)
@@ -343,7 +379,7 @@ class Bus:
 
     # -- unicast / replies --------------------------------------------------
 
-    def _unicast(self, peer: Peer, h, fdref, target: Peer) -> None:
+    def _unicast(self, peer: Peer, h, fdref, target: Peer, seen: bool = False) -> None:
         is_call = h.type == METHOD_CALL
         wants_reply = is_call and not h.flags & NO_REPLY_EXPECTED
         if self.policy is not None:
@@ -351,7 +387,7 @@ class Bus:
             if err is not None:
                 # as dbus-daemon: monitors see the message, then the error; the sender of any denied
                 # unicast message is told (no-reply calls, signals too)
-                if self.monitors:
+                if self.monitors and not seen:
                     self._to_monitors(peer, h, fdref, None, target)
                 self.send_error(peer, h.serial, E + "AccessDenied", err)
                 return
@@ -381,7 +417,7 @@ class Bus:
         self._push(target, bufs, nbytes, fdref, peer)
         if wants_reply:
             self.replies.add(peer, h.serial, target, self.limits.reply_timeout)
-        if self.monitors:
+        if self.monitors and not seen:
             self._to_monitors(peer, h, fdref, bufs, target)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
@@ -549,11 +585,11 @@ class Bus:
         self.serial = self.serial % 0xFFFFFFFF + 1
         return self.serial
 
-    def send_from_bus(self, target: Peer, raw: bytes) -> None:
-        """Queue a bus-originated message (also shown to monitors)."""
+    def send_from_bus(self, target: Peer, raw: bytes, seen: bool = False) -> None:
+        """Queue a bus-originated message (also shown to monitors, unless they ``seen`` it already)."""
         bufs = [raw]
         h = wm.HeaderView(memoryview(raw)) if self.monitors or self.policy is not None else None
-        if self.monitors:
+        if self.monitors and not seen:
             self._to_monitors(None, h, None, bufs, target)
         if target.state:  # not ACTIVE
             return
@@ -616,3 +652,5 @@ class Bus:
         self.name_owner_changed(ch.name, old, new)
         if ch.new is not None:
             self.bus_signal("NameAcquired", "s", (ch.name,), destination=ch.new)
+            if ch.old is None and self.activator.pending:
+                self.activator.name_owned(ch.name, ch.new)

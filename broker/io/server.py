@@ -204,6 +204,7 @@ def make_bus(settings: BusSettings) -> Bus:
     bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
     bus.fd_quota.pool = fd_pool(soft)
     bus.policy = settings.policy
+    bus.bus_type = settings.bus_type
     bus.catalog = settings.catalog
     if bus.catalog is None:  # no launcher read it for us: read the service directories (before serving)
         from ..activation.catalog import load_catalog
@@ -211,6 +212,10 @@ def make_bus(settings: BusSettings) -> Bus:
         bus.catalog = load_catalog(settings.servicedirs, system_bus=settings.bus_type == "system")
     if settings.extra.get("systemd_activation"):
         bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
+        bus.activator.systemd = True
+    from .activation import inherited_environment
+
+    bus.activator.base_env = inherited_environment()
     if settings.selinux is not None:
         bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
         from ..access.mediator import BusPolicy
@@ -229,7 +234,8 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
     """Run the bus on already-bound listening sockets until cancelled.
 
     ``control``: the control socket of the launcher, which reads the configuration for this bus (reloads
-    are asked of it); without one, the bus re-reads its own config file and watches its directories."""
+    are asked of it, and it starts activatable services); without one, the bus re-reads its own config
+    file and watches its directories, and spawns services itself."""
     import gc
 
     # Routing allocates short-lived objects only; move everything that exists
@@ -247,6 +253,12 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         from .timers import run_reply_timer
 
         nursery.start_soon(run_reply_timer, bus, server)  # reply_timeout (idle while nothing is timed)
+        from .activation import default_starter, run_activation
+
+        bus.activator.via_launcher = control is not None  # it starts services: no environment updates
+        address = next((lst.address for lst in listeners if getattr(lst, "address", None)), "")
+        bus.activator.address = f"{address},guid={bus.guid}" if address else ""
+        nursery.start_soon(run_activation, bus, server, default_starter(nursery, control))
         start_reloader(bus, settings, nursery, control, watcher)
         from ..payload.bus_glue import note_listening_sockets
 
@@ -291,6 +303,11 @@ def start_reloader(bus: Bus, settings: BusSettings, nursery, launcher, watcher) 
 
 
 def apply_control(bus: Bus, msg: dict) -> None:
-    """A message from the launcher: a reload (asked for by us, or its own on SIGHUP or inotify)."""
-    if msg.get("type") == "reload":
+    """A message from the launcher: a reload (asked for by us, or its own on SIGHUP or inotify), or how a
+    service start it was asked for went."""
+    if msg.get("type") == "start_result":
+        from .activation import apply_start_result
+
+        apply_start_result(bus, msg)
+    elif msg.get("type") == "reload":
         bus.reloader.on_launcher_message(msg)

@@ -29,6 +29,7 @@ from ..io.inotify import DirWatcher
 from ..io.reload import SETTLE_SECONDS, ReloadFailed, open_watcher, read_config, watch_paths
 from . import sandbox
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
+from .service_start import ServiceSpawner
 
 log = logging.getLogger("sealbus.launcher")
 
@@ -221,14 +222,16 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
         watcher = open_watcher(watch_paths(cfg))  # before the service directories are read: no change missed
         settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
+        spawner = service_spawner(cfg, lambda msg: control.send_msg(ctl_launcher, msg))
         control.send_msg(ctl_launcher, settings)
         ready = wait_ready(proc, ctl_launcher, payload_mount, stop=stop)
         if ready.get("type") != "ready":
             raise RuntimeError(f"unexpected message from the broker: {ready}")
+        spawner.address = f"{listeners[0].address},guid={ready.get('guid', '')}"
         log.info("broker pid %d ready on %s as uid %d", proc.pid, listeners[0].address, user.pw_uid)
         announce(ready)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=broker pid {proc.pid}")
-        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount, owner_uid, watcher)
+        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount, owner_uid, watcher, spawner)
     except (EOFError, OSError, RuntimeError) as e:
         log.error("broker failed to start: %s", e)
         return 1
@@ -287,8 +290,13 @@ def stop_broker(proc, payload_mount: str | None) -> None:
                 proc.wait(timeout=10)
 
 
+def service_spawner(cfg, send) -> ServiceSpawner:
+    """Who starts services when the broker asks (by name; broker/launch/service_start.py)."""
+    return ServiceSpawner(cfg.servicedirs, send, bus_type=cfg.type or "system")
+
+
 def reload_for_broker(ctl, config_path: str, owner_uid: int | None, req_id: int | None,
-                      watcher: DirWatcher | None) -> None:  # fmt: skip
+                      watcher: DirWatcher | None, spawner: ServiceSpawner | None = None) -> None:  # fmt: skip
     """Re-read the config and the service directories and hand the result to the broker (``req_id``: the
     broker's reload-request this answers, None for our own on SIGHUP or inotify). A config that does not
     load changes nothing; the broker is told why only when it asked (it answers its ReloadConfig caller)."""
@@ -301,6 +309,8 @@ def reload_for_broker(ctl, config_path: str, owner_uid: int | None, req_id: int 
         return
     if watcher is not None:
         watcher.set_paths(loaded.watch)
+    if spawner is not None:  # starts look in the directories the broker's new catalogue came from
+        spawner.dirs = loaded.config.servicedirs
     control.send_msg(ctl, {"type": "reload", "id": req_id, "ok": True, "policy": policy_json(loaded.config, owner_uid),
                            "catalog": catalog_to_json(loaded.catalog), "limits": loaded.limits})  # fmt: skip
     log.info("configuration reloaded from %s and handed to the broker (%d activatable services)", config_path,
@@ -308,23 +318,24 @@ def reload_for_broker(ctl, config_path: str, owner_uid: int | None, req_id: int 
 
 
 def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str | None = None,
-              owner_uid: int | None = None, watcher: DirWatcher | None = None) -> int:  # fmt: skip
+              owner_uid: int | None = None, watcher: DirWatcher | None = None,
+              spawner: ServiceSpawner | None = None) -> int:  # fmt: skip
     """Until a signal stops the bus: reloads (SIGHUP, inotify, the broker's requests), audit records."""
     try:
-        return _supervise(proc, ctl, config_path, stop, payload_mount, owner_uid, watcher)
+        return _supervise(proc, ctl, config_path, stop, payload_mount, owner_uid, watcher, spawner)
     finally:
         if watcher is not None:
             watcher.close()
 
 
-def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid, watcher) -> int:
+def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid, watcher, spawner) -> int:
     audit, limiter = AuditWriter(), AuditLimiter()
     inbox = control.Inbox(ctl)
     changed_at = None  # when inotify last reported a change not reloaded yet
     while True:
         if stop["sig"] == signal.SIGHUP:
             stop["sig"] = None
-            reload_for_broker(ctl, config_path, owner_uid, None, watcher)
+            reload_for_broker(ctl, config_path, owner_uid, None, watcher, spawner)
         elif stop["sig"] is not None:
             log.info("stopping on %s", signal.Signals(stop["sig"]).name)
             stop_broker(proc, payload_mount)
@@ -332,13 +343,15 @@ def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid
         if changed_at is not None and time.monotonic() - changed_at >= SETTLE_SECONDS:
             changed_at = None
             watcher.drain()
-            reload_for_broker(ctl, config_path, owner_uid, None, watcher)
+            reload_for_broker(ctl, config_path, owner_uid, None, watcher, spawner)
         if broker_exiting(proc):
             if payload_mount is not None:
                 abort_payload_fs(payload_mount)  # lets a broker stuck on its own mount finish dying
             rc = proc.wait(timeout=30)
             log.error("the broker (pid %d) exited unexpectedly with status %s", proc.pid, rc)
             return 1
+        if spawner is not None:
+            spawner.reap()
         waiting_on = [ctl, watcher] if watcher is not None else [ctl]
         try:
             readable, _, _ = select.select(waiting_on, [], [], 0.2 if changed_at is None else SETTLE_SECONDS)
@@ -353,6 +366,9 @@ def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid
                 msgs = []  # the broker is gone: proc.poll() reports it on the next round
             asked = None
             for msg in msgs:
+                if msg.get("type") in ("start", "stop") and spawner is not None:
+                    spawner.handle(msg)  # a name only: the launcher reads and checks the service file itself
+                    continue
                 # a broker SELinux denial (we hold CAP_AUDIT_WRITE); a compromised broker must not be able
                 # to forge other kinds of records or flood the audit log
                 text = str(msg.get("text", ""))
@@ -361,4 +377,4 @@ def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid
                 elif msg.get("type") == "reload-request" and isinstance(msg.get("id"), int):
                     asked = msg["id"]  # requests read together are served by one reload (the last id)
             if asked is not None:
-                reload_for_broker(ctl, config_path, owner_uid, asked, watcher)
+                reload_for_broker(ctl, config_path, owner_uid, asked, watcher, spawner)
