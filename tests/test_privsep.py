@@ -86,6 +86,36 @@ def test_clients_of_several_uids_talk(system_bus, test_users):
     assert c.send_and_get_reply(message_bus.GetConnectionUnixUser(owner.unique_name)).body[0] == 0
 
 
+def _socket_peer(path: str) -> tuple[int, int, int]:
+    """(pid, uid, gid) that SO_PEERCRED reports for a fresh connection to the bus socket at path."""
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        return struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
+def _busctl_status_pid(address: str) -> int:
+    out = subprocess.run(["busctl", f"--address={address}", "status", "--no-pager"], capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return int(next(line for line in out.stdout.splitlines() if line.startswith("PID=")).split("=")[1])
+
+
+def test_clients_see_the_broker_as_the_bus_process(system_bus):
+    """SO_PEERCRED on the bus socket names the broker (it calls listen() again), not the launcher that
+    bound the socket, so busctl status and the driver's GetConnectionUnixProcessID/UnixUser agree (the
+    broker starts as the bus user: that is the uid clients now see, as the driver already answered)."""
+    pid, uid, _gid = _socket_peer(str(system_bus.socket))
+    assert (pid, uid) == (system_bus.broker_pid, pwd.getpwnam("sealbus").pw_uid), (pid, system_bus.proc.pid)
+    with open_dbus_connection(system_bus.address) as c:
+        driver_pid = c.send_and_get_reply(message_bus.GetConnectionUnixProcessID("org.freedesktop.DBus")).body[0]
+    assert driver_pid == system_bus.broker_pid
+    if shutil.which("busctl"):
+        assert _busctl_status_pid(system_bus.address) == system_bus.broker_pid
+
+
 FUSE_DANCE = """
 import hashlib, os, sys
 from jeepney import DBusAddress, new_method_call
@@ -292,6 +322,7 @@ def test_dbus_daemon_drop_in_serves_from_a_sandboxed_broker_as_config_user(test_
     try:
         broker = bus.serving_pid()
         assert broker != bus.pid and children(bus.pid) == [broker]
+        assert _socket_peer(f"{sock}/bus")[0] == broker  # what busctl status shows as the bus's PID
         assert_confined(broker, bus_user)
         assert (
             f"broker sandboxed: uid={bus_user.pw_uid} gid={bus_user.pw_gid} landlock=True seccomp=True" in bus.logtext()

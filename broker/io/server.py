@@ -188,6 +188,19 @@ def raise_fd_limit(limits) -> int:
     return soft
 
 
+def take_over_listener(sock: socket.socket) -> None:
+    """listen() again on an inherited listening socket, from the process that will serve it.
+
+    Linux records the peer credentials a client sees (SO_PEERCRED: pid, uid,
+    gid) at each listen() call on an AF_UNIX socket. The launcher or systemd
+    called it first, so without this busctl and every client would report
+    their pid for the bus instead of the broker's. Must run before the
+    seccomp filter (listen is not in it); connections already queued keep
+    the earlier credentials.
+    """
+    sock.listen(socket.SOMAXCONN)
+
+
 def make_bus(settings: BusSettings) -> Bus:
     soft = raise_fd_limit(settings.limits)
     bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())

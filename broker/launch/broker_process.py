@@ -36,7 +36,7 @@ from broker.access.selinux import make_mediator
 from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
 from broker.io import control
-from broker.io.server import apply_control, serve
+from broker.io.server import apply_control, serve, take_over_listener
 from broker.launch import sandbox
 from broker.launch.logs import setup_logging
 
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the launcher, over the control channel
     ctl = socket.socket(fileno=a.control_fd)
     listen_socks = [socket.socket(fileno=fd) for fd in a.listen_fd]
+    for sock in listen_socks:  # clients then see this process (and the bus user) as the bus
+        take_over_listener(sock)
     msg = control.recv_msg(ctl)
     settings = settings_from_message(msg)
     settings.selinux = selinux_mediator(msg, ctl)  # the AVC opens selinuxfs: before the sandbox
@@ -111,8 +113,8 @@ def main(argv=None) -> int:
     async def run():
         async with trio.open_nursery() as n:
             bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd))
-            # the launcher called listen(): accepted sockets carry its pid as their peer, so a client passing
-            # its own bus connection through the bus is recognised by that pid too
+            # connections queued before take_over_listener() carry the launcher's pid as their peer, so a
+            # client passing its own bus connection through the bus is recognised by that pid too
             bus.payload.ctx.own_pids.add(os.getppid())
             n.start_soon(control.control_loop, ctl, lambda m: apply_control(bus, m))
             control.send_msg(ctl, {"type": "ready", "pid": os.getpid(), "guid": bus.guid})
