@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--listen-fd", type=int, action="append", required=True, help="repeated: one per address")
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--fuse-fd", type=int, help="/dev/fuse fd of the payload fs the launcher mounted")
+    p.add_argument("--store-fd", type=int, help="directory fd where the payload fs keeps its contents")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
@@ -102,10 +103,11 @@ def main(argv=None) -> int:
     settings = settings_from_message(msg)
     settings.selinux = selinux_mediator(msg, ctl)  # the AVC opens selinuxfs: before the sandbox
     sandbox.drop_privileges(msg["uid"], msg["gid"])
-    if settings.payload_fs and a.fuse_fd is None:
-        raise SystemExit("the launcher named a payload fs but passed no --fuse-fd")
+    if settings.payload_fs and (a.fuse_fd is None or a.store_fd is None):
+        raise SystemExit("the launcher named a payload fs but passed no --fuse-fd and --store-fd")
+    settings.payload_store_fd = a.store_fd
     landlock_on = sandbox.apply_landlock(msg.get("landlock") == "required", selinuxfs=settings.selinux is not None,
-                                         payload_fs=settings.payload_fs)  # fmt: skip
+                                         payload_fs=settings.payload_fs, payload_store_fd=a.store_fd)  # fmt: skip
     seccomp_on = sandbox.apply_seccomp(msg.get("seccomp") == "required")
     log.info("broker sandboxed: uid=%d gid=%d landlock=%s seccomp=%s", os.getuid(), os.getgid(),
              landlock_on, seccomp_on)  # fmt: skip

@@ -24,6 +24,7 @@ from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
 from ..bus.limits import limits_for
 from ..io import control
 from ..io.address import listen, systemd_listeners
+from ..payload.backing import make_store_dir, remove_store_dir
 from . import sandbox
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
 
@@ -177,7 +178,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
     ``owner_uid``: the uid the policy treats as the bus's own (default: as compiled, the launcher's).
     Closes the listeners and unmounts the payload fs on the way out, whatever happens."""
     ctl_launcher, ctl_broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc, payload_mount = None, None
+    proc, payload_mount, store_dir = None, None, None
     stop = {"sig": None}
 
     def on_signal(signum, frame):
@@ -201,8 +202,10 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             except OSError as e:
                 log.error("payload fs not served: %s", e)  # the bus itself still runs: memfd payloads need no mount
         if fuse_fd is not None:
-            fds += (fuse_fd,)
-            cmd += ["--fuse-fd", str(fuse_fd)]
+            # its contents: unlinked files in a directory of the bus user's own, not the broker's heap
+            store_dir, store_fd = make_store_dir(runtime, user.pw_uid, user.pw_gid)
+            fds += (fuse_fd, store_fd)
+            cmd += ["--fuse-fd", str(fuse_fd), "--store-fd", str(store_fd)]
         # preexec_fn: the launcher has no threads; the drop must happen here, in sealbus_launch_t
         proc = subprocess.Popen(
             cmd,
@@ -214,6 +217,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
         ctl_broker.close()
         if fuse_fd is not None:
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
+            os.close(store_fd)
         settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
         control.send_msg(ctl_launcher, settings)
         ready = wait_ready(proc, ctl_launcher, payload_mount, stop=stop)
@@ -235,6 +239,8 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             lst.close()
         if payload_mount is not None:
             unmount_payload_fs(payload_mount)
+        if store_dir is not None:
+            remove_store_dir(store_dir)  # empty: the broker's files there were never named
 
 
 def broker_exiting(proc) -> bool:
