@@ -144,8 +144,14 @@ def test_sandboxed_broker_serves_the_launchers_payload_fs(system_bus, test_users
                for line in Path("/proc/mounts").read_text().splitlines())  # fmt: skip
     out = run_as(test_users[0], [sys.executable, "-c", FUSE_DANCE, system_bus.address], timeout=60)
     assert out.stdout.split() == ["fuse", "payload-snapshot", "True", "0o400", "False"], out.stderr
+    # its contents lived in unlinked files of a directory of the runtime dir that only the bus user can use
+    (store,) = system_bus.runtime.glob("sealbus-store-*")
+    st = store.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam("sealbus").pw_uid, 0o700)
+    assert list(store.iterdir()) == []
     assert system_bus.stop() == 0
     assert not any(str(mount) in line for line in Path("/proc/mounts").read_text().splitlines())  # unmounted
+    assert not store.exists()
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
@@ -187,13 +193,29 @@ def test_sighup_reload_keeps_connections_and_applies_rules(system_bus):
     assert c.send_and_get_reply(message_bus.GetNameOwner("org.sealbus.Before")).body[0] == c.unique_name
 
 
+def _store_files(pid: int, store: Path) -> list[str]:
+    """What the broker's fds point to inside its payload store directory."""
+    links = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return [t for t in links if t.startswith(f"{store}/")]
+
+
 def test_killed_broker_is_reported_and_cleaned_up():
     bus = SystemBus()
     c = open_dbus_connection(bus.address)
+    (store,) = bus.runtime.glob("sealbus-store-*")
+    held = None
+    if (bus.runtime / "fs").is_mount():  # a payload being written lives in a nameless file of the store
+        held = os.open(bus.runtime / "fs" / "tmp" / "p", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        os.write(held, b"x" * 65536)
+        (target,) = _store_files(bus.broker_pid, store)
+        assert target.endswith("(deleted)") and list(store.iterdir()) == []
     os.kill(bus.broker_pid, signal.SIGKILL)
     assert bus.proc.wait(timeout=15) == 1
     assert "exited unexpectedly" in bus.logtext()
     assert not bus.socket.exists()
+    assert not store.exists()  # the launcher removes the store directory; its files died with the broker
+    if held is not None:
+        os.close(held)
     with pytest.raises((ConnectionError, OSError, EOFError)):
         c.send_and_get_reply(message_bus.ListNames(), timeout=5)
 
