@@ -7,6 +7,7 @@ import socket
 import trio
 
 from ..bus.lifecycle import ACTIVE
+from ..bus.log_fields import LIMIT, about
 from ..bus.router import Bus
 from ..bus.settings import BusSettings
 from ..payload.closer import closer
@@ -69,8 +70,9 @@ class Server:
                 csock.close()
                 continue
             if closer.over_share(creds.uid):
-                log.warning("refused connection uid=%d pid=%d: %d fds it sent still wait to be closed",
-                            creds.uid, creds.pid, closer.charged.get(creds.uid, 0))  # fmt: skip
+                log.warning("refused connection uid=%d pid=%d label=%s: %d fds it sent still wait to be closed",
+                            creds.uid, creds.pid, creds.label or "-", closer.charged.get(creds.uid, 0),
+                            extra=about(LIMIT, creds, limit="fd_close_queue"))  # fmt: skip
                 csock.close()
                 continue
             self._make_room_for(creds.uid)
@@ -102,7 +104,8 @@ class Server:
             self._evict(next(iter(most)), "too many incomplete connections (max_incomplete_connections)")
 
     def _evict(self, conn: Connection, why: str) -> None:
-        log.warning("dropped unauthenticated connection %s: %s", conn.describe(), why)
+        log.warning("dropped unauthenticated connection %s: %s", conn.describe(), why,
+                    extra=about(LIMIT, conn.creds, limit="max_incomplete_connections"))  # fmt: skip
         self.authentication_ended(conn)
         conn.evict()
 

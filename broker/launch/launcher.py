@@ -48,7 +48,7 @@ def ensure_bus_user(name: str = BUS_USER) -> pwd.struct_passwd:
 
 def broker_command(log_level: str) -> list[str]:
     if os.access(BROKER_ENTRY, os.X_OK):
-        return [BROKER_ENTRY]
+        return [BROKER_ENTRY, "--log-level", log_level]  # an installed broker honours --log-level too
     return [sys.executable, "-m", "broker.launch.broker_process", "--log-level", log_level]
 
 
