@@ -154,3 +154,29 @@ def test_unreachable_journal_falls_back_to_lines_on_stderr(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                          env={**os.environ, "SEALBUS_JOURNAL_SOCKET": str(tmp_path / "nobody")})  # fmt: skip
     assert out.returncode == 0 and "WARNING sealbus.test: hello there" in out.stderr, out.stderr
+
+
+def test_client_text_with_newlines_stays_inside_its_field():
+    """A value a client controls (a member name in a denial, an error text) that holds a newline and a
+    forged KEY=value is sent length-prefixed: it cannot add or replace a field of the entry."""
+    import logging
+
+    from broker.launch.logs import journal_fields
+
+    rec = logging.LogRecord("sealbus.policy", logging.WARNING, __file__, 1, "denied %s", ("x\nMESSAGE_ID=0",), None)
+    rec.journal = {"MESSAGE_ID": DENIED, "SEALBUS_MEMBER": "a\nSEALBUS_PEER_UID=0\n"}
+    entry = parse_entry(journal_fields(rec, rec.getMessage()))
+    assert entry["MESSAGE"] == "denied x\nMESSAGE_ID=0" and entry["MESSAGE_ID"] == DENIED
+    assert entry["SEALBUS_MEMBER"] == "a\nSEALBUS_PEER_UID=0\n" and "SEALBUS_PEER_UID" not in entry
+
+
+def test_a_journal_that_does_not_read_never_blocks_the_logger(journal):
+    """The journal's socket fills up (nobody reads it): records go to stderr instead, and logging returns."""
+    path, _unread = journal
+    code = ("import logging; from broker.launch.logs import setup_logging; setup_logging('info'); "
+            "log = logging.getLogger('sealbus.test')\nfor i in range(5000): log.warning('line %d', i)\n"
+            "print('done')")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SEALBUS_JOURNAL_SOCKET": path})  # fmt: skip
+    assert out.stdout.strip() == "done", out.stderr[-2000:]
+    assert "WARNING sealbus.test: line 4999" in out.stderr

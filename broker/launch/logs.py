@@ -42,7 +42,7 @@ def journal_fields(record: logging.LogRecord, text: str) -> bytes:
     }
     out = bytearray()
     for key, value in fields.items():
-        raw = value.encode("utf-8", "replace")[:_MAX_FIELD]
+        raw = str(value).encode("utf-8", "replace")[:_MAX_FIELD]
         if b"\n" in raw:
             out += key.encode() + b"\n" + struct.pack("<Q", len(raw)) + raw + b"\n"
         else:
