@@ -21,12 +21,19 @@ def make_store_dir(parent: str | None = None, uid: int = -1, gid: int = -1) -> t
     """
     path = tempfile.mkdtemp(prefix="sealbus-store-", dir=parent)  # 0700, a name nobody else chose
     try:
-        if uid >= 0:
-            os.chown(path, uid, gid)
-        return path, os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # by fd, never following a link: the parent (a runtime dir) may be writable by the bus user
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except BaseException:
         os.rmdir(path)
         raise
+    try:
+        if uid >= 0:
+            os.fchown(fd, uid, gid)
+    except BaseException:
+        os.close(fd)
+        os.rmdir(path)
+        raise
+    return path, fd
 
 
 def session_store_parent() -> str | None:
