@@ -345,6 +345,8 @@ def test_dbus_daemon_drop_in_serves_from_a_sandboxed_broker_as_config_user(test_
         broker = bus.serving_pid()
         assert broker != bus.pid and children(bus.pid) == [broker]
         assert _socket_peer(f"{sock}/bus")[0] == broker  # what busctl status shows as the bus's PID
+        if shutil.which("busctl"):
+            assert _busctl_status_pid(bus.address) == broker
         assert_confined(broker, bus_user)
         assert (
             f"broker sandboxed: uid={bus_user.pw_uid} gid={bus_user.pw_gid} landlock=True seccomp=True" in bus.logtext()
