@@ -15,10 +15,14 @@ run: setup
 # Each step is a gate: the import layers (no cycle, no upward import, see
 # docs/architecture.md), ruff's rules (complexity included, pyproject.toml),
 # and formatting (`ruff format` fixes what the last one reports).
+# Quiet when clean: one line per gate; a failure shows what to fix (a file per line for formatting).
+LINTED := broker tests benchmarks vagrant scripts
 lint: setup
-	$(PY) scripts/check-layers.py
-	$(PY) -m ruff check broker tests benchmarks vagrant scripts
-	$(PY) -m ruff format --check broker tests benchmarks vagrant scripts
+	@$(PY) scripts/check-layers.py
+	@$(PY) -m ruff check -q $(LINTED) && echo "lint: ruff check: clean"
+	@$(PY) -m ruff format --check -q --output-format concise $(LINTED) \
+	  || { echo "lint: run '$(PY) -m ruff format $(LINTED)' to format these files"; exit 1; }
+	@echo "lint: ruff format: clean"
 
 # The whole suite: unit, property, fuzz (bounded), interop with real clients,
 # security regression (root tiers run when root), and the enforcing SELinux

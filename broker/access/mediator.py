@@ -8,6 +8,7 @@ and is logged with the rule that decided it.
 
 import logging
 
+from ..bus.log_fields import DENIED, about_peer
 from .policy import DRIVER, MsgInfo, Policy
 
 log = logging.getLogger("sealbus.policy")
@@ -128,7 +129,10 @@ class BusPolicy:
             f'requested_reply="{int(requested_reply)}" destination="{msg.destination or tname}" '
             f"(decided by {rule})"
         )
-        log.warning("denied %s from %s to %s: %s", what, sdesc, tdesc, text)
+        subject = sender if sender is not None else target  # the peer the line is about: who sent, or who receives
+        log.warning("denied %s from %s to %s: %s", what, sdesc, tdesc, text,
+                    extra=about_peer(DENIED, subject, denied=what, destination=tname, interface=msg.interface,
+                                     member=msg.member))  # fmt: skip
         return text
 
 

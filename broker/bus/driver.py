@@ -8,6 +8,7 @@ from ..wire.errors import WireError
 from ..wire.marshal import Variant
 from . import names as nm
 from .common import DBUS_NAME, DBUS_PATH, BusError
+from .log_fields import CONNECTED, DENIED, LIMIT, about_peer
 from .match import MatchRuleInvalid, parse_match_rule
 
 log = logging.getLogger("sealbus.driver")
@@ -90,7 +91,7 @@ class Driver:
     def hello(self, peer, h) -> None:
         bus = self.bus
         bus.conns.name(peer)
-        log.info("connected %s", peer.describe())
+        log.info("connected %s", peer.describe(), extra=about_peer(CONNECTED, peer))
         bus.send_reply(peer, h.serial, "s", (peer.unique_name,))
         bus.name_owner_changed(peer.unique_name, "", peer.unique_name)
         bus.bus_signal("NameAcquired", "s", (peer.unique_name,), destination=peer)
@@ -169,12 +170,15 @@ class Driver:
                            "because it is reserved for D-Bus' use only")  # fmt: skip
         # the unique name counts too, as in dbus-daemon
         if name not in peer.names and len(peer.names) + 1 >= bus.limits.max_names_per_connection:
-            log.warning("limit max_names_per_connection hit by %s", peer.describe())
+            log.warning("limit max_names_per_connection hit by %s", peer.describe(),
+                        extra=about_peer(LIMIT, peer, limit="max_names_per_connection"))  # fmt: skip
             raise BusError("LimitsExceeded", f"{peer.unique_name} owns or queues for too many names")
         if bus.policy is not None:
             err = bus.policy.mediate_own(bus, peer, name)
             if err is not None:
-                log.warning("denied own %s to %s: %s", name, peer.describe(), err)
+                log.warning(
+                    "denied own %s to %s: %s", name, peer.describe(), err, extra=about_peer(DENIED, peer, own=name)
+                )
                 raise BusError("AccessDenied", err)
         result, changes = bus.registry.request(name, peer, flags)
         for ch in changes:
@@ -229,7 +233,8 @@ class Driver:
 
     def m_AddMatch(self, peer, h, text):
         if len(peer.matches) >= self.bus.limits.max_match_rules_per_connection:
-            log.warning("limit max_match_rules_per_connection hit by %s", peer.describe())
+            log.warning("limit max_match_rules_per_connection hit by %s", peer.describe(),
+                        extra=about_peer(LIMIT, peer, limit="max_match_rules_per_connection"))  # fmt: skip
             raise BusError("LimitsExceeded", "Connection has too many match rules")
         try:
             rule = parse_match_rule(text)
@@ -378,7 +383,7 @@ class Driver:
         if explicit is None or explicit:
             return
         log.warning("denied %s.%s to %s: neither root, the bus's uid nor explicitly allowed by the policy",
-                    I_STATS, h.member, peer.describe())  # fmt: skip
+                    I_STATS, h.member, peer.describe(), extra=about_peer(DENIED, peer, member=h.member))  # fmt: skip
         raise BusError("AccessDenied", f"{I_STATS}.{h.member} is only for root, the bus's own uid "
                        f"({self.bus_owner_uid()}) and callers the bus policy explicitly allows "
                        f'(<allow send_destination="{DBUS_NAME}" send_interface="{I_STATS}"/>); '

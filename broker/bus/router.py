@@ -26,6 +26,7 @@ from .common import DBUS_NAME, DBUS_PATH, BusError, E
 from .driver import FEATURES, Driver
 from .lifecycle import CLOSING, GONE
 from .limits import Limits
+from .log_fields import DENIED, DISCONNECTED, LIMIT, about_peer
 from .match import MatchRule, rule_hits
 from .matches import MatchRegistry
 from .monitors import Monitors
@@ -168,7 +169,8 @@ class Bus:
                 self.announce_owner_change(ch)
             if self.conns.unname(peer):  # monitors gave their name up already
                 self.name_owner_changed(peer.unique_name, peer.unique_name, "")
-            log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "")
+            log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "",
+                     extra=about_peer(DISCONNECTED, peer, reason=reason))  # fmt: skip
 
     @property
     def pending(self) -> ReplyRegistry:
@@ -208,7 +210,9 @@ class Bus:
         """
         if peer.state:  # CLOSING or GONE already
             return
-        log.warning("disconnecting %s: %s", peer.describe(), reason)
+        log.warning(
+            "disconnecting %s: %s", peer.describe(), reason, extra=about_peer(DISCONNECTED, peer, reason=reason)
+        )
         peer.begin_closing(reason)
         if peer.kill is not None:
             peer.kill(reason)
@@ -264,7 +268,9 @@ class Bus:
         self.send_error(peer, h.serial, E + "AccessDenied",
                         "Client tried to send a message other than Hello without being registered")  # fmt: skip
         reason = "first message was not Hello"
-        log.warning("disconnecting %s: %s", peer.describe(), reason)
+        log.warning(
+            "disconnecting %s: %s", peer.describe(), reason, extra=about_peer(DISCONNECTED, peer, reason=reason)
+        )
         peer.to(CLOSING, reason)  # takes no further messages; unlike kill(), its outbox (the error) is kept
         if peer.kill is not None:
             peer.kill(reason)
@@ -276,7 +282,8 @@ class Bus:
         why = (f"uid {acct.uid} holds its share of the broker's fds "
                f"({acct.message_fds + acct.held_fds} of {self.fd_quota.share(acct)}: fd share)")  # fmt: skip
         self.stats["limits"] += 1
-        log.warning("refused a message with %d fds from %s: %s", len(fds), peer.describe(), why)
+        log.warning("refused a message with %d fds from %s: %s", len(fds), peer.describe(), why,
+                    extra=about_peer(LIMIT, peer, limit="fd_share"))  # fmt: skip
         FdRef(fds, self.closing, peer).decref()
         if h.type == wm.METHOD_CALL and not h.no_reply_expected and peer.unique_name is not None:
             self.send_error(peer, h.serial, E + "LimitsExceeded", why)
@@ -286,7 +293,7 @@ class Bus:
             try:
                 self.fd_vetter(peer, h, fdref.fds)
             except BusError as e:
-                log.warning("refused fds from %s: %s", peer.describe(), e.text)
+                log.warning("refused fds from %s: %s", peer.describe(), e.text, extra=about_peer(DENIED, peer))
                 if h.type == wm.METHOD_CALL and not h.no_reply_expected:
                     self.send_error(peer, h.serial, e.name, e.text)
                 elif h.type == wm.SIGNAL:
@@ -398,7 +405,8 @@ class Bus:
             return
         if wants_reply and peer.replies_pending >= self.limits.max_replies_per_connection:
             self.stats["limits"] += 1
-            log.warning("limit max_replies_per_connection hit by %s", peer.describe())
+            log.warning("limit max_replies_per_connection hit by %s", peer.describe(),
+                        extra=about_peer(LIMIT, peer, limit="max_replies_per_connection"))  # fmt: skip
             self.send_error(peer, h.serial, E + "LimitsExceeded",
                             "The maximum number of pending replies per connection has been reached")  # fmt: skip
             return
@@ -407,7 +415,8 @@ class Bus:
         why = self._cannot_queue(peer, target, nbytes, fdref)
         if why is not None:
             self.stats["limits"] += 1
-            log.warning("cannot queue message from %s to %s: %s", peer.describe(), target.describe(), why)
+            log.warning("cannot queue message from %s to %s: %s", peer.describe(), target.describe(), why,
+                        extra=about_peer(LIMIT, peer, destination=target.unique_name))  # fmt: skip
             if is_call:
                 if wants_reply:
                     self.send_error(peer, h.serial, E + "LimitsExceeded", why)

@@ -23,6 +23,7 @@ class BusSettings:
     policy: object = None  # None: allow everything (the embedded session default)
     selinux: object = None  # broker.access.selinux.SELinuxMediator when SELinux is enabled
     payload_fs: str | None = None  # mount point of the FUSE payload filesystem
+    payload_store_fd: int | None = None  # directory (fd) for its contents; None: a private one made at start
     payload_timeout_ms: int = 30000
     payload_max_bytes_per_user: int = 256 * 1024 * 1024
     auth: tuple[str, ...] = ("EXTERNAL",)

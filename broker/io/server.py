@@ -7,6 +7,7 @@ import socket
 import trio
 
 from ..bus.lifecycle import ACTIVE
+from ..bus.log_fields import LIMIT, about
 from ..bus.router import Bus
 from ..bus.settings import BusSettings
 from ..payload.closer import closer
@@ -80,8 +81,9 @@ class Server:
                 csock.close()
                 continue
             if closer.over_share(creds.uid):
-                log.warning("refused connection uid=%d pid=%d: %d fds it sent still wait to be closed",
-                            creds.uid, creds.pid, closer.charged.get(creds.uid, 0))  # fmt: skip
+                log.warning("refused connection uid=%d pid=%d label=%s: %d fds it sent still wait to be closed",
+                            creds.uid, creds.pid, creds.label or "-", closer.charged.get(creds.uid, 0),
+                            extra=about(LIMIT, creds, limit="fd_close_queue"))  # fmt: skip
                 csock.close()
                 continue
             self._make_room_for(creds.uid)
@@ -113,7 +115,8 @@ class Server:
             self._evict(next(iter(most)), "too many incomplete connections (max_incomplete_connections)")
 
     def _evict(self, conn: Connection, why: str) -> None:
-        log.warning("dropped unauthenticated connection %s: %s", conn.describe(), why)
+        log.warning("dropped unauthenticated connection %s: %s", conn.describe(), why,
+                    extra=about(LIMIT, conn.creds, limit="max_incomplete_connections"))  # fmt: skip
         self.authentication_ended(conn)
         conn.evict()
 
@@ -197,6 +200,19 @@ def raise_fd_limit(limits) -> int:
             pass
     limits.max_outgoing_unix_fds = min(limits.max_outgoing_unix_fds, max(64, soft // 4))
     return soft
+
+
+def take_over_listener(sock: socket.socket) -> None:
+    """listen() again on an inherited listening socket, from the process that will serve it.
+
+    Linux records the peer credentials a client sees (SO_PEERCRED: pid, uid,
+    gid) at each listen() call on an AF_UNIX socket. The launcher or systemd
+    called it first, so without this busctl and every client would report
+    their pid for the bus instead of the broker's. Must run before the
+    seccomp filter (listen is not in it); connections already queued keep
+    the earlier credentials.
+    """
+    sock.listen(socket.SOMAXCONN)
 
 
 def make_bus(settings: BusSettings) -> Bus:

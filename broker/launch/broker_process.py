@@ -37,7 +37,7 @@ from broker.activation.catalog import ServiceCatalog, catalog_from_json
 from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
 from broker.io import control
-from broker.io.server import serve
+from broker.io.server import serve, take_over_listener
 from broker.launch import sandbox
 from broker.launch.logs import setup_logging
 
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--listen-fd", type=int, action="append", required=True, help="repeated: one per address")
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--fuse-fd", type=int, help="/dev/fuse fd of the payload fs the launcher mounted")
+    p.add_argument("--store-fd", type=int, help="directory fd where the payload fs keeps its contents")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
@@ -99,14 +100,17 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the launcher, over the control channel
     ctl = socket.socket(fileno=a.control_fd)
     listen_socks = [socket.socket(fileno=fd) for fd in a.listen_fd]
+    for sock in listen_socks:  # clients then see this process (and the bus user) as the bus
+        take_over_listener(sock)
     msg = control.recv_msg(ctl)
     settings = settings_from_message(msg)
     settings.selinux = selinux_mediator(msg, ctl)  # the AVC opens selinuxfs: before the sandbox
     sandbox.drop_privileges(msg["uid"], msg["gid"])
-    if settings.payload_fs and a.fuse_fd is None:
-        raise SystemExit("the launcher named a payload fs but passed no --fuse-fd")
+    if settings.payload_fs and (a.fuse_fd is None or a.store_fd is None):
+        raise SystemExit("the launcher named a payload fs but passed no --fuse-fd and --store-fd")
+    settings.payload_store_fd = a.store_fd
     landlock_on = sandbox.apply_landlock(msg.get("landlock") == "required", selinuxfs=settings.selinux is not None,
-                                         payload_fs=settings.payload_fs)  # fmt: skip
+                                         payload_fs=settings.payload_fs, payload_store_fd=a.store_fd)  # fmt: skip
     seccomp_on = sandbox.apply_seccomp(msg.get("seccomp") == "required")
     log.info("broker sandboxed: uid=%d gid=%d landlock=%s seccomp=%s", os.getuid(), os.getgid(),
              landlock_on, seccomp_on)  # fmt: skip
@@ -115,8 +119,8 @@ def main(argv=None) -> int:
         async with trio.open_nursery() as n:
             # serve reads the launcher's messages (control_loop) and asks it for reloads
             bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd, control=ctl))
-            # the launcher called listen(): accepted sockets carry its pid as their peer, so a client passing
-            # its own bus connection through the bus is recognised by that pid too
+            # connections queued before take_over_listener() carry the launcher's pid as their peer, so a
+            # client passing its own bus connection through the bus is recognised by that pid too
             bus.payload.ctx.own_pids.add(os.getppid())
             control.send_msg(ctl, {"type": "ready", "pid": os.getpid(), "guid": bus.guid})
 

@@ -27,6 +27,7 @@ from ..io import control
 from ..io.address import listen, systemd_listeners
 from ..io.inotify import DirWatcher
 from ..io.reload import SETTLE_SECONDS, ReloadFailed, open_watcher, read_config, watch_paths
+from ..payload.backing import make_store_dir, remove_store_dir
 from . import sandbox
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
 from .service_start import ServiceSpawner
@@ -51,7 +52,7 @@ def ensure_bus_user(name: str = BUS_USER) -> pwd.struct_passwd:
 
 def broker_command(log_level: str) -> list[str]:
     if os.access(BROKER_ENTRY, os.X_OK):
-        return [BROKER_ENTRY]
+        return [BROKER_ENTRY, "--log-level", log_level]  # an installed broker honours --log-level too
     return [sys.executable, "-m", "broker.launch.broker_process", "--log-level", log_level]
 
 
@@ -183,7 +184,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
     ``owner_uid``: the uid the policy treats as the bus's own (default: as compiled, the launcher's).
     Closes the listeners and unmounts the payload fs on the way out, whatever happens."""
     ctl_launcher, ctl_broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc, payload_mount, watcher = None, None, None
+    proc, payload_mount, watcher, store_dir = None, None, None, None
     stop = {"sig": None}
 
     def on_signal(signum, frame):
@@ -207,8 +208,10 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             except OSError as e:
                 log.error("payload fs not served: %s", e)  # the bus itself still runs: memfd payloads need no mount
         if fuse_fd is not None:
-            fds += (fuse_fd,)
-            cmd += ["--fuse-fd", str(fuse_fd)]
+            # its contents: unlinked files in a directory of the bus user's own, not the broker's heap
+            store_dir, store_fd = make_store_dir(runtime, user.pw_uid, user.pw_gid)
+            fds += (fuse_fd, store_fd)
+            cmd += ["--fuse-fd", str(fuse_fd), "--store-fd", str(store_fd)]
         # preexec_fn: the launcher has no threads; the drop must happen here, in sealbus_launch_t
         proc = subprocess.Popen(
             cmd,
@@ -220,6 +223,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
         ctl_broker.close()
         if fuse_fd is not None:
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
+            os.close(store_fd)
         watcher = open_watcher(watch_paths(cfg))  # before the service directories are read: no change missed
         settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
         spawner = service_spawner(cfg, lambda msg: control.send_msg(ctl_launcher, msg))
@@ -246,6 +250,8 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             lst.close()
         if payload_mount is not None:
             unmount_payload_fs(payload_mount)
+        if store_dir is not None:
+            remove_store_dir(store_dir)  # empty: the broker's files there were never named
 
 
 def broker_exiting(proc) -> bool:
