@@ -104,6 +104,22 @@ def test_main_package_holds_every_file_a_user_needs_and_nothing_else(built):
     assert any(f.startswith(f"{site}/sealbus-{VERSION}.dist-info") for f in files)
 
 
+def test_packaged_files_are_root_owned_and_not_writable_by_others(built):
+    """The launcher runs as root: nothing it executes, imports or reads may be writable by anyone else."""
+    modes = {}
+    for rpm in (built.main, built.selinux):
+        rows = built.query(rpm, "--qf", "[%{FILEMODES:perms} %{FILEUSERNAME} %{FILEGROUPNAME} %{FILENAMES}\\n]")
+        for perms, user, group, name in (r.split(" ", 3) for r in rows.splitlines()):
+            assert (user, group) == ("root", "root"), (name, user, group)
+            assert perms[5] != "w" and perms[8] != "w", (name, perms)  # no group or other write
+            assert not set(perms[1:]) & {"s", "S"}, (name, perms)  # no setuid/setgid
+            modes[name] = perms
+    assert modes["/usr/libexec/sealbus/sealbus-launcher"] == "-rwxr-xr-x"
+    assert modes["/usr/libexec/sealbus/sealbus-broker"] == "-rwxr-xr-x"
+    assert modes["/etc/sealbus/system.conf"] == "-rw-r--r--"
+    assert "/etc/sealbus/system.conf" in built.query(built.main, "--configfiles").split()
+
+
 def test_selinux_package_holds_the_compiled_module(built, tmp_path):
     assert built.files(built.selinux) == SELINUX_FILES
     root = built.extract(built.selinux, tmp_path / "root")
