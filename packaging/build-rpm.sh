@@ -30,7 +30,7 @@ rpm -q rpm >/dev/null 2>&1 || args+=(--nodeps)
 if [ -x .venv/bin/python ]; then
     args+=(--define "_sealbus_deps_sitelib $(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')")
 fi
-[ -z "${RPM_PYTHON_VERSION:-}" ] || args+=(--define "python3_version $RPM_PYTHON_VERSION")
+[ -z "${RPM_PYTHON_VERSION:-}" ] || args+=(--define "fallback_python3_version $RPM_PYTHON_VERSION")
 [ -z "${SELINUX_POLICY_VERSION:-}" ] || args+=(--define "_selinux_policy_version $SELINUX_POLICY_VERSION")
 rpmbuild -ba "${args[@]}" "$top/SPECS/sealbus.spec"
 
