@@ -42,6 +42,10 @@ install_rpm() {
   dnf -y -q install python3 python3-jeepney policycoreutils policycoreutils-python-utils selinux-policy-targeted \
     audit fuse3 systemd
   dnf -y install "${rpms[@]}"
+  # the broker's seccomp and Landlock bindings are not packaged in Fedora (packaging/README.md):
+  # from PyPI into /usr/local, with the sandbox's other two from Fedora
+  dnf -y -q install python3-pip python3-prctl python3-pyfuse3
+  python3 -m pip install -q pyseccomp landlock
   rpm -q sealbus sealbus-selinux
   semodule -lfull | grep -E '^200 +sealbus ' || die "sealbus-selinux did not load the module at priority 200"
   export SEALBUS_VM_PYTHON=/usr/bin/python3  # probes import broker from the installed package
