@@ -7,20 +7,7 @@ cd "$(dirname "$0")/.."
 SRC=$(pwd)
 PY="$SRC/.venv/bin/python"
 install -d /usr/libexec/sealbus /etc/systemd/system /usr/lib/sysusers.d /usr/lib/tmpfiles.d
-cat > /usr/libexec/sealbus/sealbus-launcher <<EOS
-#!$PY -IB
-import sys
-sys.path.insert(0, "$SRC")
-from broker.cli import main
-sys.exit(main(["run", "--system", *sys.argv[1:]]))
-EOS
-cat > /usr/libexec/sealbus/sealbus-broker <<EOS
-#!$PY -IB
-import runpy, sys
-sys.path.insert(0, "$SRC")
-runpy.run_module("broker.launch.broker_process", run_name="__main__")
-EOS
-chmod 0755 /usr/libexec/sealbus/sealbus-launcher /usr/libexec/sealbus/sealbus-broker
+packaging/entry-points.sh /usr/libexec/sealbus "$PY" "$SRC"
 install -m 0644 systemd/sealbus.service systemd/sealbus.socket /etc/systemd/system/
 install -m 0644 systemd/sysusers.conf /usr/lib/sysusers.d/sealbus.conf
 install -m 0644 systemd/tmpfiles.conf /usr/lib/tmpfiles.d/sealbus.conf

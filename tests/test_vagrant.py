@@ -14,7 +14,10 @@ from tests.conftest import ROOT, SEALBUS
 SRC = Path(ROOT)
 VAGRANTFILE = SRC / "vagrant/Vagrantfile"
 PROVISION = SRC / "vagrant/provision.sh"
-SCRIPTS = [PROVISION, SRC / "packaging/entry-points.sh", SRC / "packaging/build-rpm.sh", SRC / "man/install.sh"]
+SCRIPTS = [
+    PROVISION,
+    *(SRC / p for p in ("packaging/entry-points.sh", "packaging/build-rpm.sh", "man/install.sh", "scripts/install.sh")),
+]
 PRODUCED = {"build/rpm"}  # made by `make rpm` before `vagrant up` (the Vagrantfile refuses to start without it)
 
 
