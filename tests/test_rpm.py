@@ -20,7 +20,10 @@ SRC = Path(ROOT)
 VERSION = re.search(r"^Version:\s*(\S+)", (SRC / "packaging/sealbus.spec").read_text(), re.M).group(1)
 PP_MAGIC = 0xF97CFF8F  # SEPOL_MODULE_PACKAGE_MAGIC: a compiled policy module package
 
-pytestmark = pytest.mark.skipif(shutil.which("rpmbuild") is None, reason="rpmbuild (Debian: rpm) is not installed")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("rpmbuild") is None, reason="rpmbuild (Debian: rpm) is not installed"),
+    pytest.mark.slow,  # one rpmbuild for the module: ~40 s (in `make test`, not `make test-fast`)
+]
 
 # Every file of the sealbus package outside site-packages, exactly (the Python package is checked
 # against the source tree below).
@@ -233,3 +236,19 @@ def test_rpmlint_says_nothing_new(built):
     assert complaints, out.stdout + out.stderr  # rpmlint ran and found the known ones
     new = [c for c in complaints if c not in known]
     assert not new, "rpmlint complaints not in packaging/rpmlint-known.txt:\n" + "\n".join(new)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_packaged_units_have_no_unknown_or_invalid_settings(built, tmp_path):
+    root = built.extract(built.main, tmp_path / "root")
+    units = sorted((root / "usr/lib/systemd/system").iterdir())
+    assert [u.name for u in units] == ["sealbus-dbus.service", "sealbus.service", "sealbus.socket"]
+    for unit in units:
+        out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                             check=False)  # fmt: skip
+        # what only an installed system has: the programs and the man pages the units name
+        other = [ln for ln in (out.stdout + out.stderr).splitlines()
+                 if ln.strip() and not re.search(r"is not executable|Command 'man |dbus\.socket", ln)]  # fmt: skip
+        assert not other, f"{unit.name}: {other}"
+    dbus = (root / "usr/lib/systemd/system/sealbus-dbus.service").read_text()
+    assert re.search(r"^Alias=dbus\.service$", dbus, re.M) and re.search(r"^Sockets=dbus\.socket$", dbus, re.M)
