@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 SEALBUS:= $(VENV)/bin/sealbus
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup run test test-fast lint bench conformance vm-test vm-image fuzz install clean
+.PHONY: setup run test test-fast lint bench conformance vm-test vm-image fuzz install rpm clean
 
 setup:
 	@scripts/setup.sh
@@ -54,6 +54,12 @@ vm-test: setup
 
 install: setup
 	scripts/install.sh
+
+# Fedora/RHEL packages of the working tree: SRPM, sealbus and sealbus-selinux in build/rpm
+# (packaging/README.md; tests/test_rpm.py, part of `make test`, builds and inspects them).
+# RPM_PYTHON_VERSION=3.14 targets that Fedora's Python where rpmbuild lacks Fedora's macros.
+rpm: setup
+	packaging/build-rpm.sh build/rpm
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -31,7 +31,7 @@ python3-selinux python3-setools python3-matplotlib
 selinux-policy-dev selinux-policy-default checkpolicy setools policycoreutils semodule-utils
 dbus dbus-bin dbus-daemon dbus-broker dbus-tests libglib2.0-bin systemd
 qemu-system-x86 qemu-utils mmdebstrap e2fsprogs linux-image-amd64 passwd util-linux
-rpm rpmlint groff-base man-db"
+rpm rpmlint groff-base man-db cpio bzip2 python3-pip"
 
 missing=""
 for p in $PKGS; do
