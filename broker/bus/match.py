@@ -195,7 +195,7 @@ def parse_match_rule(text: str) -> MatchRule:
             rest = key[3:]
             is_path = rest.endswith("path")
             digits = rest[:-4] if is_path else rest
-            if not digits.isdigit() or len(digits) > 2 or (len(digits) > 1 and digits[0] == "0"):
+            if not (digits.isascii() and digits.isdigit()) or len(digits) > 2 or (len(digits) > 1 and digits[0] == "0"):
                 raise MatchRuleInvalid(f"unknown match rule key {key!r}")
             idx = int(digits)
             if idx > MAX_ARG:
