@@ -15,7 +15,7 @@ from .conftest import _HF_REPLY_SERIAL, connected
 @pytest.mark.parametrize("key", ["arg\u00b2", "arg\u0661", "arg\u0661path", "arg1\u00b3"])
 def test_match_rule_key_with_a_non_ascii_digit_is_invalid(key):
     # "arg²" made int() raise ValueError (the client was dropped with an internal error);
-    # "arg\\u0661" was taken for arg1 (dbus-daemon knows no such key)
+    # "arg\u0661" was taken for arg1 (dbus-daemon knows no such key)
     with pytest.raises(MatchRuleInvalid):
         parse_match_rule(f"{key}='x'")
 

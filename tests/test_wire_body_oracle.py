@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from broker.wire.errors import FdIndexError
 from broker.wire.message import build_message, encode_header
 
-from .fuzz.libdbus import LIB, announced, disagreement, libdbus_accepts, sealbus_accepts
+from .fuzz.libdbus import LIB, announced, disagreement, known_stricter, libdbus_accepts, sealbus_accepts
 from .test_wire_props import sig_and_values
 
 pytestmark = pytest.mark.skipif(LIB is None, reason="libdbus-1.so.3 not installed")
@@ -101,3 +101,12 @@ def test_both_accept_every_valid_message(sv, endian):
     raw = build_message(1, 5, path="/a", member="M", signature=sig, body=values, endian=endian)
     assert sealbus_accepts(raw)[0]
     assert libdbus_accepts(raw)[0]
+
+
+@pytest.mark.parametrize("sender", [":1-4", ":.18"])
+def test_unique_names_libdbus_lets_through_are_where_sealbus_is_stricter(sender):
+    raw = build_message(4, 3, path="/a", interface="org.x.I", member="S", sender=sender)
+    assert libdbus_accepts(raw)[0]
+    ours, err = sealbus_accepts(raw)
+    assert not ours and known_stricter(err)
+    agree(raw)

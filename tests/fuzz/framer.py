@@ -19,11 +19,14 @@ SENDER = ":1.42"
 
 
 def frame(data: bytes, step: int) -> tuple[list[bytes], type | None, int]:
+    """The messages (taken one by one, as the broker does), the error that ended the stream, and what
+    stays buffered (-1 after an error)."""
     f = Framer(max_message_size=1 << 20)
     out: list[bytes] = []
     try:
         for pos in range(0, len(data), step):
-            out.extend(bytes(m.header.raw) for m in f.feed(data[pos : pos + step], fds=FDS if not pos else ()))
+            f.push(data[pos : pos + step], FDS if not pos else ())
+            out.extend(bytes(m.header.raw) for m in f.messages())
     except WireError as e:
         return out, type(e), -1
     return out, None, f.buffered

@@ -7,15 +7,19 @@ list stays explicit and minimal):
 - an ``h`` value must be below the message's UNIX_FDS count: libdbus checks that only when the
   receiver reads the value, not when it validates the message;
 - a message type other than 1-4: libdbus loads it (receivers must ignore it), the bus refuses it;
-- a unique name without a ``.`` in a header field: libdbus accepts ``:1-4``, the spec and sealbus
-  require two elements.
+- a unique name in a header field with no ``.`` (``:1-4``) or an empty first element (``:.18``):
+  libdbus checks a unique name's characters only, the spec and sealbus require two or more
+  elements, none empty.
 """
 
 import ctypes
+import re
 
 from broker.wire.errors import FdIndexError, HeaderError, WireError
 from broker.wire.framer import Framer
 from broker.wire.message import message_size
+
+_UNIQUE_FIELD = re.compile(r"header field \d+ has an invalid value ':(.*)'", re.S)
 
 
 class _DBusError(ctypes.Structure):
@@ -66,7 +70,10 @@ def known_stricter(e: WireError | None) -> bool:
         return True
     if isinstance(e, HeaderError):
         s = str(e)
-        return s.startswith("invalid message type") or (s.startswith("header field") and "':" in s and "." not in s)
+        if s.startswith("invalid message type"):
+            return True
+        m = _UNIQUE_FIELD.fullmatch(s)
+        return m is not None and ("." not in m[1] or m[1].startswith("."))
     return False
 
 

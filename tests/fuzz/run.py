@@ -1,8 +1,9 @@
 """Run fuzz targets under atheris.
 
     python -m tests.fuzz.run TARGET [libFuzzer flags] [corpus dirs]   one target, in this process
-    python -m tests.fuzz.run --seconds N [--only a,b] [--jobs-dir DIR]  every target, one after the
-        other in subprocesses, then the table: inputs executed, coverage, crashes
+    python -m tests.fuzz.run [--seconds N] [--runs N] [--only a,b] [--work DIR] [--merge]
+        every target (default SEALBUS_FUZZ_SECONDS each), one after the other in subprocesses,
+        then the table: inputs executed, coverage (libFuzzer's cov/ft), crashes
 
 libFuzzer owns the process it runs in (it exits on a crash), so a target always runs in a process of
 its own. New inputs go to a scratch corpus directory first; tests/fuzz_corpus/<target>/ is only read
@@ -100,6 +101,7 @@ def main(argv: list[str]) -> int:
         return 0
     p = argparse.ArgumentParser(prog="python -m tests.fuzz.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=float(os.environ.get("SEALBUS_FUZZ_SECONDS", "300")))
+    p.add_argument("--runs", type=int, help="stop a target after this many inputs (libFuzzer -runs)")
     p.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
     p.add_argument("--work", help="keep scratch corpora, logs and crashes here (default: a temporary dir)")
     p.add_argument("--merge", action="store_true", help="fold new coverage into tests/fuzz_corpus/ afterwards")
@@ -107,7 +109,7 @@ def main(argv: list[str]) -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="sealbus-fuzz-"))
     rows = []
     for name in a.only.split(","):
-        r = run_target(name, a.seconds, work)
+        r = run_target(name, a.seconds, work, runs=a.runs)
         rows.append(r)
         print(f"{name}: {r['inputs']:,} inputs, cov {r['cov']} ft {r['ft']}, {len(r['crashes'])} crashes", flush=True)
         for c in r["crashes"]:

@@ -63,8 +63,11 @@ def TestOneInput(data: bytes) -> None:
     step = 1 + data[0] % 32 if data[0] & 0x80 else max(1, len(data) - 1)
     data = data[1:]
     whole = authenticate(data, max(1, len(data)))
-    assert whole == authenticate(data, step), f"read size {step} changes the outcome"
-    replies, done, leftover, _err = whole
+    cut = authenticate(data, step)
+    # replies of the read that fails are never sent: after an error, one stream is a prefix of the other
+    same = whole == cut or (whole[1:] == cut[1:] and whole[3] and cut[0].startswith(whole[0]))
+    assert same, f"read size {step} changes the outcome: {whole} vs {cut}"
+    replies, done, leftover, _err = cut
     pos = 0
     while pos < len(replies):
         m = REPLY.match(replies, pos)
