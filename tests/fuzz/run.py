@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "fuzz_corpus"
 _STATUS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+)", re.M)
 _EXECUTED = re.compile(r"stat::number_of_executed_units: (\d+)")
+_SHA1_NAME = re.compile(r"[0-9a-f]{40}")
 _DONE = re.compile(r"^Done (\d+) runs in (\d+) second", re.M)
 
 
@@ -43,7 +45,9 @@ def fuzz_in_process(name: str, args: list[str]) -> None:
     import atheris
 
     module = load_target(name)
-    atheris.Setup([sys.argv[0], *args], module.TestOneInput)
+    # libFuzzer runs argv[0] through the shell for -merge=1 (and -fork): make it this very command
+    argv0 = f"{shlex.quote(sys.executable)} -m tests.fuzz.run {name}"
+    atheris.Setup([argv0, *args], module.TestOneInput)
     atheris.Fuzz()
 
 
@@ -78,13 +82,17 @@ def run_target(name: str, seconds: float, work: Path, *, runs: int | None = None
 
 
 def merge_into_corpus(name: str, scratch: Path) -> None:
-    """Fold the inputs of ``scratch`` that add coverage into tests/fuzz_corpus/<name>/ (libFuzzer -merge=1)."""
+    """Fold the inputs of ``scratch`` that add coverage into tests/fuzz_corpus/<name>/ (libFuzzer -merge=1),
+    minimising the unnamed (sha1) inputs; named files (``crash-*``, ``regression-*``) always stay."""
     seeds = CORPUS / name
     merged = Path(tempfile.mkdtemp(prefix=f"merge-{name}-"))
     subprocess.run([sys.executable, "-m", "tests.fuzz.run", name, "-merge=1", str(merged), str(seeds), str(scratch)],
                    cwd=ROOT, check=True, capture_output=True)  # fmt: skip
-    shutil.rmtree(seeds, ignore_errors=True)
-    shutil.copytree(merged, seeds)
+    for p in seeds.iterdir():
+        if _SHA1_NAME.fullmatch(p.name):
+            p.unlink()
+    for p in merged.iterdir():
+        shutil.copy(p, seeds / p.name)
     shutil.rmtree(merged)
 
 
