@@ -11,13 +11,14 @@ Invariants:
 import atexit
 import os
 import shutil
-import tempfile
 
 from broker.access.config import ConfigError, load_config
 from broker.access.policy import Policy
 
+from . import scratch_dir
+
 SEP = b"\n<!--next-file-->\n"
-_DIR = tempfile.mkdtemp(prefix="sealbus-fuzz-config-")
+_DIR = scratch_dir("sealbus-fuzz-config-")
 atexit.register(shutil.rmtree, _DIR, True)
 FILES = [os.path.join(_DIR, "main.conf"), os.path.join(_DIR, "inc.conf"), os.path.join(_DIR, "conf.d", "a.conf")]
 os.mkdir(os.path.join(_DIR, "conf.d"))

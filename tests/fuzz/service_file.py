@@ -14,13 +14,14 @@ Invariants:
 import atexit
 import os
 import shutil
-import tempfile
 
 from broker.activation.service_file import ServiceFileError, read_service_file
 
 from broker.wire.name_syntax import is_well_known_name
 
-_DIR = tempfile.mkdtemp(prefix="sealbus-fuzz-svc-")
+from . import scratch_dir
+
+_DIR = scratch_dir("sealbus-fuzz-svc-")
 atexit.register(shutil.rmtree, _DIR, True)
 PATH = os.path.join(_DIR, "org.example.Svc.service")
 AGAIN = os.path.join(_DIR, "again.service")
