@@ -9,6 +9,7 @@ Invariants:
 """
 
 import atexit
+import logging
 import os
 import shutil
 
@@ -17,6 +18,7 @@ from broker.access.policy import Policy
 
 from . import scratch_dir
 
+logging.getLogger("sealbus.config").setLevel(logging.ERROR)  # its warnings, once per input, would flood the log
 SEP = b"\n<!--next-file-->\n"
 _DIR = scratch_dir("sealbus-fuzz-config-")
 atexit.register(shutil.rmtree, _DIR, True)
