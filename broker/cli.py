@@ -59,15 +59,18 @@ def settings_from_config(path: str | None, fd_mode: str | None = None, payload_f
 
 
 async def run_bus(settings: BusSettings, listeners, on_ready=None) -> None:
-    """Serve until SIGINT/SIGTERM, then stop cleanly."""
+    """Serve until SIGINT/SIGTERM, then stop cleanly; SIGHUP reloads the configuration."""
     from .io.server import serve
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
         async with trio.open_nursery() as nursery:
             bus = await nursery.start(serve, settings, listeners)
             if on_ready is not None:
                 on_ready(bus)
             async for signum in sigs:
+                if signum == signal.SIGHUP:  # as dbus-daemon: reload the configuration
+                    bus.reloader.request()
+                    continue
                 logging.getLogger("sealbus").info("stopping on %s", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break

@@ -23,6 +23,7 @@ def settings_from_config(cfg) -> BusSettings:
         s.payload_max_bytes_per_user = sb.payload_max_bytes_per_user
     if sb.busy_poll_us is not None:
         s.busy_poll_us = sb.busy_poll_us
+    s.servicedirs = list(cfg.servicedirs)
     s.auth = tuple(cfg.auth) or ("EXTERNAL",)
     s.selinux = make_mediator(cfg.selinux_associations, AuditWriter())
     s.extra["config"] = cfg

@@ -224,7 +224,8 @@ class Driver:
         return ([DBUS_NAME, *self.bus.registry.names(), *self.bus.peers],)
 
     def m_ListActivatableNames(self, peer, h):
-        return ([DBUS_NAME],)
+        catalog = self.bus.catalog
+        return ([DBUS_NAME, *(catalog.names() if catalog is not None else ())],)
 
     def m_AddMatch(self, peer, h, text):
         if len(peer.matches) >= self.bus.limits.max_match_rules_per_connection:
@@ -299,9 +300,12 @@ class Driver:
         raise BusError("NotSupported", "Solaris ADT audit data is not available on this system")
 
     def m_ReloadConfig(self, peer, h):
-        if self.bus.reload_hook is not None:
-            self.bus.reload_hook()
-        return ()
+        # as dbus-daemon, any caller the policy lets through may ask (the system policy allows it); the
+        # reload runs outside the routing pass and the caller is answered when it is done
+        if self.bus.reload_hook is None:
+            return ()
+        self.bus.reload_hook(peer, None if h.no_reply_expected else h.serial)
+        return NotImplemented
 
     def m_GetId(self, peer, h):
         return (self.bus.guid,)

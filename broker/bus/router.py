@@ -106,7 +106,11 @@ class Bus:
         self.fd_vetter = None  # callable(peer, header, fds) raising BusError
         self.activation_env: dict[str, str] = {}
         self.stats = {"messages": 0, "broadcasts": 0, "dropped_replies": 0, "limits": 0}
-        self.reload_hook = None
+        self.reload_hook = None  # callable(peer, serial or None): ReloadConfig, answered later (the I/O shell's)
+        # the catalogue of activatable services (broker.activation.catalog.ServiceCatalog: names(), get(name));
+        # None: none. Replaced whole by a reload, never changed in place.
+        self.catalog = None
+        self.reloader = None  # the I/O shell's broker.io.reload.Reloader (request(): SIGHUP), set by serve()
         self.payload = None  # set by the payload layer: claim service, stats
         # Actions for the I/O shell: (fds, sender peer or None) the core is done with; the shell drains
         # this after each routing pass and closes them off the loop where that may block (see FdRef).

@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 from .limits import Limits, session_limits
 
 
+@dataclass(frozen=True)
+class ServiceDir:
+    """A directory of activatable service files, with dbus-daemon's flags for it."""
+
+    path: str
+    strict_naming: bool = False  # files must be named Name + ".service" (dbus-daemon's transient session dir)
+    watch: bool = True  # watched for changes (inotify); dbus-daemon does not watch the transient dir
+
+
 @dataclass
 class BusSettings:
     bus_type: str = "session"
@@ -18,5 +27,7 @@ class BusSettings:
     payload_max_bytes_per_user: int = 256 * 1024 * 1024
     auth: tuple[str, ...] = ("EXTERNAL",)
     machine_id: str = ""
+    servicedirs: list[ServiceDir] = field(default_factory=list)  # in config order, standard ones expanded
+    catalog: object = None  # broker.activation.catalog.ServiceCatalog from the launcher; None: read servicedirs
     busy_poll_us: int = 50  # longest adaptive poll before the reactor sleeps (0: never poll); see broker.io.busy_poll
     extra: dict = field(default_factory=dict)

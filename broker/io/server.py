@@ -35,6 +35,17 @@ class Server:
         closer.uid_share = bus.limits.max_inflight_fds_per_user
         classifier.prepare()  # its /proc fds, opened once now rather than at the first fd a client passes
 
+    def apply_limits(self, values: dict) -> None:
+        """New <limit> values from a reload, in force for every decision from now on, as dbus-daemon
+        applies them (a connection's framer keeps the message bounds it was made with)."""
+        from ..bus.limits import Limits
+
+        new = Limits()
+        new.update(values)
+        raise_fd_limit(new)  # the same cap on queued fds as at start-up
+        self.bus.limits.update(vars(new))
+        closer.uid_share = new.max_inflight_fds_per_user
+
     def mark_dirty(self, peer) -> None:
         self.dirty.add(peer)
 
@@ -193,6 +204,11 @@ def make_bus(settings: BusSettings) -> Bus:
     bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
     bus.fd_quota.pool = fd_pool(soft)
     bus.policy = settings.policy
+    bus.catalog = settings.catalog
+    if bus.catalog is None:  # no launcher read it for us: read the service directories (before serving)
+        from ..activation.catalog import load_catalog
+
+        bus.catalog = load_catalog(settings.servicedirs, system_bus=settings.bus_type == "system")
     if settings.extra.get("systemd_activation"):
         bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
     if settings.selinux is not None:
@@ -210,13 +226,17 @@ def make_bus(settings: BusSettings) -> Bus:
 
 async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
-    """Run the bus on already-bound listening sockets until cancelled."""
+    """Run the bus on already-bound listening sockets until cancelled.
+
+    ``control``: the control socket of the launcher, which reads the configuration for this bus (reloads
+    are asked of it); without one, the bus re-reads its own config file and watches its directories."""
     import gc
 
     # Routing allocates short-lived objects only; move everything that exists
     # now out of the collector's way and collect young objects less often.
     gc.freeze()
     gc.set_threshold(50000, 20, 100)
+    watcher = open_config_watcher(settings, control)  # before make_bus reads the service directories
     bus = bus or make_bus(settings)
     server = Server(bus, settings.busy_poll_us)
     bus.server = server
@@ -227,6 +247,7 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         from .timers import run_reply_timer
 
         nursery.start_soon(run_reply_timer, bus, server)  # reply_timeout (idle while nothing is timed)
+        start_reloader(bus, settings, nursery, control, watcher)
         from ..payload.bus_glue import note_listening_sockets
 
         socks = [getattr(lst, "sock", lst) for lst in listeners]
@@ -245,15 +266,31 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         log.info("bus ready (pid %d, guid %s)", os.getpid(), bus.guid)
 
 
-def apply_control(bus: Bus, msg: dict) -> None:
-    """A message from the launcher: currently only a policy reload."""
-    if msg.get("type") == "reload" and "policy" in msg:
-        from ..access.mediator import BusPolicy
-        from ..access.policy import Policy
+def open_config_watcher(settings: BusSettings, launcher):
+    """inotify on the config's directories, for a bus that reads its own config (else None)."""
+    cfg = settings.extra.get("config")
+    if launcher is not None or cfg is None:
+        return None
+    from .reload import open_watcher, watch_paths
 
-        xml = Policy.from_json(msg["policy"]) if msg["policy"] else None
-        if bus.policy is not None and bus.policy.selinux is not None:
-            bus.policy = bus.policy.with_xml(xml)
-        else:
-            bus.policy = BusPolicy(xml) if xml is not None else None
-        log.info("policy reloaded by the launcher")
+    return open_watcher(watch_paths(cfg))
+
+
+def start_reloader(bus: Bus, settings: BusSettings, nursery, launcher, watcher) -> None:
+    """ReloadConfig, SIGHUP (``bus.reloader.request``) and inotify: see broker.io.reload."""
+    from .reload import Reloader
+
+    cfg = settings.extra.get("config")
+    path = cfg.files[0] if cfg is not None and cfg.files else None
+    reloader = Reloader(bus, path, settings.bus_type, launcher=launcher)
+    bus.reloader = reloader
+    bus.reload_hook = reloader.driver_hook
+    nursery.start_soon(reloader.run)
+    if watcher is not None:
+        nursery.start_soon(reloader.watch, watcher)
+
+
+def apply_control(bus: Bus, msg: dict) -> None:
+    """A message from the launcher: a reload (asked for by us, or its own on SIGHUP or inotify)."""
+    if msg.get("type") == "reload":
+        bus.reloader.on_launcher_message(msg)

@@ -33,10 +33,11 @@ import broker.io.fuse
 from broker.access.mediator import BusPolicy
 from broker.access.policy import Policy
 from broker.access.selinux import make_mediator
+from broker.activation.catalog import ServiceCatalog, catalog_from_json
 from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
 from broker.io import control
-from broker.io.server import apply_control, serve
+from broker.io.server import serve
 from broker.launch import sandbox
 from broker.launch.logs import setup_logging
 
@@ -80,6 +81,8 @@ def settings_from_message(msg: dict) -> BusSettings:
     if msg.get("busy_poll_us") is not None:
         s.busy_poll_us = int(msg["busy_poll_us"])
     s.extra["systemd_activation"] = bool(msg.get("systemd_activation"))
+    # the launcher read the service directories (the sandboxed broker may not): never read them here
+    s.catalog = catalog_from_json(msg["catalog"]) if msg.get("catalog") is not None else ServiceCatalog()
     return s
 
 
@@ -110,11 +113,11 @@ def main(argv=None) -> int:
 
     async def run():
         async with trio.open_nursery() as n:
-            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd))
+            # serve reads the launcher's messages (control_loop) and asks it for reloads
+            bus = await n.start(functools.partial(serve, settings, listen_socks, fuse_fd=a.fuse_fd, control=ctl))
             # the launcher called listen(): accepted sockets carry its pid as their peer, so a client passing
             # its own bus connection through the bus is recognised by that pid too
             bus.payload.ctx.own_pids.add(os.getppid())
-            n.start_soon(control.control_loop, ctl, lambda m: apply_control(bus, m))
             control.send_msg(ctl, {"type": "ready", "pid": os.getpid(), "guid": bus.guid})
 
     try:

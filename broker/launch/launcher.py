@@ -21,9 +21,12 @@ import time
 from ..access.audit import AuditWriter
 from ..access.config import load_config
 from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
+from ..activation.catalog import catalog_to_json, load_catalog
 from ..bus.limits import limits_for
 from ..io import control
 from ..io.address import listen, systemd_listeners
+from ..io.inotify import DirWatcher
+from ..io.reload import SETTLE_SECONDS, ReloadFailed, open_watcher, read_config, watch_paths
 from . import sandbox
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
 
@@ -99,7 +102,9 @@ def policy_json(cfg, owner_uid: int | None = None) -> str | None:
 
 def broker_settings(cfg, user: pwd.struct_passwd, owner_uid: int | None = None) -> dict:
     lim = limits_for(cfg.type or "system", cfg.limits)
+    catalog = load_catalog(cfg.servicedirs, system_bus=(cfg.type or "system") == "system")
     return {
+        "catalog": catalog_to_json(catalog),
         "type": "settings", "bus_type": cfg.type or "system", "limits": vars(lim),
         "fd_mode": cfg.sealbus.fd_mode or "any",
         "policy": policy_json(cfg, owner_uid),
@@ -177,7 +182,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
     ``owner_uid``: the uid the policy treats as the bus's own (default: as compiled, the launcher's).
     Closes the listeners and unmounts the payload fs on the way out, whatever happens."""
     ctl_launcher, ctl_broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc, payload_mount = None, None
+    proc, payload_mount, watcher = None, None, None
     stop = {"sig": None}
 
     def on_signal(signum, frame):
@@ -214,6 +219,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
         ctl_broker.close()
         if fuse_fd is not None:
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
+        watcher = open_watcher(watch_paths(cfg))  # before the service directories are read: no change missed
         settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
         control.send_msg(ctl_launcher, settings)
         ready = wait_ready(proc, ctl_launcher, payload_mount, stop=stop)
@@ -222,7 +228,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
         log.info("broker pid %d ready on %s as uid %d", proc.pid, listeners[0].address, user.pw_uid)
         announce(ready)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=broker pid {proc.pid}")
-        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount, owner_uid)
+        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount, owner_uid, watcher)
     except (EOFError, OSError, RuntimeError) as e:
         log.error("broker failed to start: %s", e)
         return 1
@@ -231,6 +237,8 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             stop_broker(proc, payload_mount)
         ctl_launcher.close()
         ctl_broker.close()
+        if watcher is not None:
+            watcher.close()
         for lst in listeners:
             lst.close()
         if payload_mount is not None:
@@ -279,41 +287,78 @@ def stop_broker(proc, payload_mount: str | None) -> None:
                 proc.wait(timeout=10)
 
 
+def reload_for_broker(ctl, config_path: str, owner_uid: int | None, req_id: int | None,
+                      watcher: DirWatcher | None) -> None:  # fmt: skip
+    """Re-read the config and the service directories and hand the result to the broker (``req_id``: the
+    broker's reload-request this answers, None for our own on SIGHUP or inotify). A config that does not
+    load changes nothing; the broker is told why only when it asked (it answers its ReloadConfig caller)."""
+    try:
+        loaded = read_config(config_path, "system")
+    except ReloadFailed as e:
+        log.error("reload failed, keeping the old configuration: %s", e)
+        if req_id is not None:
+            control.send_msg(ctl, {"type": "reload", "id": req_id, "ok": False, "error": str(e)})
+        return
+    if watcher is not None:
+        watcher.set_paths(loaded.watch)
+    control.send_msg(ctl, {"type": "reload", "id": req_id, "ok": True, "policy": policy_json(loaded.config, owner_uid),
+                           "catalog": catalog_to_json(loaded.catalog), "limits": loaded.limits})  # fmt: skip
+    log.info("configuration reloaded from %s and handed to the broker (%d activatable services)", config_path,
+             len(loaded.catalog))  # fmt: skip
+
+
 def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str | None = None,
-              owner_uid: int | None = None) -> int:  # fmt: skip
+              owner_uid: int | None = None, watcher: DirWatcher | None = None) -> int:  # fmt: skip
+    """Until a signal stops the bus: reloads (SIGHUP, inotify, the broker's requests), audit records."""
+    try:
+        return _supervise(proc, ctl, config_path, stop, payload_mount, owner_uid, watcher)
+    finally:
+        if watcher is not None:
+            watcher.close()
+
+
+def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid, watcher) -> int:
     audit, limiter = AuditWriter(), AuditLimiter()
     inbox = control.Inbox(ctl)
+    changed_at = None  # when inotify last reported a change not reloaded yet
     while True:
         if stop["sig"] == signal.SIGHUP:
             stop["sig"] = None
-            try:
-                cfg = load_config(config_path)
-                control.send_msg(ctl, {"type": "reload", "policy": policy_json(cfg, owner_uid)})
-                log.info("configuration reloaded from %s and handed to the broker", config_path)
-            except Exception as e:
-                log.error("reload failed, keeping the old policy: %s", e)
+            reload_for_broker(ctl, config_path, owner_uid, None, watcher)
         elif stop["sig"] is not None:
             log.info("stopping on %s", signal.Signals(stop["sig"]).name)
             stop_broker(proc, payload_mount)
             return 0
+        if changed_at is not None and time.monotonic() - changed_at >= SETTLE_SECONDS:
+            changed_at = None
+            watcher.drain()
+            reload_for_broker(ctl, config_path, owner_uid, None, watcher)
         if broker_exiting(proc):
             if payload_mount is not None:
                 abort_payload_fs(payload_mount)  # lets a broker stuck on its own mount finish dying
             rc = proc.wait(timeout=30)
             log.error("the broker (pid %d) exited unexpectedly with status %s", proc.pid, rc)
             return 1
+        waiting_on = [ctl, watcher] if watcher is not None else [ctl]
         try:
-            readable, _, _ = select.select([ctl], [], [], 0.2)
+            readable, _, _ = select.select(waiting_on, [], [], 0.2 if changed_at is None else SETTLE_SECONDS)
         except InterruptedError:
             continue
-        if readable:
+        if watcher is not None and watcher in readable and watcher.drain():
+            changed_at = time.monotonic()
+        if ctl in readable:
             try:
                 msgs = inbox.read()
             except EOFError:
                 msgs = []  # the broker is gone: proc.poll() reports it on the next round
+            asked = None
             for msg in msgs:
                 # a broker SELinux denial (we hold CAP_AUDIT_WRITE); a compromised broker must not be able
                 # to forge other kinds of records or flood the audit log
                 text = str(msg.get("text", ""))
                 if msg.get("type") == "audit" and USER_AVC_FORM.fullmatch(text) and limiter.take():
                     audit(text)
+                elif msg.get("type") == "reload-request" and isinstance(msg.get("id"), int):
+                    asked = msg["id"]  # requests read together are served by one reload (the last id)
+            if asked is not None:
+                reload_for_broker(ctl, config_path, owner_uid, asked, watcher)
