@@ -35,7 +35,10 @@ test: setup lint
 test-fast: setup
 	$(PYTEST) -q -x tests -m "not slow"
 
+# Every atheris target (tests/fuzz/) for SEALBUS_FUZZ_SECONDS each, then the table; and the random
+# mutation fuzzer as long. `make test` runs the same targets briefly (tests/test_fuzz_atheris.py).
 fuzz: setup
+	$(PY) -m tests.fuzz.run --seconds $${SEALBUS_FUZZ_SECONDS:-300}
 	SEALBUS_FUZZ_SECONDS=$${SEALBUS_FUZZ_SECONDS:-300} $(PYTEST) -q tests/test_fuzz.py
 
 # dbus-daemon's own test programs (Debian's dbus-tests), case by case, against

@@ -433,6 +433,10 @@ def _parse_xml(data: bytes, file: str):
         parser.Parse(data, True)
     except expat.ExpatError as e:
         raise ConfigError(f"{file}:{e.lineno}: XML error: {expat.ErrorString(e.code)}") from None
+    except ConfigError:
+        raise
+    except (LookupError, ValueError) as e:  # an unknown or broken encoding in the XML declaration
+        raise ConfigError(f"{file}:{parser.CurrentLineNumber}: XML error: {e}") from None
     return root[0]
 
 
