@@ -33,6 +33,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x .venv/bin/seal
     .venv/bin/python -m pip install -q -e '.[test]' >&2
     touch "$stamp"
 fi
+# The compiled hot path (Cython, pure-Python mode: setup.py). Optional: a module that does not compile
+# stays pure Python (setup.py says so), and SEALBUS_PURE_PYTHON=1 skips the build. Rebuilds only what
+# changed. The venv's setuptools must read pyproject.toml's PEP 639 license (77 and later).
+if ! .venv/bin/python -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
+    .venv/bin/python -m pip install -q 'setuptools>=77' >&2
+fi
+.venv/bin/python setup.py -q build_ext --inplace >&2 || echo "setup: the compiled hot path was not built: pure Python runs" >&2
+.venv/bin/python -c 'import broker; print("setup: hot path build:", broker.build())' >&2
 # The load generator for benchmarks and the payload tests (C, sd-bus).
 make -s -C benchmarks/dbench >&2
 # The real system.d policy files for the dbus-daemon differential test (downloaded .debs, nothing installed).
