@@ -1,6 +1,6 @@
 """Instructions per broker hop, counted by valgrind: a measure the shared machine's load cannot move.
 
-    .venv/bin/python -m benchmarks.hop_ir            # both builds, under valgrind --tool=callgrind
+    .venv/bin/python -m benchmarks.hop_ir [--pure | --compiled]   # both builds by default
 
 Runs the in-process hop of :mod:`benchmarks.hop_micro` (call and reply, warm
 caches) N times and 0 times under callgrind, once per build (compiled, then
@@ -58,7 +58,8 @@ def main() -> None:
     if sys.argv[1:2] == ["--loop"]:
         _loop(int(sys.argv[2]))
         return
-    for pure in (False, True):
+    builds = {"--pure": (True,), "--compiled": (False,)}.get(sys.argv[1] if sys.argv[1:] else "", (False, True))
+    for pure in builds:
         base = instructions(0, pure)
         full = instructions(N, pure)
         build = "pure Python" if pure else "compiled (if built)"

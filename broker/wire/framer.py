@@ -52,6 +52,7 @@ class Framer:
     ):
         self.max_message_size = max_message_size
         self.body_checker = body_checker or BodyChecker()  # every body is validated before it is handed out
+        self._plans = self.body_checker.plans  # signature -> whole-body check, looked up here: one call less
         self.max_fds_per_message = max_fds_per_message
         self._bufsize = buffer_size
         self.cache = WireCache() if cache is None else cache  # this connection's header caches
@@ -161,13 +162,19 @@ class Framer:
         self._start = start + need
         self._need = 0
         header = HeaderView(self._view[start : start + need], self.max_message_size, True, self.cache)
-        if header.signature:
+        sig = header.signature
+        if sig:
             if need > INCREMENTAL_MIN:
                 steps = self.body_checker.steps(header)
                 if steps is not None:
                     return self._start_steps(header, steps)
             else:
-                self.body_checker.check(header)  # before the fds are taken: on error close() returns them
+                # before the fds are taken: on error close() returns them
+                plan = self._plans.get(sig) if header.endian == "l" else None
+                if plan is None:
+                    self.body_checker.check(header)  # compiles the plan (or a big-endian body)
+                else:
+                    plan(header.raw, header.header_len, header.unix_fds)  # BodyChecker.check(), inlined
         n = header.unix_fds
         if not n:
             return _new_message(Message, (header, []))
