@@ -17,7 +17,7 @@ docs/benchmarks.md.
 counts the thread's CPU time instead of wall time (less sensitive to other
 processes on a shared machine; the clock's own cost is subtracted). Which
 build of the hot path ran (compiled or pure Python, see broker/__init__.py)
-is printed first.
+is named on the first row.
 """
 
 import os
@@ -146,8 +146,8 @@ def syscall_floor(n: int = 20000, size: int = 200) -> float:
 def main() -> None:
     cpu = "--cpu" in sys.argv[1:]
     call, reply = hops(clock=time.thread_time_ns if cpu else time.perf_counter_ns)
-    print(f"{'build':32s} {broker.build()}{' (CPU time)' if cpu else ''}")
-    print(f"{'call hop (client -> service)':32s} {call:8.2f} us  recv, parse, route, send (best of 5)")
+    how = f"best of 5, {'CPU time, ' if cpu else ''}{broker.build()} build"
+    print(f"{'call hop (client -> service)':32s} {call:8.2f} us  recv, parse, route, send ({how})")
     print(f"{'reply hop (service -> client)':32s} {reply:8.2f} us  recv, parse, reply tracking, send")
     print(f"{'syscall floor':32s} {syscall_floor():8.2f} us  sendmsg + recvmsg_into alone")
 
