@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 SEALBUS:= $(VENV)/bin/sealbus
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup run test test-fast lint bench conformance vm-test vm-image fuzz install rpm clean
+.PHONY: setup run test test-fast test-pure lint bench conformance vm-test vm-image fuzz install rpm clean
 
 setup:
 	@scripts/setup.sh
@@ -29,11 +29,20 @@ lint: setup
 # VM tier when /dev/kvm is present.
 test: setup lint
 	$(PYTEST) -q -ra tests
+	$(MAKE) test-pure
 	$(MAKE) conformance
 	@if [ -e /dev/kvm ] || [ -n "$$SEALBUS_VM" ]; then $(MAKE) vm-test; else echo "vm-test: skipped (no /dev/kvm)"; fi
 
 test-fast: setup
 	$(PYTEST) -q -x tests -m "not slow"
+
+# `make test` runs the suite on the build `make setup` made (compiled where Cython could compile,
+# see setup.py); this runs the tests of the hot-path modules and the live interop tests again on
+# the pure Python build (same sources, SEALBUS_PURE_PYTHON=1 ignores the compiled modules).
+PURE_TESTS := tests/test_build.py tests/test_wire_*.py tests/test_bus_*.py tests/test_reactor_*.py \
+	tests/test_peer_lifecycle.py tests/test_pinned_buffers.py tests/test_interop_clients.py tests/test_smoke_run.py
+test-pure: setup
+	SEALBUS_PURE_PYTHON=1 $(PYTEST) -q -ra -m "not slow" $(PURE_TESTS)
 
 # Every atheris target (tests/fuzz/) for SEALBUS_FUZZ_SECONDS each, then the table; and the random
 # mutation fuzzer as long. `make test` runs the same targets briefly (tests/test_fuzz_atheris.py).
@@ -66,3 +75,4 @@ rpm: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+	find broker -name '*.so' -delete

@@ -1,0 +1,88 @@
+"""sealbus. This file decides which build of the hot path runs: compiled or pure Python.
+
+The hot-path modules (``HOT_MODULES``) may be compiled by Cython in place
+(``setup.py build_ext --inplace``, run by ``make setup``): the extension
+module then sits next to its unchanged ``.py`` file and Python would import
+it first. The finder installed here picks the ``.py`` file instead when
+
+- ``SEALBUS_PURE_PYTHON`` is set to anything but ``""``/``0`` (the pure build, forced), or
+- the extension is older than its ``.py`` (or ``.pxd``): stale compiled code never
+  runs what the source no longer says; ``make setup`` rebuilds it.
+
+``build()`` says which build is loaded (``sealbus --version``, the start-up log).
+"""
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+HOT_MODULES = (
+    "broker.wire.message",
+    "broker.wire.body_check",
+    "broker.wire.framer",
+    "broker.bus.peer",
+    "broker.bus.replies",
+    "broker.bus.router",
+    "broker.io.connection",
+    "broker.io.reactor",
+)
+PURE_ENV = "SEALBUS_PURE_PYTHON"
+
+
+def pure_forced() -> bool:
+    return os.environ.get(PURE_ENV, "") not in ("", "0")
+
+
+def _source_of(extension: str) -> str:
+    """The ``.py`` file an extension module was compiled from (``x.cpython-311-....so`` -> ``x.py``)."""
+    folder, name = os.path.split(extension)
+    return os.path.join(folder, name.split(".", 1)[0] + ".py")
+
+
+def is_stale(extension: str) -> bool:
+    """True if ``extension`` is older than the source it was built from (``.py``, or its ``.pxd``)."""
+    try:
+        built = os.stat(extension).st_mtime
+    except OSError:
+        return True
+    source = _source_of(extension)
+    for path in (source, source[:-3] + ".pxd"):
+        try:
+            if os.stat(path).st_mtime > built:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+class _HotPathFinder:
+    """A meta path finder for HOT_MODULES only: the ``.py`` file when the extension must not run."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name not in HOT_MODULES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.origin is None or spec.origin.endswith(".py"):
+            return spec
+        if pure_forced() or is_stale(spec.origin):
+            return importlib.util.spec_from_file_location(name, _source_of(spec.origin))
+        return spec
+
+
+def build() -> str:
+    """Which build of the hot path is loaded: "compiled", "pure Python", or "mixed (...)" with the pure ones
+    named (a module that failed to compile, or whose extension is stale). Imports the hot modules."""
+    import importlib
+
+    pure = [m for m in HOT_MODULES if importlib.import_module(m).__file__.endswith(".py")]
+    if not pure:
+        return "compiled"
+    if len(pure) == len(HOT_MODULES):
+        return "pure Python" + (f" ({PURE_ENV})" if pure_forced() else "")
+    return "mixed (pure: " + ", ".join(m.rsplit(".", 1)[1] for m in pure) + ")"
+
+
+if _HotPathFinder not in sys.meta_path:
+    sys.meta_path.insert(0, _HotPathFinder)

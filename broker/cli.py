@@ -470,6 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(DESCRIPTION)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        from . import build
+
+        print(f"sealbus {version('sealbus')} (hot path: {build()})")
+        return 0
     try:
         return _dispatch(argv[0], argv[1:])
     except KeyboardInterrupt:  # Ctrl-C: quietly, with the shell's code for SIGINT

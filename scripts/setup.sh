@@ -59,6 +59,24 @@ pip_install() {
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x .venv/bin/sealbus ]; then
     step "installing sealbus and its test tools into .venv (pip, ~1 min)" pip_install
 fi
+# The compiled hot path (Cython, pure-Python mode: setup.py). Optional: a module that does not compile
+# stays pure Python (setup.py says so), and SEALBUS_PURE_PYTHON=1 skips the build. Rebuilds only what
+# changed. The venv's setuptools must read pyproject.toml's PEP 639 license (77 and later).
+upgrade_setuptools() { .venv/bin/python -m pip install -q 'setuptools>=77'; }
+if ! .venv/bin/python -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
+    step "upgrading the venv's setuptools (pyproject's license needs 77 or later)" upgrade_setuptools
+fi
+build() { .venv/bin/python -c 'import broker; print(broker.build())'; }
+if [ -z "${SEALBUS_PURE_PYTHON:-}" ] && [ "$(build)" != compiled ]; then
+    printf 'setup: compiling the hot path (Cython, setup.py) ... ' >&2
+    if .venv/bin/python setup.py -q build_ext --inplace >"$log" 2>&1; then
+        echo "done: $(build)" >&2
+    else
+        echo "not built, pure Python runs; the compiler said:" >&2
+        tail -n 20 "$log" >&2
+    fi
+    did="$did cython"
+fi
 # The load generator for benchmarks and the payload tests (C, sd-bus).
 if ! make -q -C benchmarks/dbench >/dev/null 2>&1; then
     step "building benchmarks/dbench (C load generator)" make -s -C benchmarks/dbench

@@ -13,7 +13,7 @@ from broker.bus.router import Bus, _LazyBody
 from broker.wire.message import HeaderView, build_message
 
 from .conftest import CoreClient
-from .worktrace import work
+from .worktrace import needs_python_lines, work
 
 E = "org.freedesktop.DBus.Error."
 
@@ -110,6 +110,7 @@ def _bus_with_bystander_rules(n_peers, rules_each, rule="type='signal',arg0='x{i
     return bus
 
 
+@needs_python_lines
 def test_disconnect_with_many_rules_costs_its_own_rules():
     """Regression (hardening class 5): each rule was removed by scanning its bucket, and rules
     without a member shared one global bucket, so a peer leaving with N rules cost N x the
@@ -126,6 +127,7 @@ def test_disconnect_with_many_rules_costs_its_own_rules():
     assert costs[0, 400] <= costs[0, 200] * 2.2, costs  # its own
 
 
+@needs_python_lines
 def test_remove_match_costs_the_same_whatever_the_rules_around_it():
     """Regression: RemoveMatch scanned the peer's own rules and the bucket of all peers' rules."""
     costs = {}
@@ -142,6 +144,7 @@ def test_remove_match_costs_the_same_whatever_the_rules_around_it():
 
 
 @pytest.mark.parametrize("others", ["type='signal',interface='org.other.I{p}x{i}'", "type='signal',arg0='o{p}x{i}'"])
+@needs_python_lines
 def test_a_signal_does_not_pay_for_other_users_unrelated_rules(others):
     """Regression: rules without a member all sat in one global bucket that every signal walked
     (interface-only rules, or rules that name no header field but a string arg0)."""

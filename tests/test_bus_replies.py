@@ -12,7 +12,7 @@ from broker.bus.replies import ReplyRegistry
 from broker.wire import message as wm
 
 from .conftest import CoreClient
-from .worktrace import work
+from .worktrace import needs_python_lines, work
 
 E = "org.freedesktop.DBus.Error."
 
@@ -131,6 +131,7 @@ def _replier_with_calls(core, n_calls, bystanders):
     return svc, callers
 
 
+@needs_python_lines
 def test_replier_disconnect_costs_its_own_slots_not_the_bus(core):
     """Regression (hardening class 6b): disconnecting a peer with N pending calls did one
     scan of every peer per call; now the work is the same whatever the number of bystanders."""

@@ -1,11 +1,12 @@
 """Receive buffers: kept while a connection reads, given back when it stops,
-so thousands of idle connections cost no buffer each."""
+so thousands of idle connections cost no buffer each (nor an empty outbox deque)."""
 
 import time
 
 from jeepney import DBusAddress, new_method_call
 from jeepney.io.blocking import open_dbus_connection
 
+from broker.bus.peer import Creds, OutItem, Peer, UserAccount
 from broker.io.reactor import Reactor
 from broker.wire.framer import Framer
 from broker.wire.message import build_message
@@ -15,6 +16,7 @@ from tests.conftest import start_sealbus
 class _Conn:
     def __init__(self):
         self.dying = False
+        self.peer = Peer(0, Creds(0), UserAccount(0))
         self.framer = Framer()
         self.framer.feed(build_message(1, 1, path="/a", member="M", destination="org.x.D"))
 
@@ -31,6 +33,20 @@ def test_sweep_gives_back_buffers_of_connections_that_stopped_reading():
     assert stopped.framer._buf is None  # did not read since the previous sweep
     r.sweep(quiet=True)
     assert busy.framer._buf is None  # the bus went quiet: everything is given back
+
+
+def test_sweep_gives_back_empty_outboxes_and_keeps_full_ones():
+    r = Reactor(server=None)
+    idle, waiting = _Conn(), _Conn()
+    for c in (idle, waiting):
+        c.peer.enqueue(OutItem([b"x"], 1, None, None))
+    idle.peer.item_done(idle.peer.outbox.popleft())  # written
+    r.touched |= {idle, waiting}
+    r.sweep(quiet=True)
+    assert idle.peer.outbox == ()  # an idle peer holds no deque
+    assert len(waiting.peer.outbox) == 1  # what is queued stays
+    idle.peer.enqueue(OutItem([b"y"], 1, None, None))
+    assert len(idle.peer.outbox) == 1 and idle.peer.out_bytes == 1
 
 
 def test_buffer_in_use_by_a_queued_message_is_kept():

@@ -246,12 +246,12 @@ def test_plan_cache_is_bounded():
     for i in range(3 * MAX_PLANS):
         sig = "(" + "y" * (1 + i % 40) + "u" * (i // 40) + ")"
         c.check_body(sig, marshal(sig, (tuple([1] * (1 + i % 40) + [2] * (i // 40)),)))
-    assert len(c._plans) <= MAX_PLANS
+    assert len(c.plans) <= MAX_PLANS
     for i in range(3 * MAX_PLANS):  # long signatures: the bound on their total length holds first
         sig = "(" + "y" * 190 + "u" * (1 + i % 50) + "t" * (i // 50) + ")"
         body = marshal(sig, (tuple([1] * 190 + [2] * (1 + i % 50) + [3] * (i // 50)),))
         c.check_body(sig, body)
-        assert sum(len(k) for k in c._plans) <= MAX_PLAN_CODES
+        assert sum(len(k) for k in c.plans) <= MAX_PLAN_CODES
 
 
 def test_big_endian_plan_never_used_for_little_endian():

@@ -178,7 +178,7 @@ class Reactor:
                 log.exception("internal error closing %s", conn.describe())
 
     def sweep(self, quiet: bool) -> None:
-        """Give back the receive buffers of connections that stopped reading.
+        """Give back the receive buffers (and empty outboxes) of connections that stopped reading.
 
         A connection keeps its buffer while it reads (no pool round trip per
         read); one that did not read since the previous sweep, or every one
@@ -188,6 +188,7 @@ class Reactor:
         for conn in idle:
             if conn.framer is not None:  # a closed connection left these sets (remove)
                 conn.framer.release_idle_buffer()
+                conn.peer.release_idle()
         self.touched_before = set() if quiet else self.touched
         self.touched = set()
 

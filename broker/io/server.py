@@ -6,6 +6,7 @@ import socket
 
 import trio
 
+from .. import build
 from ..bus.lifecycle import ACTIVE
 from ..bus.log_fields import LIMIT, about
 from ..bus.router import Bus
@@ -291,7 +292,7 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
 
             nursery.start_soon(control_loop, control, lambda msg: apply_control(bus, msg))
         task_status.started(bus)
-        log.info("bus ready (pid %d, guid %s)", os.getpid(), bus.guid)
+        log.info("bus ready (pid %d, guid %s, hot path: %s)", os.getpid(), bus.guid, build())
 
 
 def open_config_watcher(settings: BusSettings, launcher):

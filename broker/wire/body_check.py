@@ -203,19 +203,20 @@ _BASIC_CODES = {e: {ord(c): fn for c, fn in _BASIC[e].items()} for e in "lB"}  #
 class BodyChecker:
     """Validates message bodies; holds compiled plans (bounded) for the signatures it has seen."""
 
-    __slots__ = ("_codes", "_plans")
+    __slots__ = ("_codes", "plans")
 
     def __init__(self):
         # header signature (str) -> plan of a whole body; variant/``g`` signature (bytes) -> check of
-        # one value. Big-endian keys carry a "B" prefix (never a type code: no collision).
-        self._plans: dict = {}
+        # one value. Big-endian keys carry a "B" prefix (never a type code: no collision). Read by the
+        # framer on its hot path (plan(raw, header_len, unix_fds) validates a whole body); emptied in place.
+        self.plans: dict = {}
         self._codes = 0  # type codes in the cached signatures
 
     def check(self, h) -> None:
         """Validate the body of the parsed message ``h`` (a HeaderView); raises WireError."""
         sig = h.signature
         endian = h.endian
-        plan = self._plans.get(sig if endian == "l" else "B" + sig)
+        plan = self.plans.get(sig if endian == "l" else "B" + sig)
         if plan is None:
             plan = self._top_plan(sig, endian)
         plan(h.raw, h.header_len, h.unix_fds)
@@ -226,7 +227,7 @@ class BodyChecker:
         ``next()`` until StopIteration, each step a bounded amount of work; raises WireError."""
         sig = h.signature
         endian = h.endian
-        plan = self._plans.get(sig if endian == "l" else "B" + sig)
+        plan = self.plans.get(sig if endian == "l" else "B" + sig)
         if plan is None:
             plan = self._top_plan(sig, endian)
         gen = getattr(plan, "gen", None)
@@ -238,7 +239,7 @@ class BodyChecker:
     def check_body(self, signature: str, body, endian: str = "l", n_fds: int = 0) -> None:
         """Validate ``body`` (which must start 8-aligned in its message) against ``signature``."""
         split_signature(signature)
-        plan = self._plans.get(signature if endian == "l" else "B" + signature)
+        plan = self.plans.get(signature if endian == "l" else "B" + signature)
         if plan is None:
             plan = self._top_plan(signature, endian)
         plan(memoryview(body).cast("B"), 0, n_fds)
@@ -246,7 +247,7 @@ class BodyChecker:
     # -- plan cache -----------------------------------------------------------
 
     def _store(self, key, plan):
-        plans = self._plans
+        plans = self.plans
         if len(plans) >= MAX_PLANS or self._codes + len(key) > MAX_PLAN_CODES:
             plans.clear()
             self._codes = 0
@@ -281,7 +282,7 @@ class BodyChecker:
         """Validate the signature bytes ``raw`` from a body; the check of its single complete type, or
         False if it is valid but not one single complete type (fine for ``g``, not for ``v``)."""
         key = raw if endian == "l" else b"B" + raw
-        plan = self._plans.get(key)
+        plan = self.plans.get(key)
         if plan is not None:
             return plan
         if not raw.isascii():

@@ -414,7 +414,12 @@ class HeaderView:
         fwd = self.fwd
         if fwd is None:  # a field block of its own (a reply: REPLY_SERIAL differs every time)
             cache = self.cache
-            parts = self._forward_parts(sender) if cache is None else cache.forward_parts_for(self, sender)
+            if cache is None:
+                parts = self._forward_parts(sender)
+            else:  # WireCache.forward_parts_for(), its hit inlined: once per reply
+                parts = cache.forward_parts.get((sender, self.fields_end, self.endian))
+                if parts is None:
+                    parts = cache.forward_parts_for(self, sender)
             return [self.raw[0:12], parts[0], self.raw[FIXED_HEADER_SIZE : self.fields_end], parts[1], self.body]
         rest = fwd.get(sender)
         if rest is None:

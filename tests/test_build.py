@@ -1,0 +1,104 @@
+"""Which build of the hot path runs: compiled modules when built and fresh, pure Python when forced or stale.
+
+The compiled modules sit next to their ``.py`` files (``setup.py build_ext --inplace``), where Python
+would import them first; broker/__init__.py decides instead. These tests run fresh interpreters so that
+the decision is made at import, as in the broker.
+"""
+
+import ast
+import glob
+import importlib.machinery
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import broker
+
+ROOT = Path(__file__).resolve().parent.parent
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+def loaded_files(env_extra: dict) -> dict:
+    """module -> the file it was loaded from, in a fresh interpreter with ``env_extra`` set."""
+    env = dict(os.environ, **env_extra)
+    code = "import importlib, broker, json; print(json.dumps({m: importlib.import_module(m).__file__ for m in broker.HOT_MODULES}))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def compiled_present() -> bool:
+    return all(glob.glob(str(ROOT / (m.replace(".", "/") + ".*.so"))) for m in broker.HOT_MODULES)
+
+
+def test_pure_build_loads_only_sources():
+    files = loaded_files({"SEALBUS_PURE_PYTHON": "1"})
+    assert set(files) == set(broker.HOT_MODULES)
+    for module, path in files.items():
+        assert path == str(ROOT / (module.replace(".", "/") + ".py")), module
+
+
+def test_version_names_the_build():
+    sealbus = Path(sys.executable).parent / "sealbus"
+    env = dict(os.environ, SEALBUS_PURE_PYTHON="1")
+    out = subprocess.run([str(sealbus), "--version"], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("sealbus ") and "hot path: pure Python" in out.stdout
+
+
+@pytest.mark.skipif(not compiled_present(), reason="compiled hot path not built (make setup; Cython or gcc missing?)")
+def test_compiled_build_loads_extensions():
+    files = loaded_files({"SEALBUS_PURE_PYTHON": ""})
+    for module, path in files.items():
+        assert path.endswith(SUFFIX), (module, path)
+    env = dict(os.environ, SEALBUS_PURE_PYTHON="0")
+    out = subprocess.run([sys.executable, "-c", "import broker; print(broker.build())"], env=env,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "compiled"
+
+
+def test_stale_extension_is_not_loaded(tmp_path):
+    """An extension older than its source (edited after the build) is ignored: the source runs."""
+    pkg = tmp_path / "broker" / "wire"
+    pkg.mkdir(parents=True)
+    src = pkg / "framer.py"
+    ext = pkg / f"framer{SUFFIX}"
+    ext.write_bytes(b"")
+    src.write_text("")
+    os.utime(ext, (1_000_000, 1_000_000))
+    assert broker.is_stale(str(ext))
+    os.utime(ext, None)
+    os.utime(src, (1_000_000, 1_000_000))
+    assert not broker.is_stale(str(ext))
+    pxd = pkg / "framer.pxd"  # a newer declaration file makes it stale too
+    pxd.write_text("")
+    os.utime(ext, (2_000_000, 2_000_000))
+    assert broker.is_stale(str(ext))
+    assert broker.is_stale(str(pkg / f"missing{SUFFIX}"))  # no extension: nothing to trust
+
+
+@pytest.mark.skipif(not compiled_present(), reason="compiled hot path not built")
+def test_stale_extension_falls_back_in_a_real_import(tmp_path):
+    """A copy of the package whose framer.py is newer than its extension loads framer.py."""
+    copy = tmp_path / "tree"
+    shutil.copytree(ROOT / "broker", copy / "broker", ignore=shutil.ignore_patterns("__pycache__"))
+    os.utime(copy / "broker/wire/framer.py", None)
+    for so in (copy / "broker").rglob("*.so"):
+        if so.name.startswith("framer."):
+            os.utime(so, (1_000_000, 1_000_000))
+    code = "import broker; print(broker.build())"
+    env = dict(os.environ, SEALBUS_PURE_PYTHON="", PYTHONPATH=str(copy))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=copy, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "mixed (pure: framer)"
+
+
+def test_setup_py_compiles_the_same_modules():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "HOT_MODULES":
+            assert ast.literal_eval(node.value) == broker.HOT_MODULES
+            return
+    pytest.fail("setup.py has no HOT_MODULES")
