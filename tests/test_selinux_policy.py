@@ -145,3 +145,22 @@ def test_launcher_can_start_the_broker_under_enforcement(built):
     assert _allowed(policy, "sealbus_t", "sealbus_t", "capability") == set()
     assert {"compute_av"} <= _allowed(policy, "sealbus_t", "security_t", "security")
     assert {"open", "read", "write", "map"} <= _allowed(policy, "sealbus_t", "security_t", "file")
+
+
+def test_least_privilege_checked_against_the_code(built):
+    """Only what the code uses (issue 20, item 5): the launcher reads the bus config in
+    /etc/dbus-1 (dbusd_etc_t); /run/sealbus is root-owned, so no chown/fowner/DAC override; no
+    setsched/setrlimit; fusectl is not written (a forced unmount aborts a hung payload fs); the
+    broker has no syslog socket."""
+    _, _, policy = built
+    assert {"read", "open"} <= _allowed(policy, "sealbus_launch_t", "dbusd_etc_t", "file")
+    assert {"read", "search"} <= _allowed(policy, "sealbus_launch_t", "dbusd_etc_t", "dir")
+    caps = _allowed(policy, "sealbus_launch_t", "sealbus_launch_t", "capability")
+    assert caps & {"chown", "fowner", "dac_override", "dac_read_search"} == set(), caps
+    assert {"setuid", "setgid", "setpcap", "sys_admin", "kill"} <= caps
+    for domain in ("sealbus_launch_t", "sealbus_t"):
+        assert _allowed(policy, domain, domain, "process") & {"setsched", "setrlimit"} == set(), domain
+    assert _allowed(policy, "sealbus_launch_t", "fusefs_t", "file") & {"write", "append"} == set()
+    assert "unmount" in _allowed(policy, "sealbus_launch_t", "sealbus_fs_t", "filesystem")
+    assert _allowed(policy, "sealbus_t", "devlog_t", "sock_file") == set()
+    assert _allowed(policy, "sealbus_t", "syslogd_t", "unix_dgram_socket") == set()

@@ -143,9 +143,9 @@ def main_system(args) -> int:
         return 1
     user = ensure_bus_user()
     runtime = args.runtime_dir or "/run/sealbus"
+    # root-owned, 0755: the broker creates nothing here (the launcher binds the socket and mounts
+    # the payload fs), so the launcher needs neither chown nor CAP_FOWNER/CAP_DAC_OVERRIDE on it
     os.makedirs(runtime, mode=0o755, exist_ok=True)
-    os.chmod(runtime, 0o755)  # before chown: afterwards it would need CAP_FSETID
-    os.chown(runtime, user.pw_uid, user.pw_gid)
     activated = systemd_listeners()  # sealbus.socket, when socket-activated
     if activated:
         listener = activated[0]
