@@ -77,6 +77,30 @@ def test_audit_answers_hold_the_invariants(answers):
     assert "sealbus_t" not in {f.split(" ")[0] for f in answers["payload_flows_to_network"]}
 
 
+def test_real_clients_may_use_the_bus(answers):
+    """Unconfined users, systemd (init_t) and init scripts talk to the bus driver and own names
+    (issue 20, item 1); the distribution's dbus-daemon clients only with the tunable on; a domain
+    without the interfaces never."""
+    for question in ("connect_bus_socket", "send_msg_bus", "acquire_svc_bus"):
+        got = set(answers[question])
+        assert {"unconfined_t", "init_t", "initrc_t"} <= got, question
+        assert "NetworkManager_t [sealbus_serve_dbus_clients]" in got, question  # a dbusd_system_bus_client
+        assert "NetworkManager_t" not in got, question  # ... only with the tunable on
+        assert not {d for d in got if d.startswith("sealbus_demo_denied_t")}, question
+    assert "sealbus_demo_stranger_t" in answers["send_msg_bus"]  # talks to the driver
+    assert "sealbus_demo_stranger_t" not in answers["acquire_svc_bus"]  # owns nothing
+
+
+def test_bus_client_interfaces(built):
+    """sealbus_system_bus_client(): send_msg both ways between the client and the bus;
+    sealbus_unconfined(): message every client of the bus."""
+    _, _, policy = built
+    assert "send_msg" in _allowed(policy, "sealbus_t", "unconfined_t", "dbus")
+    assert "send_msg" in _allowed(policy, "init_t", "init_t", "dbus")
+    assert {"send_msg", "acquire_svc"} <= _allowed(policy, "init_t", "sealbus_t", "dbus")
+    assert "send_msg" in _allowed(policy, "unconfined_t", "init_t", "dbus")
+
+
 def test_audit_detects_a_difference(built, tmp_path, capsys):
     """A changed answer must fail: drop one expected domain and one answer gains an 'unexpected'."""
     _, policy_path, _ = built

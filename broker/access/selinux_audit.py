@@ -35,6 +35,8 @@ QUESTIONS = {
     "connect_bus_socket": "domains that can connect to the bus socket (sealbus_var_run_t sock_file write + connectto)",
     "open_payload_fs": "domains that can open files on the payload fs (sealbus_fs_t file open)",
     "write_payload_fs": "domains that can write the payload fs (sealbus_fs_t file write/append)",
+    "send_msg_bus": "domains that can send_msg to the bus (sealbus_t dbus send_msg: every driver call but Hello)",
+    "acquire_svc_bus": "domains that can own unlabelled bus names (sealbus_t dbus acquire_svc)",
     "transition_into_broker": "domains that can transition into sealbus_t",
     "payload_flows_to_network": "direct information flows from sealbus_fs_t into network-capable domains",
 }
@@ -155,6 +157,13 @@ def payload_fs_access(policy, perms: set[str]) -> list[str]:
     return sorted(name + suffix for name, suffix in found.items())
 
 
+def bus_dbus_access(policy, perm: str) -> list[str]:
+    """Who may ask the bus driver (send_msg) or own a name no <associate> labels (acquire_svc):
+    the broker checks both against its own label."""
+    found = _strip(_sources(policy, "sealbus_t", "dbus", {perm}))
+    return sorted(name + suffix for name, suffix in found.items() if name != "sealbus_t")
+
+
 def transitions_into_broker(policy) -> list[str]:
     from setools import DomainTransitionAnalysis
 
@@ -228,6 +237,8 @@ def audit(policy_path: Path, full_graph: bool = False) -> dict[str, list[str]]:
         "connect_bus_socket": connect_bus_socket(policy),
         "open_payload_fs": payload_fs_access(policy, {"open"}),
         "write_payload_fs": payload_fs_access(policy, {"write", "append"}),
+        "send_msg_bus": bus_dbus_access(policy, "send_msg"),
+        "acquire_svc_bus": bus_dbus_access(policy, "acquire_svc"),
         "transition_into_broker": transitions_into_broker(policy),
         "payload_flows_to_network": payload_flows_to_network(policy, full_graph),
     }
@@ -260,11 +271,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sealbus policy audit",
         description=(
-            "Audit the SELinux policy with setools: who can connect to the bus socket, open or write the "
-            "payload filesystem, transition into the broker domain, and where payload data can flow to a "
-            "network-capable domain. Without --policy, builds policy/sealbus.pp and links it into a copy of "
-            "the distribution policy (no running kernel needed). Exits 1 if the answers differ from the "
-            "expected set."
+            "Audit the SELinux policy with setools: who can connect to the bus socket, send to the bus "
+            "driver, own names, open or write the payload filesystem, transition into the broker domain, "
+            "and where payload data can flow to a network-capable domain. Without --policy, builds "
+            "policy/sealbus.pp and links it into a copy of the distribution policy (no running kernel "
+            "needed). Exits 1 if the answers differ from the expected set."
         ),
     )
     parser.add_argument("--policy", type=Path, help="binary policy to audit (e.g. /sys/fs/selinux/policy)")
