@@ -1,5 +1,6 @@
 """`sealbus run --system`: root launcher, broker as the bus user with nothing left to lose."""
 
+import grp
 import os
 import pwd
 import shutil
@@ -144,10 +145,13 @@ def test_sandboxed_broker_serves_the_launchers_payload_fs(system_bus, test_users
                for line in Path("/proc/mounts").read_text().splitlines())  # fmt: skip
     out = run_as(test_users[0], [sys.executable, "-c", FUSE_DANCE, system_bus.address], timeout=60)
     assert out.stdout.split() == ["fuse", "payload-snapshot", "True", "0o400", "False"], out.stderr
-    # its contents lived in unlinked files of a directory of the runtime dir that only the bus user can use
+    # its contents lived in unlinked files of a directory of the runtime dir that only the bus user can use:
+    # root's (the launcher has no CAP_CHOWN), the bus user's group, nobody else's bits
     (store,) = system_bus.runtime.glob("sealbus-store-*")
     st = store.stat()
-    assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam("sealbus").pw_uid, 0o700)
+    bus_user = pwd.getpwnam("sealbus")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, bus_user.pw_gid, 0o770)
+    assert set(grp.getgrgid(st.st_gid).gr_mem) <= {bus_user.pw_name}  # no other member of that group
     assert list(store.iterdir()) == []
     assert system_bus.stop() == 0
     assert not any(str(mount) in line for line in Path("/proc/mounts").read_text().splitlines())  # unmounted

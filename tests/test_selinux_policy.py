@@ -53,8 +53,10 @@ def test_module_builds_without_warnings(built):
 def test_module_is_linked_with_distribution_policy(built):
     _, _, policy = built
     types = {str(t) for t in policy.types()}
-    assert {"sealbus_t", "sealbus_launch_t", "sealbus_fs_t", "sealbus_var_run_t", "init_t", "unconfined_t"} <= types
+    assert {"sealbus_t", "sealbus_launch_t", "sealbus_fs_t", "sealbus_runtime_t", "init_t", "unconfined_t"} <= types
     assert "sealbus_unconfined_use_payload_fs" in {str(b) for b in policy.bools()}
+    runtime = next(t for t in policy.types() if str(t) == "sealbus_runtime_t")
+    assert "sealbus_var_run_t" in {str(a) for a in runtime.aliases()}  # file contexts of older installs
 
 
 def test_audit_matches_expected(answers):
@@ -75,6 +77,34 @@ def test_audit_answers_hold_the_invariants(answers):
     assert all(w.endswith("]") for w in writers - {"sealbus_demo_client_t"})  # others only via the boolean
     assert "sealbus_demo_denied_t" not in {o.split(" ")[0] for o in answers["open_payload_fs"]}
     assert "sealbus_t" not in {f.split(" ")[0] for f in answers["payload_flows_to_network"]}
+    readers = {r.split(" ")[0] for r in answers["read_payload_fs"]}
+    assert {"sealbus_demo_denied_t", "sealbus_demo_stranger_t", "sealbus_launch_t"}.isdisjoint(readers)
+    assert {"sealbus_t", "sealbus_demo_client_t", "sealbus_demo_service_t"} <= readers
+    assert not [d for d in answers["ptrace_broker"] if d.startswith("sealbus_")]  # no sealbus domain, launcher included
+
+
+def test_real_clients_may_use_the_bus(answers):
+    """Unconfined users, systemd (init_t) and init scripts talk to the bus driver and own names
+    (issue 20, item 1); the distribution's dbus-daemon clients only with the tunable on; a domain
+    without the interfaces never."""
+    for question in ("connect_bus_socket", "send_msg_bus", "acquire_svc_bus"):
+        got = set(answers[question])
+        assert {"unconfined_t", "init_t", "initrc_t"} <= got, question
+        assert "NetworkManager_t [sealbus_serve_dbus_clients]" in got, question  # a dbusd_system_bus_client
+        assert "NetworkManager_t" not in got, question  # ... only with the tunable on
+        assert not {d for d in got if d.startswith("sealbus_demo_denied_t")}, question
+    assert "sealbus_demo_stranger_t" in answers["send_msg_bus"]  # talks to the driver
+    assert "sealbus_demo_stranger_t" not in answers["acquire_svc_bus"]  # owns nothing
+
+
+def test_bus_client_interfaces(built):
+    """sealbus_system_bus_client(): send_msg both ways between the client and the bus;
+    sealbus_unconfined(): message every client of the bus."""
+    _, _, policy = built
+    assert "send_msg" in _allowed(policy, "sealbus_t", "unconfined_t", "dbus")
+    assert "send_msg" in _allowed(policy, "init_t", "init_t", "dbus")
+    assert {"send_msg", "acquire_svc"} <= _allowed(policy, "init_t", "sealbus_t", "dbus")
+    assert "send_msg" in _allowed(policy, "unconfined_t", "init_t", "dbus")
 
 
 def test_audit_detects_a_difference(built, tmp_path, capsys):
@@ -88,21 +118,67 @@ def test_audit_detects_a_difference(built, tmp_path, capsys):
     assert "unexpected: sealbus_demo_client_t" in capsys.readouterr().out
 
 
-def test_neverallow_violation_is_rejected(tmp_path):
-    """The invariants are enforced at build/link time: a module granting the broker a TCP
-    socket or a non-launcher mount of the payload fs must not link."""
+# Rules that would widen what the module guarantees (issue 20, item 4). Each must be caught:
+# the neverallow ones by the link (expand-check=1), the others by a differing audit answer.
+WIDENING_NEVERALLOW = {
+    "the broker uses a client's TCP socket": "allow sealbus_t sealbus_demo_client_t:tcp_socket { getattr read write };",
+    "the broker creates a TCP socket": "allow sealbus_t self:tcp_socket create;",
+    "a domain without the interfaces reads payload files without open": "allow sealbus_demo_denied_t sealbus_fs_t:file read;",
+    "a read-only domain creates files on the payload fs": "allow sealbus_demo_service_t sealbus_fs_t:file create;",
+    "a second entry point into the broker": "allow sealbus_t bin_t:file entrypoint;",
+    "a capability for the broker": "allow sealbus_t self:capability net_raw;",
+    "execmem for the broker": "allow sealbus_t self:process execmem;",
+    "another domain mounts the payload fs": "allow sealbus_demo_client_t sealbus_fs_t:filesystem mount;",
+}
+WIDENING_AUDITED = {
+    "ptrace of the broker": ("allow sealbus_demo_client_t sealbus_t:process ptrace;", "ptrace_broker",
+                             "sealbus_demo_client_t"),
+    "a payload reader writes files a network-capable domain reads": (
+        "allow sealbus_demo_service_t tmp_t:file { open write };", "payload_flows_to_network_deep",
+        "sealbus_demo_service_t -> tmp_t"),
+    "a stranger owns names": ("allow sealbus_demo_stranger_t sealbus_t:dbus acquire_svc;", "acquire_svc_bus",
+                              "sealbus_demo_stranger_t"),
+}  # fmt: skip
+
+
+def _module_with(tmp_path, rules: list[str]):
+    """sealbus.pp built from the module sources plus extra rules at the end of sealbus.te."""
     mod = tmp_path / "module"
     mod.mkdir()
     for name in ("sealbus.if", "sealbus.fc"):
         shutil.copy2(selinux_audit.POLICY_SRC / name, mod / name)
     te = (selinux_audit.POLICY_SRC / "sealbus.te").read_text()
-    te += "\nallow sealbus_t self:tcp_socket create;\nallow sealbus_demo_client_t sealbus_fs_t:filesystem mount;\n"
+    te += "\ngen_require(`\n\ttype tmp_t, bin_t;\n')\n" + "\n".join(rules) + "\n"
     (mod / "sealbus.te").write_text(te)
-    subprocess.run(
-        ["make", "-f", str(selinux_audit.DEVEL_MAKEFILE), "sealbus.pp"], cwd=mod, capture_output=True, check=True
-    )
-    with pytest.raises(selinux_audit.AuditError, match="neverallow"):
-        selinux_audit.link_policy(mod / "sealbus.pp", tmp_path / "root")
+    proc = subprocess.run(["make", "-f", str(selinux_audit.DEVEL_MAKEFILE), "sealbus.pp"], cwd=mod,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return mod / "sealbus.pp"
+
+
+def _as_cil(rule: str) -> str:
+    """'allow S T:C { p q };' -> '(allow S T (C', how libsepol names the rule in a neverallow failure."""
+    source, target_class = rule.split()[1:3]
+    target, tclass = target_class.split(":")
+    return f"(allow {source} {target} ({tclass}"
+
+
+def test_widening_rules_fail_the_link(tmp_path):
+    """Every neverallow-breaking rule is named in the link's failure: the invariants cannot rot."""
+    pp = _module_with(tmp_path, list(WIDENING_NEVERALLOW.values()))
+    with pytest.raises(selinux_audit.AuditError, match="neverallow") as failure:
+        selinux_audit.link_policy(pp, tmp_path / "root")
+    missed = {why: rule for why, rule in WIDENING_NEVERALLOW.items() if _as_cil(rule) not in str(failure.value)}
+    assert missed == {}, str(failure.value)[-3000:]
+
+
+def test_widening_rules_fail_the_audit(tmp_path):
+    """Rules no neverallow can forbid (unconfined domains hold them already) change an audit answer."""
+    pp = _module_with(tmp_path, [rule for rule, _, _ in WIDENING_AUDITED.values()])
+    answers = selinux_audit.audit(selinux_audit.link_policy(pp, tmp_path / "root"))
+    diff = selinux_audit.compare(answers, json.loads(selinux_audit.EXPECTED.read_text()))
+    for why, (_, question, entry) in WIDENING_AUDITED.items():
+        assert entry in diff.get(question, ([], []))[0], (why, diff.get(question))
 
 
 def _allowed(policy, source: str, target: str, tclass: str) -> set[str]:
@@ -145,3 +221,63 @@ def test_launcher_can_start_the_broker_under_enforcement(built):
     assert _allowed(policy, "sealbus_t", "sealbus_t", "capability") == set()
     assert {"compute_av"} <= _allowed(policy, "sealbus_t", "security_t", "security")
     assert {"open", "read", "write", "map"} <= _allowed(policy, "sealbus_t", "security_t", "file")
+
+
+def test_least_privilege_checked_against_the_code(built):
+    """Only what the code uses (issue 20, item 5): the launcher reads the bus config in
+    /etc/dbus-1 (dbusd_etc_t); /run/sealbus is root-owned, so no chown/fowner/DAC override; no
+    setsched/setrlimit; fusectl is not written (a forced unmount aborts a hung payload fs); the
+    broker has no syslog socket."""
+    _, _, policy = built
+    assert {"read", "open"} <= _allowed(policy, "sealbus_launch_t", "dbusd_etc_t", "file")
+    assert {"read", "search"} <= _allowed(policy, "sealbus_launch_t", "dbusd_etc_t", "dir")
+    caps = _allowed(policy, "sealbus_launch_t", "sealbus_launch_t", "capability")
+    assert caps & {"chown", "fowner", "dac_override", "dac_read_search"} == set(), caps
+    assert {"setuid", "setgid", "setpcap", "sys_admin", "kill"} <= caps
+    for domain in ("sealbus_launch_t", "sealbus_t"):
+        assert _allowed(policy, domain, domain, "process") & {"setsched", "setrlimit"} == set(), domain
+    assert _allowed(policy, "sealbus_launch_t", "fusefs_t", "file") & {"write", "append"} == set()
+    assert "unmount" in _allowed(policy, "sealbus_launch_t", "sealbus_fs_t", "filesystem")
+    assert _allowed(policy, "sealbus_t", "devlog_t", "sock_file") == set()
+    assert _allowed(policy, "sealbus_t", "syslogd_t", "unix_dgram_socket") == set()
+
+
+def test_fd_relay_rules(built):
+    """fds through the bus (sealbus_relay_fds, sealbus_receive_fds): the client's memfds get its own
+    tmpfs type; the broker may receive and forward them and the files the client opens, the service
+    may receive them; a pipe the client made is received by nobody (the enforcing tier's refusal)."""
+    from setools import TERuleQuery
+
+    _, _, policy = built
+    trans = TERuleQuery(policy, ruletype=["type_transition"], source="sealbus_demo_client_t", target="tmpfs_t",
+                        tclass=["file"])  # fmt: skip
+    assert {str(r.default) for r in trans.results()} == {"sealbus_demo_tmpfs_t"}
+    assert "use" in _allowed(policy, "sealbus_t", "sealbus_demo_client_t", "fd")
+    assert {"getattr", "read", "write", "map"} <= _allowed(policy, "sealbus_t", "sealbus_demo_tmpfs_t", "file")
+    assert "use" in _allowed(policy, "sealbus_demo_service_t", "sealbus_demo_client_t", "fd")
+    assert {"read", "write"} <= _allowed(policy, "sealbus_demo_service_t", "sealbus_demo_tmpfs_t", "file")
+    assert _allowed(policy, "sealbus_t", "sealbus_demo_client_t", "fifo_file") == set()
+    for other in ("sealbus_demo_denied_t", "sealbus_demo_stranger_t"):
+        assert _allowed(policy, other, "sealbus_demo_tmpfs_t", "file") == set(), other
+
+
+def test_system_domain_interface_builds(tmp_path):
+    """sealbus_system_domain(): a service module the launcher may start into its own domain compiles
+    against sealbus.if (interfaces are only expanded where called)."""
+    mod = tmp_path / "module"
+    mod.mkdir()
+    for name in ("sealbus.te", "sealbus.if", "sealbus.fc"):
+        shutil.copy2(selinux_audit.POLICY_SRC / name, mod / name)
+    (mod / "sealbusactdemo.te").write_text(
+        "policy_module(sealbusactdemo, 0.1.0)\ntype sealbusactdemo_t;\ntype sealbusactdemo_exec_t;\n"
+        "sealbus_system_domain(sealbusactdemo_t, sealbusactdemo_exec_t)\n"
+    )
+    (mod / "sealbusactdemo.if").write_text("")
+    (mod / "sealbusactdemo.fc").write_text("")
+    proc = subprocess.run(["make", "-f", str(selinux_audit.DEVEL_MAKEFILE), "sealbusactdemo.pp"], cwd=mod,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cil = subprocess.run(["/usr/libexec/selinux/hll/pp"], input=(mod / "sealbusactdemo.pp").read_bytes(),
+                         capture_output=True, check=True).stdout.decode()  # fmt: skip
+    assert "(typetransition sealbus_launch_t sealbusactdemo_exec_t process sealbusactdemo_t)" in cil
+    assert "(typeattributeset sealbus_system_bus_client_domain (sealbusactdemo_t ))" in cil

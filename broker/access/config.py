@@ -5,7 +5,6 @@ an error that names the file and line (unlike a broker that silently ignores
 what it does not understand and so allows more than was written).
 """
 
-import glob
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -227,8 +226,7 @@ class _Parser:
             self._no_attrs(el, file)
             d = self._resolve(file, self._text(el, file))
             self.cfg.includedirs.append(d)
-            # a missing directory is not an error (as dbus-daemon)
-            for p in sorted(glob.glob(os.path.join(glob.escape(d), "*.conf"))):
+            for p in self._conf_files(d, file, line):
                 self.parse_file(p)
         elif tag == "limit":
             self._no_attrs(el, file, ("name",))
@@ -263,6 +261,18 @@ class _Parser:
             raise self.err(file, line, "<associate> must be inside <selinux>")
         else:
             raise self.err(file, line, f"unknown element <{tag}>")
+
+    def _conf_files(self, d: str, file: str, line: int) -> list[str]:
+        """The *.conf files of an <includedir>, sorted. Only a missing directory counts as empty
+        (as dbus-daemon): one we may not read (EACCES, an SELinux denial) is an error, else an
+        administrator's <deny> files there would vanish without a word, failing open."""
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise self.err(file, line, f"<includedir> {d}: cannot list: {e.strerror}") from None
+        return [os.path.join(d, n) for n in sorted(names) if n.endswith(".conf")]
 
     def _resolve(self, file: str, p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(os.path.dirname(file), p)

@@ -32,12 +32,24 @@ BUS_SOCKET_OWNERS = ("sealbus_t", "sealbus_launch_t")
 NETWORK_CLASSES = ("tcp_socket", "udp_socket", "sctp_socket", "rawip_socket")
 
 QUESTIONS = {
-    "connect_bus_socket": "domains that can connect to the bus socket (sealbus_var_run_t sock_file write + connectto)",
+    "connect_bus_socket": "domains that can connect to the bus socket (sealbus_runtime_t sock_file write + connectto)",
     "open_payload_fs": "domains that can open files on the payload fs (sealbus_fs_t file open)",
     "write_payload_fs": "domains that can write the payload fs (sealbus_fs_t file write/append)",
+    "send_msg_bus": "domains that can send_msg to the bus (sealbus_t dbus send_msg: every driver call but Hello)",
+    "acquire_svc_bus": "domains that can own unlabelled bus names (sealbus_t dbus acquire_svc)",
     "transition_into_broker": "domains that can transition into sealbus_t",
     "payload_flows_to_network": "direct information flows from sealbus_fs_t into network-capable domains",
+    "read_payload_fs": "domains that can read payload fs files (sealbus_fs_t file read: a passed fd needs no open)",
+    "ptrace_broker": "domains that can ptrace the broker (sealbus_t process ptrace: its memory holds payload bytes)",
+    "payload_flows_to_network_deep": (
+        "flows sealbus_fs_t -> payload reader -> X into the network: READER -> X where X is a network-capable "
+        "domain or a type one reads (default booleans; setools weights >= 3, no dbus class, no null/zero device)"
+    ),
 }
+# Deep flows: what the type-level model counts as a flow but carries no payload bytes.
+DEEP_FLOW_MIN_WEIGHT = 3  # setools permission map: leaves out signals and metadata (weight 1-2)
+DEEP_FLOW_SKIP_CLASSES = {"dbus"}  # the bus's purpose: which peer may message which is its own question
+DEEP_FLOW_SKIP_TYPES = {"null_device_t", "zero_device_t"}  # reading them returns nothing written
 
 
 class AuditError(RuntimeError):
@@ -129,22 +141,23 @@ def _sources(policy, target: str, tclass: str, perms: set[str]) -> set[str]:
 
 
 def _strip(names: set[str]) -> dict[str, str]:
-    """name -> suffix (prefer the unconditional form when both exist)."""
+    """name -> suffix (prefer the unconditional form when both exist, else the first boolean
+    expression in sort order: the answer must not depend on the order rules come in)."""
     res: dict[str, str] = {}
     for entry in names:
         name, _, cond = entry.partition(" [")
         suffix = f" [{cond}" if cond else ""
-        if name not in res or not suffix:
+        if name not in res or not suffix or (res[name] and suffix < res[name]):
             res[name] = suffix
     return res
 
 
 def connect_bus_socket(policy) -> list[str]:
-    writers = _strip(_sources(policy, "sealbus_var_run_t", "sock_file", {"write"}))
+    writers = _strip(_sources(policy, "sealbus_runtime_t", "sock_file", {"write"}))
     connectors: dict[str, str] = {}
     for owner in BUS_SOCKET_OWNERS:
         for name, suffix in _strip(_sources(policy, owner, "unix_stream_socket", {"connectto"})).items():
-            if name not in connectors or not suffix:
+            if name not in connectors or not suffix or (connectors[name] and suffix < connectors[name]):
                 connectors[name] = suffix
     both = writers.keys() & connectors.keys()
     return sorted(name + (writers[name] or connectors[name]) for name in both)
@@ -153,6 +166,13 @@ def connect_bus_socket(policy) -> list[str]:
 def payload_fs_access(policy, perms: set[str]) -> list[str]:
     found = _strip(_sources(policy, "sealbus_fs_t", "file", perms))
     return sorted(name + suffix for name, suffix in found.items())
+
+
+def bus_dbus_access(policy, perm: str) -> list[str]:
+    """Who may ask the bus driver (send_msg) or own a name no <associate> labels (acquire_svc):
+    the broker checks both against its own label."""
+    found = _strip(_sources(policy, "sealbus_t", "dbus", {perm}))
+    return sorted(name + suffix for name, suffix in found.items() if name != "sealbus_t")
 
 
 def transitions_into_broker(policy) -> list[str]:
@@ -200,6 +220,73 @@ def _direct_flow_targets(policy, perm_map, booleans: dict[str, bool] | None) -> 
     return out - {"sealbus_fs_t"}
 
 
+class FlowIndex:
+    """Every allow rule enabled under the booleans' default states, read once, as weighted edges
+    between type or attribute names: deep flow questions become set lookups instead of one
+    policy-wide rule query per type (minutes on a distribution policy)."""
+
+    def __init__(self, policy, perm_map, min_weight: int = DEEP_FLOW_MIN_WEIGHT):
+        perm_map.map_policy(policy)  # permissions newer than the map get its default weights
+        defaults = {str(b): bool(b.state) for b in policy.bools()}
+        self.readers: dict[str, set[str]] = {}  # target name -> source names that read it
+        self.writes: dict[str, set[str]] = {}  # source name -> target names it writes
+        self.attrs: dict[str, set[str]] = {}  # type -> its attributes
+        self.members: dict[str, set[str]] = {}  # attribute -> its types
+        for attr in policy.typeattributes():
+            types = {str(t) for t in attr.expand()}
+            self.members[str(attr)] = types
+            for t in types:
+                self.attrs.setdefault(t, set()).add(str(attr))
+        for rule in policy.terules():
+            if str(rule.ruletype) != "allow" or str(rule.tclass) in DEEP_FLOW_SKIP_CLASSES:
+                continue
+            try:
+                cond = rule.conditional
+                if bool(cond.evaluate(**defaults)) != bool(rule.conditional_block):
+                    continue
+            except Exception:  # RuleNotConditional
+                pass
+            weight = perm_map.rule_weight(rule)
+            src, tgt = str(rule.source), str(rule.target)
+            if weight.read >= min_weight:
+                self.readers.setdefault(tgt, set()).add(src)
+            if weight.write >= min_weight:
+                self.writes.setdefault(src, set()).add(tgt)
+
+    def _names(self, t: str) -> set[str]:
+        return {t} | self.attrs.get(t, set())
+
+    def _expand(self, names: set[str]) -> set[str]:
+        return set().union(*(self.members.get(n, {n}) for n in names)) if names else set()
+
+    def readers_of(self, t: str) -> set[str]:
+        return self._expand(set().union(*(self.readers.get(n, set()) for n in self._names(t))))
+
+    def written_by(self, d: str) -> set[str]:
+        return self._expand(set().union(*(self.writes.get(n, set()) for n in self._names(d))))
+
+
+def payload_flows_to_network_deep(policy, net: set[str] | None = None) -> list[str]:
+    """READER -> X for every payload-fs reader that is not network-capable itself and every X it
+    writes through which bytes reach a network-capable domain (X is one, or one reads X). The
+    one-step question covers readers that are network-capable."""
+    from setools import PermissionMap
+
+    net = network_capable(policy) if net is None else net
+    index = FlowIndex(policy, PermissionMap())
+    out = set()
+    for reader in index.readers_of("sealbus_fs_t") - net:
+        for x in index.written_by(reader) - {reader, "sealbus_fs_t"} - DEEP_FLOW_SKIP_TYPES:
+            if x in net or index.readers_of(x) & net:
+                out.add(f"{reader} -> {x}")
+    return sorted(out)
+
+
+def ptrace_broker(policy) -> list[str]:
+    found = _strip(_sources(policy, "sealbus_t", "process", {"ptrace"}))
+    return sorted(name + suffix for name, suffix in found.items())
+
+
 def payload_flows_to_network(policy, full_graph: bool = False) -> list[str]:
     """Direct flows under the booleans' default states; ones that need a boolean flipped get ' [conditional]'."""
     from setools import InfoFlowAnalysis, PermissionMap
@@ -228,8 +315,13 @@ def audit(policy_path: Path, full_graph: bool = False) -> dict[str, list[str]]:
         "connect_bus_socket": connect_bus_socket(policy),
         "open_payload_fs": payload_fs_access(policy, {"open"}),
         "write_payload_fs": payload_fs_access(policy, {"write", "append"}),
+        "send_msg_bus": bus_dbus_access(policy, "send_msg"),
+        "acquire_svc_bus": bus_dbus_access(policy, "acquire_svc"),
         "transition_into_broker": transitions_into_broker(policy),
         "payload_flows_to_network": payload_flows_to_network(policy, full_graph),
+        "read_payload_fs": payload_fs_access(policy, {"read"}),
+        "ptrace_broker": ptrace_broker(policy),
+        "payload_flows_to_network_deep": payload_flows_to_network_deep(policy),
     }
 
 
@@ -260,11 +352,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sealbus policy audit",
         description=(
-            "Audit the SELinux policy with setools: who can connect to the bus socket, open or write the "
-            "payload filesystem, transition into the broker domain, and where payload data can flow to a "
-            "network-capable domain. Without --policy, builds policy/sealbus.pp and links it into a copy of "
-            "the distribution policy (no running kernel needed). Exits 1 if the answers differ from the "
-            "expected set."
+            "Audit the SELinux policy with setools: who can connect to the bus socket, send to the bus "
+            "driver, own names, open or write the payload filesystem, transition into the broker domain, "
+            "and where payload data can flow to a network-capable domain. Without --policy, builds "
+            "policy/sealbus.pp and links it into a copy of the distribution policy (no running kernel "
+            "needed). Exits 1 if the answers differ from the expected set."
         ),
     )
     parser.add_argument("--policy", type=Path, help="binary policy to audit (e.g. /sys/fs/selinux/policy)")

@@ -150,9 +150,9 @@ def main_system(args) -> int:
         return 1
     user = ensure_bus_user()
     runtime = args.runtime_dir or "/run/sealbus"
+    # root-owned, 0755: the broker creates nothing here (the launcher binds the socket and mounts
+    # the payload fs), so the launcher needs neither chown nor CAP_FOWNER/CAP_DAC_OVERRIDE on it
     os.makedirs(runtime, mode=0o755, exist_ok=True)
-    os.chmod(runtime, 0o755)  # before chown: afterwards it would need CAP_FSETID
-    os.chown(runtime, user.pw_uid, user.pw_gid)
     activated = systemd_listeners()  # sealbus.socket, when socket-activated
     if activated:
         listener = activated[0]
@@ -209,7 +209,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
                 log.error("payload fs not served: %s", e)  # the bus itself still runs: memfd payloads need no mount
         if fuse_fd is not None:
             # its contents: unlinked files in a directory of the bus user's own, not the broker's heap
-            store_dir, store_fd = make_store_dir(runtime, user.pw_uid, user.pw_gid)
+            store_dir, store_fd = make_store_dir(runtime, user.pw_gid)
             fds += (fuse_fd, store_fd)
             cmd += ["--fuse-fd", str(fuse_fd), "--store-fd", str(store_fd)]
         # preexec_fn: the launcher has no threads; the drop must happen here, in sealbus_launch_t

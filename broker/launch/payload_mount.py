@@ -10,12 +10,11 @@ not depend on where it is mounted.
 import ctypes
 import errno
 import os
-import subprocess
 
 from ..payload.mounts import sealbus_mounts
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-MNT_DETACH = 2
+MNT_FORCE, MNT_DETACH = 1, 2
 KDBUS_DIR = "/sys/fs/kdbus"
 FS_CONTEXT = "system_u:object_r:sealbus_fs_t:s0"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -44,32 +43,24 @@ def mount_payload_fs(mountpoint: str, uid: int, gid: int, selinux_context: str |
     return fd
 
 
-FUSECTL = "/sys/fs/fuse/connections"
-
-
 def abort_payload_fs(mountpoint: str) -> bool:
-    """End every request still waiting on the payload fs's server (fusectl abort).
+    """End every request still waiting on the payload fs's server: a forced unmount (MNT_FORCE),
+    whose first step in the kernel aborts the FUSE connection even when the mount is busy.
 
     A broker that dies while one of its own threads waits on its own mount
     cannot finish exiting (the wait is for itself); aborting the connection
-    releases it. The device comes from mountinfo: stat() of the mount would
-    itself wait for the dead server.
+    releases it. This needs only the unmount the launcher holds anyway, where
+    fusectl's abort file would need write access to every FUSE mount without a
+    context (fusectl and they share fusefs_t). Only our own fuse.sealbus mount,
+    found in mountinfo: stat() of the mount would itself wait for the dead server.
     """
-    dev = sealbus_mounts().get(os.path.realpath(mountpoint))
-    if dev is None:
+    # realpath of the parent only: resolving the mount point itself would stat it
+    parent, name = os.path.split(os.path.abspath(mountpoint))
+    if os.path.join(os.path.realpath(parent), name) not in sealbus_mounts():
         return False
-    minor = dev.split(":")[1]
-    if not os.path.isdir(os.path.join(FUSECTL, minor)):
-        try:
-            subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], capture_output=True, check=False)
-        except OSError:
-            return False  # (systemd mounts fusectl at boot; here we may not run mount at all)
-    try:
-        with open(os.path.join(FUSECTL, minor, "abort"), "w") as f:
-            f.write("1")
-        return True
-    except OSError:
-        return False
+    if _libc.umount2(mountpoint.encode(), MNT_FORCE) != 0:
+        return ctypes.get_errno() == errno.EBUSY  # aborted, still mounted: unmount_payload_fs detaches it
+    return True
 
 
 def unmount_payload_fs(mountpoint: str) -> None:

@@ -4,7 +4,8 @@ A payload of a GiB must not become a GiB of broker heap. The store keeps each
 payload in an O_TMPFILE made in this directory: a file no path names, that
 only the broker's fd reaches, and that the kernel frees when the broker closes
 it or dies (nothing to clean up after a crash but the empty directory). The
-directory is 0700 and owned by the broker's user, on the bus's own storage
+directory is usable by the broker's user alone (0700 and its own for a session bus; for the system
+bus root's, group the bus user's, 0770: the launcher holds no CAP_CHOWN), on the bus's own storage
 (the runtime directory of the system bus, $XDG_RUNTIME_DIR or the temporary
 directory for a session bus). Its bytes are charged to the sender's quota by
 the store, whatever the filesystem underneath.
@@ -14,12 +15,21 @@ import os
 import tempfile
 
 
-def make_store_dir(parent: str | None = None, uid: int = -1, gid: int = -1) -> tuple[str, int]:
+def make_store_dir(parent: str | None = None, gid: int = -1) -> tuple[str, int]:
     """A fresh private directory under parent (default: the temporary directory): (path, open dir fd).
 
-    uid/gid: the broker's user when a launcher (root) makes it for the broker.
+    gid: the broker's user's group when a launcher (root) makes it for the broker: the directory is made
+    with the bus user's group as the effective one (CAP_SETGID, which the launcher keeps to start the
+    broker) and opened to that group, so no chown (CAP_CHOWN) is needed.
     """
-    path = tempfile.mkdtemp(prefix="sealbus-store-", dir=parent)  # 0700, a name nobody else chose
+    egid = os.getegid()
+    if gid >= 0 and gid != egid:
+        os.setegid(gid)  # the new directory's group; the launcher is single-threaded here
+    try:
+        path = tempfile.mkdtemp(prefix="sealbus-store-", dir=parent)  # 0700, a name nobody else chose
+    finally:
+        if gid >= 0 and gid != egid:
+            os.setegid(egid)
     try:
         # by fd, never following a link: the parent (a runtime dir) may be writable by the bus user
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -27,8 +37,8 @@ def make_store_dir(parent: str | None = None, uid: int = -1, gid: int = -1) -> t
         os.rmdir(path)
         raise
     try:
-        if uid >= 0:
-            os.fchown(fd, uid, gid)
+        if gid >= 0 and gid != egid:
+            os.fchmod(fd, 0o770)  # owner root, group the bus user's: only the broker may use it
     except BaseException:
         os.close(fd)
         os.rmdir(path)

@@ -16,7 +16,6 @@ import os
 import shutil
 
 from broker.activation.service_file import ServiceFileError, read_service_file
-
 from broker.wire.name_syntax import is_well_known_name
 
 from . import scratch_dir

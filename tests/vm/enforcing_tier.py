@@ -148,7 +148,7 @@ def case_platform() -> None:
 
 
 def case_socket(start: float) -> None:
-    """Socket rules with a stand-in listener in sealbus_launch_t in a sealbus_var_run_t dir."""
+    """Socket rules with a stand-in listener in sealbus_launch_t in a sealbus_runtime_t dir."""
     sock = PROBE_DIR / "bus"
     listener = subprocess.Popen(
         [str(HELPER), "listen", str(sock)],
@@ -164,12 +164,12 @@ def case_socket(start: float) -> None:
         ctx = context_of(listener.pid)
         record("listener in sealbus_launch_t", ":sealbus_launch_t:" in ctx, ctx)
         label = sh("ls", "-Z", str(sock)).stdout.strip()
-        record("bus socket labelled sealbus_var_run_t", "sealbus_var_run_t" in label, label)
+        record("bus socket labelled sealbus_runtime_t", "sealbus_runtime_t" in label, label)
         rc, out = probe("sealbus_demo_client_t", "connect", str(sock))
         record("demo_client connects to the bus socket", rc == 0, out)
         rc, out = probe("sealbus_demo_denied_t", "connect", str(sock))
         record("demo_denied: EACCES on connect", rc == 1 and "EACCES" in out, out)
-        avcs = wait_for_avcs("sealbus_demo_denied_t", start, "sealbus_var_run_t")
+        avcs = wait_for_avcs("sealbus_demo_denied_t", start, "sealbus_runtime_t")
         record("demo_denied connect: AVC in audit log", bool(avcs), avcs[0][-220:] if avcs else "no AVC")
     finally:
         listener.kill()
@@ -178,7 +178,7 @@ def case_socket(start: float) -> None:
 
 def case_payload_fs(start: float) -> None:
     """The payload fs label, applied by the context= mount option from sealbus_launch_t."""
-    # Outside the sealbus_var_run_t dir, so a denial is about the payload fs itself.
+    # Outside the sealbus_runtime_t dir, so a denial is about the payload fs itself.
     mnt = Path("/mnt/sealbus-payload")
     mnt.mkdir(exist_ok=True)
     proc = sh(str(HELPER), "mount", str(mnt))
@@ -349,6 +349,10 @@ DBUS_CASES = {
     "acquire": "dbus acquire_svc: forbidden name denied + USER_AVC names both contexts",
     "acquire_bus": "dbus acquire_svc: unassociated name denied against the bus label (sealbus_t)",
     "logged": "dbus denials: the broker logs them, the service never saw the forbidden call",
+    "unconfined": "an init script (initrc_t, unconfined) owns a name on the real bus: sealbus_system_bus_client/acquire_svc",
+    "fd_memfd": "fd relay: client passes a sealed memfd through the bus, the service reads it",
+    "fd_file": "fd relay: client passes a plain read-only file fd, the service reads it",
+    "fd_forbidden": "fd relay: a pipe fd policy lets no broker receive: refused at recvmsg + AVC, never delivered",
 }
 
 
@@ -402,11 +406,27 @@ def case_dbus_class(address: str | None, start: float, log: LauncherLog) -> None
         owned = [ln for ln in lines if ln.startswith("OWN")]
         record(DBUS_CASES["own"], len(owned) == 2 and all(" OK " in ln for ln in owned), "; ".join(lines))
         if not any(ln.startswith("READY") for ln in lines):
-            for key in ("call", "send", "acquire", "acquire_bus", "logged"):
+            for key in (
+                "call",
+                "send",
+                "acquire",
+                "acquire_bus",
+                "logged",
+                "unconfined",
+                "fd_memfd",
+                "fd_file",
+                "fd_forbidden",
+            ):
                 record(DBUS_CASES[key], False, "the demo service did not come up: " + "; ".join(lines))
             return
         rc, out = probe("sealbus_demo_client_t", "call", address, SERVICE_NAME)
         record(DBUS_CASES["call"], rc == 0 and "pong from" in out and ":sealbus_demo_service_t:" in out, out)
+
+        case_fd_relay(address, since)
+
+        proc = sh(PYTHON, "-I", str(HERE / "probe.py"), "own", address, "org.sealbus.Demo.Init", timeout=120)
+        out = (proc.stdout + proc.stderr).strip()
+        record(DBUS_CASES["unconfined"], proc.returncode == 0 and "owns org.sealbus.Demo.Init" in out, out)
 
         rc, out = probe("sealbus_demo_stranger_t", "call", address, SERVICE_NAME)
         ok, detail = _denied(rc, out, "sealbus_demo_stranger_t", "sealbus_demo_service_t")
@@ -431,7 +451,10 @@ def case_dbus_class(address: str | None, start: float, log: LauncherLog) -> None
             service.kill()
             rest, _ = service.communicate()
         lines += [ln.strip() for ln in (rest or "").splitlines()]
-    calls = [ln for ln in lines if ln.startswith("CALL")]
+    calls = [ln for ln in lines if ln.startswith("CALL") and ln.endswith(" Ping")]
+    taken = [ln for ln in lines if ln.startswith("CALL") and ln.endswith(" TakeFd")]
+    record(DBUS_CASES["fd_forbidden"] + " (service side)", len(taken) == 2,
+           f"the service saw {len(taken)} TakeFd call(s) (2 allowed ones expected, the pipe never)")  # fmt: skip
     denials = [ln for ln in log.lines if "SELinux" in ln and "denied" in ln]
     record(
         DBUS_CASES["logged"],
@@ -439,6 +462,22 @@ def case_dbus_class(address: str | None, start: float, log: LauncherLog) -> None
         f"service saw {calls or 'no call'}; broker log: {len(denials)} denial line(s): "
         + (denials[0][-160:] if denials else "none"),
     )
+
+
+def case_fd_relay(address: str, since: float) -> None:
+    """fds through the real bus between two confined domains (sealbus_relay_fds, sealbus_receive_fds):
+    the kernel checks fd use on the sender and the file type at the broker's recvmsg and again at the
+    service's."""
+    rc, out = probe("sealbus_demo_client_t", "send-fd", address, SERVICE_NAME, "memfd")
+    record(DBUS_CASES["fd_memfd"], rc == 0 and "read b'sealed memfd payload'" in out
+           and ":sealbus_demo_service_t:" in out, out)  # fmt: skip
+    rc, out = probe("sealbus_demo_client_t", "send-fd", address, SERVICE_NAME, "file")
+    record(DBUS_CASES["fd_file"], rc == 0 and 'read b\'"""One action' in out, out)
+    rc, out = probe("sealbus_demo_client_t", "send-fd", address, SERVICE_NAME, "pipe")
+    avcs = wait_for_avcs("sealbus_t", since, "tcontext=system_u:system_r:sealbus_demo_client_t")
+    avcs = [a for a in avcs if "fifo_file" in a]
+    record(DBUS_CASES["fd_forbidden"], rc == 2 and "Disconnected" in out and bool(avcs),
+           f"{out} | {avcs[0][-200:] if avcs else 'no AVC sealbus_t -> sealbus_demo_client_t fifo_file'}")  # fmt: skip
 
 
 def table(results: list[Case]) -> str:
@@ -484,7 +523,7 @@ def main(argv: list[str]) -> int:
     if args.out:
         RESULTS_DIR = args.out.resolve().parent
     PROBE_DIR.mkdir(exist_ok=True)
-    sh("chcon", "-t", "sealbus_var_run_t", str(PROBE_DIR))
+    sh("chcon", "-t", "sealbus_runtime_t", str(PROBE_DIR))
     start = time.time()
     for step in (
         case_platform,

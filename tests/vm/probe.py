@@ -130,7 +130,7 @@ def serve(address: str, names: str) -> str:
 
     from jeepney import HeaderFields, MessageType, new_method_return
 
-    with _bus(address) as conn:
+    with _bus(address, enable_fds=True) as conn:
         for name in names.split(","):
             try:
                 print("OWN", name, "OK", _request_name(conn, name), flush=True)
@@ -151,9 +151,49 @@ def serve(address: str, names: str) -> str:
                 continue
             if msg.header.message_type == MessageType.method_call:
                 fields = msg.header.fields
-                print("CALL", fields.get(HeaderFields.sender, "?"), fields.get(HeaderFields.member, "?"), flush=True)
-                conn.send_message(new_method_return(msg, "s", (f"pong from {me}",)))
+                member = fields.get(HeaderFields.member, "?")
+                print("CALL", fields.get(HeaderFields.sender, "?"), member, flush=True)
+                answer = f"pong from {me}"
+                if member == "TakeFd" and msg.body:
+                    try:
+                        fd = msg.body[0].to_raw_fd()
+                        try:  # pread: the sender's writes left the shared file offset at the end
+                            answer = f"read {os.pread(fd, 64, 0)!r} from the passed fd, in {me}"
+                        finally:
+                            os.close(fd)
+                    except OSError as e:
+                        answer = f"cannot read the passed fd: {e.strerror}"
+                conn.send_message(new_method_return(msg, "s", (answer,)))
         return "timed out"
+
+
+def send_fd(address: str, dest: str, kind: str) -> str:
+    """Pass an fd to the service's TakeFd through the real bus: a sealed memfd, a plain file opened
+    read-only, or a pipe (which policy lets no broker receive); prints what the service read."""
+    from jeepney import DBusAddress, new_method_call
+
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    if kind == "memfd":
+        from broker.client.memfd import seal
+
+        fd = seal(b"sealed memfd payload")
+    elif kind == "file":
+        fd = os.open(os.path.abspath(__file__), os.O_RDONLY | os.O_CLOEXEC)  # usr_t: all three may read it
+    else:
+        fd, w = os.pipe()
+        os.write(w, b"pipe bytes")
+        os.close(w)
+    try:
+        with _bus(address, enable_fds=True) as conn:
+            msg = new_method_call(DBusAddress(DEMO_PATH, bus_name=dest, interface=DEMO_IFACE), "TakeFd", "h", (fd,))
+            try:
+                body = _unwrap(conn.send_and_get_reply(msg, timeout=DBUS_TIMEOUT))
+            except (ConnectionError, EOFError) as e:
+                raise DBusError("Disconnected", f"the bus closed the connection ({e!r})") from None
+            return f"{kind}: {body[0]}"
+    finally:
+        os.close(fd)
 
 
 def claim(address: str, mount: str) -> str:
@@ -194,6 +234,7 @@ ACTIONS = {
     "call": call,
     "serve": serve,
     "claim": claim,
+    "send-fd": send_fd,
     "whoami": whoami,
 }
 
