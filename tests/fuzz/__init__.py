@@ -26,8 +26,13 @@ def missing(name: str) -> str | None:
     return None
 
 
+# libFuzzer leaves with _exit (no atexit): the runner points targets at a directory it removes itself
+SCRATCH_ENV = "SEALBUS_FUZZ_SCRATCH"
+
+
 def scratch_dir(prefix: str) -> str:
     """A private directory for targets that write files, in memory when /dev/shm is there: on an
     overlay /tmp one open() costs milliseconds, a hundred times the parse it feeds."""
     shm = "/dev/shm"
-    return tempfile.mkdtemp(prefix=prefix, dir=shm if os.access(shm, os.W_OK) else None)
+    parent = os.environ.get(SCRATCH_ENV) or (shm if os.access(shm, os.W_OK) else None)
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)

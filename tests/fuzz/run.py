@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import TARGETS
+from . import SCRATCH_ENV, TARGETS, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "fuzz_corpus"
@@ -61,8 +61,12 @@ def run_target(name: str, seconds: float, work: Path, *, runs: int | None = None
     cmd = [sys.executable, "-m", "tests.fuzz.run", name, f"-max_total_time={max(1, int(seconds))}",
            "-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1", f"-artifact_prefix={artifacts}/",
            *([f"-runs={runs}"] if runs else []), *extra, str(scratch), *([str(seeds)] if seeds.is_dir() else [])]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace",
-                          timeout=seconds * 2 + 120)  # fmt: skip
+    files = scratch_dir(f"sealbus-fuzz-{name}-")
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace",
+                              env={**os.environ, SCRATCH_ENV: files}, timeout=seconds * 2 + 120)  # fmt: skip
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
     log = proc.stdout + proc.stderr
     (work / name / "log").write_text(log)
     status = _STATUS.findall(log)
