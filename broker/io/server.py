@@ -12,7 +12,7 @@ from ..bus.settings import BusSettings
 from ..payload.closer import closer
 from ..payload.vet import classifier
 from .connection import Connection, drain_closing
-from .creds import peer_creds
+from .creds import own_creds, peer_creds
 from .reactor import Reactor
 
 log = logging.getLogger("sealbus.server")
@@ -190,7 +190,7 @@ def raise_fd_limit(limits) -> int:
 
 def make_bus(settings: BusSettings) -> Bus:
     soft = raise_fd_limit(settings.limits)
-    bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
+    bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id(), own=own_creds())
     bus.fd_quota.pool = fd_pool(soft)
     bus.policy = settings.policy
     if settings.extra.get("systemd_activation"):
