@@ -12,7 +12,7 @@ from ..bus.settings import BusSettings
 from ..payload.closer import closer
 from ..payload.vet import classifier
 from .connection import Connection, drain_closing
-from .creds import own_creds, peer_creds
+from .creds import peer_creds
 from .reactor import Reactor
 
 log = logging.getLogger("sealbus.server")
@@ -145,67 +145,9 @@ class Server:
                 self.reactor.finish_closing()
 
 
-def read_machine_id() -> str:
-    for p in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            with open(p) as f:
-                v = f.read().strip()
-            if len(v) == 32:
-                return v
-        except OSError:
-            continue
-    return ""
-
-
 def incomplete_share(max_incomplete: int) -> int:
     """Unauthenticated connections one uid may hold: a quarter of max_incomplete_connections."""
     return max(1, max_incomplete // 4)
-
-
-def fd_pool(soft: int) -> int:
-    """The fds users may make the broker hold (FdQuota); the rest is the broker's own reserve."""
-    return max(64, soft - max(64, soft // 8))
-
-
-def raise_fd_limit(limits) -> int:
-    """Raise RLIMIT_NOFILE to its hard limit and keep fd quotas below it.
-
-    Running out of fds would stop the bus from accepting anyone: users share
-    ``fd_pool(soft)`` fairly (FdQuota), an eighth of the limit (at least 64)
-    stays with the broker, and a client can never make the broker exceed
-    the limit by itself.
-    """
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    limits.max_outgoing_unix_fds = min(limits.max_outgoing_unix_fds, max(64, soft // 4))
-    return soft
-
-
-def make_bus(settings: BusSettings) -> Bus:
-    soft = raise_fd_limit(settings.limits)
-    bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id(), own=own_creds())
-    bus.fd_quota.pool = fd_pool(soft)
-    bus.policy = settings.policy
-    if settings.extra.get("systemd_activation"):
-        bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
-    if settings.selinux is not None:
-        bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
-        from ..access.mediator import BusPolicy
-
-        xml = settings.policy.policy if settings.policy is not None else None
-        bus.policy = BusPolicy(xml, settings.selinux)
-        log.info("SELinux mediation on (bus label %s)", settings.selinux.bus_label)
-    from ..payload.bus_glue import install_fd_vetting
-
-    install_fd_vetting(bus, settings)
-    return bus
 
 
 async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
@@ -217,7 +159,10 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
     # now out of the collector's way and collect young objects less often.
     gc.freeze()
     gc.set_threshold(50000, 20, 100)
-    bus = bus or make_bus(settings)
+    if bus is None:
+        from .composition import make_bus
+
+        bus = make_bus(settings)
     server = Server(bus, settings.busy_poll_us)
     bus.server = server
     async with trio.open_nursery() as nursery:
@@ -238,22 +183,9 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
 
             await start_payload_fs(bus, settings, nursery, fuse_fd=fuse_fd)
         if control is not None:
+            from .composition import apply_control
             from .control import control_loop
 
             nursery.start_soon(control_loop, control, lambda msg: apply_control(bus, msg))
         task_status.started(bus)
         log.info("bus ready (pid %d, guid %s)", os.getpid(), bus.guid)
-
-
-def apply_control(bus: Bus, msg: dict) -> None:
-    """A message from the launcher: currently only a policy reload."""
-    if msg.get("type") == "reload" and "policy" in msg:
-        from ..access.mediator import BusPolicy
-        from ..access.policy import Policy
-
-        xml = Policy.from_json(msg["policy"]) if msg["policy"] else None
-        if bus.policy is not None and bus.policy.selinux is not None:
-            bus.policy = bus.policy.with_xml(xml)
-        else:
-            bus.policy = BusPolicy(xml) if xml is not None else None
-        log.info("policy reloaded by the launcher")
