@@ -12,10 +12,11 @@ import os
 import signal
 import sys
 
-import trio
-
-from .bus.settings import BusSettings
+from .launch import sonames  # noqa: F401  (before trio: its import-time find_library("pthread") runs ldconfig)
 from .launch.logs import setup_logging
+
+# trio and the bus are imported by the commands that serve a bus (policy, send, --help... need neither):
+# start-up time is most of what a test harness starting a bus per test waits for (issue #18).
 
 DESCRIPTION = """\
 sealbus: a privilege-separated userspace D-Bus broker that carries sealed
@@ -50,8 +51,17 @@ def load_settings(path: str | None, **overrides):
     return settings_from_config(None, **overrides), []
 
 
-async def run_bus(settings: BusSettings, listeners, on_ready=None) -> None:
+def serve_until_signal(settings, listeners, on_ready=None) -> None:
+    """Run the bus (trio) until SIGINT/SIGTERM."""
+    import trio
+
+    trio.run(run_bus, settings, listeners, on_ready)
+
+
+async def run_bus(settings, listeners, on_ready=None) -> None:
     """Serve until SIGINT/SIGTERM, then stop cleanly."""
+    import trio
+
     from .io.server import serve
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
@@ -152,7 +162,7 @@ def _run_session(args) -> int:
             def ready(bus):
                 print(listener.address, flush=True)
 
-            trio.run(run_bus, settings, [listener], ready)
+            serve_until_signal(settings, [listener], ready)
         finally:
             listener.close()
     finally:
@@ -304,7 +314,7 @@ def _serve_daemon(args, config: str, settings, bus_user, listeners, out) -> int:
         announce(bus.guid)
 
     try:
-        trio.run(run_bus, settings, listeners, ready)
+        serve_until_signal(settings, listeners, ready)
     finally:
         for lst in listeners:
             lst.close()
