@@ -32,7 +32,7 @@ test-fast: setup
 	$(PYTEST) -q -x tests -m "not slow"
 
 fuzz: setup
-	SEALBUS_FUZZ_SECONDS=$${SEALBUS_FUZZ_SECONDS:-300} $(PYTEST) -q tests/test_fuzz.py tests/test_bus_statemachine.py
+	SEALBUS_FUZZ_SECONDS=$${SEALBUS_FUZZ_SECONDS:-300} $(PYTEST) -q tests/test_fuzz.py tests/test_bus_statemachine.py tests/test_payload_statemachine.py
 
 # dbus-daemon's own test programs (Debian's dbus-tests), case by case, against
 # dbus-daemon and sealbus; the table is docs/conformance.md.
