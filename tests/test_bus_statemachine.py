@@ -4,11 +4,13 @@ A hypothesis ``RuleBasedStateMachine`` drives the sans-IO core (broker/bus/: Bus
 router, driver, registries) with real wire messages through ``CoreClient``
 (connect, Hello, RequestName/ReleaseName, AddMatch/RemoveMatch, BecomeMonitor,
 method calls to unique and well-known names, replies and errors, signals,
-reply timeouts, kills and disconnects) from several uids, with small limits so
+messages carrying fds to one peer or many, reply timeouts, kills and disconnects) from several uids, with small
+limits (and a small fd pool) so
 the refusal paths run too. Outboxes fill until a "deliver" step drains one, as
 the I/O shell would write it. After every step it checks what the registries
 must agree on: every pending reply and match rule belongs to a live peer and
-to the peer's own share, per-uid accounts equal what that uid's peers hold,
+to the peer's own share, per-uid accounts (connections, queued bytes, fds in flight and held) equal what
+that uid's peers hold, every fd handed to the core is either queued or listed once to be closed,
 name queues hold live, distinct peers that know their names; and once
 everyone disconnects, nothing is left.
 
@@ -103,6 +105,9 @@ class NameModel:
             self.release(name, c)
 
 
+FD_POOL = 24
+
+
 def small_limits() -> Limits:
     lim = Limits()
     lim.max_names_per_connection = 2
@@ -122,6 +127,10 @@ class BusMachine(RuleBasedStateMachine):
         self.ever: list[CoreClient] = []  # for the final check: every peer that ever connected
         self.now = 0.0
         self.names = NameModel(self.bus.limits.max_names_per_connection)
+        self.bus.fd_quota.pool = FD_POOL  # small: the fd-share refusal runs too
+        self.next_fd = 1000  # fds are plain numbers: the core never touches them, it only lists them to close
+        self.handed_in: set[int] = set()
+        self.closed: list[int] = []
         for uid in UIDS:  # one client per uid from the start: most steps then have someone to talk to
             self._connect(uid, True)
 
@@ -224,6 +233,25 @@ class BusMachine(RuleBasedStateMachine):
                 if not h.flags & wm.NO_REPLY_EXPECTED:
                     c.received_calls.append((h.sender, h.serial))
 
+    @precondition(lambda self: self.live())
+    @rule(i=st.integers(0, 50), j=st.integers(0, 50), n=st.integers(1, 6), broadcast=st.booleans())
+    def send_fds(self, i, j, n, broadcast):
+        """A message carrying ``n`` fds: a signal to every matching peer (one FdRef, many copies) or a call."""
+        from broker.wire.message import HeaderView, build_message
+
+        c = self.pick(i)
+        fds = list(range(self.next_fd, self.next_fd + n))
+        self.next_fd += n
+        self.handed_in.update(fds)
+        c.serial += 1
+        fields = {"path": "/p", "interface": "org.x.I", "member": "Tick"}
+        if not broadcast:
+            target = self.pick(j)
+            fields.update(member="M", destination=target.name or ":1.999")
+        raw = build_message(wm.SIGNAL if broadcast else wm.METHOD_CALL, c.serial, signature="h" * n,
+                            body=tuple(range(n)), unix_fds=n, **fields)  # fmt: skip
+        self.bus.dispatch(c.peer, (HeaderView(memoryview(raw)), fds))
+
     @rule(ms=st.integers(0, 1500))
     def time_passes(self, ms):
         self.now += ms / 1000
@@ -304,7 +332,6 @@ class BusMachine(RuleBasedStateMachine):
             mine = [p for p in self.bus.all_peers if p.creds.uid == uid]
             assert acct.connections == len(mine), uid
             assert acct.outgoing_bytes == sum(p.out_bytes for p in mine), uid
-            assert acct.inflight_fds == 0 and acct.message_fds == 0 and acct.held_fds == 0  # no fds sent here
         for p in self.bus.all_peers:
             assert p.out_bytes == sum(item.charge for item in p.outbox)
 
@@ -330,6 +357,37 @@ class BusMachine(RuleBasedStateMachine):
             assert p.names == held[p], "a peer believes it holds a name the registry does not list"
             assert len(p.names) <= self.bus.limits.max_names_per_connection
 
+    @invariant()
+    def every_fd_is_held_or_closed_once(self):
+        """Fds the core got are either referenced by a queued copy (charged to the sender's uid) or listed
+        once for the shell to close; per-uid fd counts and the shared fd pool agree with the queues."""
+        if not hasattr(self, "bus"):
+            return
+        while self.bus.closing:  # what the shell closes after each pass
+            fds, _sender = self.bus.closing.pop()
+            self.closed.extend(fds)
+        assert len(self.closed) == len(set(self.closed)), "an fd was listed to close twice"
+        refs = {id(item.fdref): item.fdref for p in self.bus.all_peers for item in p.outbox if item.fdref}
+        held = [fd for ref in refs.values() for fd in ref.fds]
+        assert not set(held) & set(self.closed), "a queued copy refers to an fd already closed"
+        assert set(held) | set(self.closed) == self.handed_in, "an fd was lost, neither queued nor closed"
+        inflight: dict[int, int] = {}
+        for p in self.bus.all_peers:
+            assert p.out_fds == sum(len(item.fdref.fds) for item in p.outbox if item.fdref)
+            for item in p.outbox:
+                if item.fdref is not None and item.owner is not None:
+                    inflight[item.owner.uid] = inflight.get(item.owner.uid, 0) + len(item.fdref.fds)
+        message_fds: dict[int, int] = {}
+        for ref in refs.values():
+            if ref.owner is not None:
+                message_fds[ref.owner.uid] = message_fds.get(ref.owner.uid, 0) + len(ref.fds)
+        for uid, acct in self.bus.accounts.items():
+            assert acct.inflight_fds == inflight.get(uid, 0), uid
+            assert acct.message_fds == message_fds.get(uid, 0), uid
+        used = sum(a.message_fds + a.held_fds for a in self.bus.accounts.values())
+        assert self.bus.fd_quota.used == used <= FD_POOL
+        assert self.bus.fd_quota.users == sum(1 for a in self.bus.accounts.values() if a.message_fds + a.held_fds)
+
     def teardown(self):
         if not hasattr(self, "bus"):
             return
@@ -346,6 +404,9 @@ class BusMachine(RuleBasedStateMachine):
             assert (acct.connections, acct.outgoing_bytes, acct.inflight_fds) == (0, 0, 0)
             assert (acct.message_fds, acct.held_fds) == (0, 0)
         assert bus.fd_quota.used == 0 and bus.fd_quota.users == 0
+        while bus.closing:
+            self.closed.extend(bus.closing.pop()[0])
+        assert sorted(self.closed) == sorted(self.handed_in), "every fd the bus got is closed, once"
         for c in self.ever:
             assert c.peer.state is GONE
             assert not c.peer.outbox and c.peer.out_bytes == 0
