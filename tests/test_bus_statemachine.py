@@ -4,15 +4,16 @@ A hypothesis ``RuleBasedStateMachine`` drives the sans-IO core (broker/bus/: Bus
 router, driver, registries) with real wire messages through ``CoreClient``
 (connect, Hello, RequestName/ReleaseName, AddMatch/RemoveMatch, BecomeMonitor,
 method calls to unique and well-known names, replies and errors, signals,
-messages carrying fds to one peer or many, reply timeouts, kills and disconnects) from several uids, with small
-limits (and a small fd pool) so
-the refusal paths run too. Outboxes fill until a "deliver" step drains one, as
-the I/O shell would write it. After every step it checks what the registries
-must agree on: every pending reply and match rule belongs to a live peer and
-to the peer's own share, per-uid accounts (connections, queued bytes, fds in flight and held) equal what
-that uid's peers hold, every fd handed to the core is either queued or listed once to be closed,
-name queues hold live, distinct peers that know their names; and once
-everyone disconnects, nothing is left.
+messages carrying fds to one peer or many, reply timeouts, kills and
+disconnects) from several uids, with small limits and a small fd pool so the
+refusal paths run too. Outboxes fill until a "deliver" step drains one, as the
+I/O shell would write it. After every step it checks what the registries must
+agree on: every pending reply and match rule belongs to a live peer and to
+that peer's own share; per-uid accounts (connections, queued bytes, fds in
+flight and held) equal what that uid's peers hold; every fd handed to the core
+is either queued or listed once to be closed; name queues hold live, distinct
+peers that know their names, in the order an independent model of the
+specification gives; and once everyone disconnects, nothing is left.
 
 Bounded in ``make test``; ``SEALBUS_FUZZ_SECONDS=N`` (``make fuzz``) repeats it for N seconds.
 """
