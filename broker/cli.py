@@ -131,13 +131,15 @@ class RunError(Exception):
 
 
 def _session_settings(args):
-    from .access.config import ConfigError
-
     try:
         settings, cfg_listen = load_settings(args.config, fd_mode=args.fd_mode, payload_fs=args.payload_fs,
                                                     busy_poll_us=args.busy_poll)  # fmt: skip
-    except ConfigError as e:  # its message names the file (and line) and what is wrong
-        raise RunError(f"{e} (fix --config, or leave it out for the allow-all default)") from None
+    except ValueError as e:
+        from .access.config import ConfigError  # only a config can raise it: the default starts without the parser
+
+        if not isinstance(e, ConfigError):
+            raise
+        raise RunError(f"{e} (fix --config, or leave it out for the allow-all default)") from None  # names file+line
     fs = settings.payload_fs
     if fs and not os.path.isdir(fs):
         raise RunError(f"payload fs mount point {fs} is not a directory: create it first (mkdir -p {fs})")

@@ -11,8 +11,9 @@ from dataclasses import fields
 
 from ..bus.limits import Limits, limits_for
 from ..bus.settings import BusSettings
-from .config import ConfigError, load_config
-from .policy import Policy
+
+# The XML parser and the policy compiler are imported where a config is read: the embedded default
+# (`sealbus run` with no --config) starts without them (issue #18: start-up time).
 
 
 def read_machine_id() -> str:
@@ -67,10 +68,18 @@ def _from_config(cfg, bus_type: str | None) -> BusSettings:
 
 
 def settings_from_file(path: str, **overrides) -> tuple[BusSettings, list[str]]:
+    from .config import ConfigError, load_config
+
     cfg = load_config(path)
     if cfg.auth and "EXTERNAL" not in cfg.auth:
         raise ConfigError(f"{path}: sealbus only offers EXTERNAL authentication; the config allows {cfg.auth}")
     return settings_from_config(cfg, **overrides), list(cfg.listen)
+
+
+def _policy(text: str):
+    from .policy import Policy
+
+    return Policy.from_json(text)
 
 
 def _limits(values: dict) -> Limits:
@@ -82,7 +91,7 @@ def _limits(values: dict) -> Limits:
 # Fields whose values are not JSON-native: (to JSON, from JSON).
 CODECS = {
     "limits": (lambda lim: dict(vars(lim)), _limits),
-    "policy": (lambda p: None if p is None else p.to_json(), lambda j: None if j is None else Policy.from_json(j)),
+    "policy": (lambda p: None if p is None else p.to_json(), lambda j: None if j is None else _policy(j)),
     "auth": (list, tuple),
 }
 ENVELOPE = ("type", "uid", "gid")  # what the launcher sends beside the settings: the message kind, whom to become
