@@ -87,6 +87,8 @@ def _unlike_default(f, settings):
         return f"{f.name}-set"
     if isinstance(default, tuple):
         return (*default, "ANONYMOUS")
+    if isinstance(default, list):
+        return [*default, f"/{f.name}-set"]
     if isinstance(default, dict):
         return {"org.example.Name": "a_u:b_r:c_t:s0"}
     raise AssertionError(f"BusSettings.{f.name}: teach this test a non-default value of its type")
