@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 SEALBUS:= $(VENV)/bin/sealbus
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup run test test-fast lint bench conformance vm-test vm-image fuzz install clean
+.PHONY: setup run test test-fast lint bench conformance vm-test vm-image fuzz install rpm clean
 
 setup:
 	@scripts/setup.sh
@@ -15,10 +15,14 @@ run: setup
 # Each step is a gate: the import layers (no cycle, no upward import, see
 # docs/architecture.md), ruff's rules (complexity included, pyproject.toml),
 # and formatting (`ruff format` fixes what the last one reports).
+# Quiet when clean: one line per gate; a failure shows what to fix (a file per line for formatting).
+LINTED := broker tests benchmarks vagrant scripts
 lint: setup
-	$(PY) scripts/check-layers.py
-	$(PY) -m ruff check broker tests benchmarks vagrant scripts
-	$(PY) -m ruff format --check broker tests benchmarks vagrant scripts
+	@$(PY) scripts/check-layers.py
+	@$(PY) -m ruff check -q $(LINTED) && echo "lint: ruff check: clean"
+	@$(PY) -m ruff format --check -q --output-format concise $(LINTED) \
+	  || { echo "lint: run '$(PY) -m ruff format $(LINTED)' to format these files"; exit 1; }
+	@echo "lint: ruff format: clean"
 
 # The whole suite: unit, property, fuzz (bounded), interop with real clients,
 # security regression (root tiers run when root), and the enforcing SELinux
@@ -31,7 +35,10 @@ test: setup lint
 test-fast: setup
 	$(PYTEST) -q -x tests -m "not slow"
 
+# Every atheris target (tests/fuzz/) for SEALBUS_FUZZ_SECONDS each, then the table; and the random
+# mutation fuzzer as long. `make test` runs the same targets briefly (tests/test_fuzz_atheris.py).
 fuzz: setup
+	$(PY) -m tests.fuzz.run --seconds $${SEALBUS_FUZZ_SECONDS:-300}
 	SEALBUS_FUZZ_SECONDS=$${SEALBUS_FUZZ_SECONDS:-300} $(PYTEST) -q tests/test_fuzz.py tests/test_bus_statemachine.py tests/test_payload_statemachine.py
 
 # dbus-daemon's own test programs (Debian's dbus-tests), case by case, against
@@ -50,6 +57,12 @@ vm-test: setup
 
 install: setup
 	scripts/install.sh
+
+# Fedora/RHEL packages of the working tree: SRPM, sealbus and sealbus-selinux in build/rpm
+# (packaging/README.md; tests/test_rpm.py, part of `make test`, builds and inspects them).
+# RPM_PYTHON_VERSION=3.14 targets that Fedora's Python where rpmbuild lacks Fedora's macros.
+rpm: setup
+	packaging/build-rpm.sh build/rpm
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -59,17 +59,20 @@ def serve_until_signal(settings, listeners, on_ready=None) -> None:
 
 
 async def run_bus(settings, listeners, on_ready=None) -> None:
-    """Serve until SIGINT/SIGTERM, then stop cleanly."""
+    """Serve until SIGINT/SIGTERM, then stop cleanly; SIGHUP reloads the configuration."""
     import trio
 
     from .io.server import serve
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
         async with trio.open_nursery() as nursery:
             bus = await nursery.start(serve, settings, listeners)
             if on_ready is not None:
                 on_ready(bus)
             async for signum in sigs:
+                if signum == signal.SIGHUP:  # as dbus-daemon: reload the configuration
+                    bus.reloader.request()
+                    continue
                 logging.getLogger("sealbus").info("stopping on %s", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break

@@ -9,6 +9,7 @@ The layers, lowest first (docs/architecture.md explains them):
     0  broker.wire                      the protocol: imports nothing of ours
     1  broker.bus                       the bus logic, over wire
     2  broker.access  broker.payload    policy and payloads, over bus and wire
+       broker.activation                service files and the catalogue of activatable names
     3  broker.io                        the trio shell, over all of the above
     4  broker.launch                    the launcher and the broker's main
     5  broker.client                    helpers for applications
@@ -38,7 +39,7 @@ PACKAGE = "broker"
 LAYERS = [
     ["broker.wire"],
     ["broker.bus"],
-    ["broker.access", "broker.payload"],
+    ["broker.access", "broker.activation", "broker.payload"],
     ["broker.io"],
     ["broker.launch"],
     ["broker.client"],

@@ -1,5 +1,5 @@
 #!/bin/sh
-# `make install`: systemd units, sysusers/tmpfiles, and the two entry points
+# `make install`: systemd units, sysusers/tmpfiles, man pages, and the two entry points
 # (/usr/libexec/sealbus/sealbus-launcher -> sealbus_launch_exec_t,
 #  /usr/libexec/sealbus/sealbus-broker  -> sealbus_exec_t).
 set -eu
@@ -7,23 +7,12 @@ cd "$(dirname "$0")/.."
 SRC=$(pwd)
 PY="$SRC/.venv/bin/python"
 install -d /usr/libexec/sealbus /etc/systemd/system /usr/lib/sysusers.d /usr/lib/tmpfiles.d
-cat > /usr/libexec/sealbus/sealbus-launcher <<EOS
-#!$PY -IB
-import sys
-sys.path.insert(0, "$SRC")
-from broker.cli import main
-sys.exit(main(["run", "--system", *sys.argv[1:]]))
-EOS
-cat > /usr/libexec/sealbus/sealbus-broker <<EOS
-#!$PY -IB
-import runpy, sys
-sys.path.insert(0, "$SRC")
-runpy.run_module("broker.launch.broker_process", run_name="__main__")
-EOS
-chmod 0755 /usr/libexec/sealbus/sealbus-launcher /usr/libexec/sealbus/sealbus-broker
+packaging/entry-points.sh /usr/libexec/sealbus "$PY" "$SRC"
 install -m 0644 systemd/sealbus.service systemd/sealbus.socket /etc/systemd/system/
 install -m 0644 systemd/sysusers.conf /usr/lib/sysusers.d/sealbus.conf
 install -m 0644 systemd/tmpfiles.conf /usr/lib/tmpfiles.d/sealbus.conf
+# man sealbus, man sealbus.conf, man sealbus-policy (MANDIR: where man(1) looks for local software)
+man/install.sh "${MANDIR:-/usr/local/share/man}"
 if command -v systemd-sysusers >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemd-sysusers /usr/lib/sysusers.d/sealbus.conf
     systemd-tmpfiles --create /usr/lib/tmpfiles.d/sealbus.conf

@@ -4,7 +4,8 @@
 # Daemon packages are only downloaded and unpacked (apt-get download + dpkg-deb -x),
 # never installed; the files already installed on this machine (systemd, polkit, ...)
 # are copied too. Does nothing when the cache holds files and its stamp is newer
-# than this script. A package that cannot be fetched is skipped with a message.
+# than this script (--check only tells, by its exit status, whether it would fetch).
+# A package that cannot be fetched is skipped with a message.
 set -u
 cd "$(dirname "$0")/.."
 script="$(pwd)/scripts/policy-corpus.sh"
@@ -16,6 +17,8 @@ PKGS="avahi-daemon bluez udisks2 network-manager upower accountsservice modemman
 if [ -f "$STAMP" ] && [ "$STAMP" -nt "$script" ] && ls "$DEST"/*.conf >/dev/null 2>&1; then
     exit 0
 fi
+[ "${1:-}" = --check ] && exit 1  # --check: exit 0 when the corpus is there and fresh, 1 when this would fetch it
+echo "policy-corpus: fetching the dbus policy files of $(echo $PKGS | wc -w) daemon packages (downloaded, not installed)" >&2
 mkdir -p "$DEST" || exit 1
 
 copy_confs() {  # copy_confs ROOT: every system.d *.conf below ROOT

@@ -42,7 +42,7 @@ def test_connection_limits():
 def test_bus_declares_what_other_layers_set_on_it():
     """The I/O shell and the payload layer set these; Bus.__init__ declares every one."""
     attrs = vars(Bus())
-    for name in ("server", "spawn", "policy", "fd_vetter", "payload", "reload_hook", "limits"):
+    for name in ("server", "spawn", "policy", "fd_vetter", "payload", "reload_hook", "catalog", "limits"):
         assert name in attrs, name
 
 

@@ -3,6 +3,7 @@
 import errno
 import os
 import stat
+import subprocess
 import tempfile
 
 import pytest
@@ -168,4 +169,31 @@ def test_file_backed_contents():
         assert s.read(snap, 15000, 10) == b""
     finally:
         os.close(dfd)
+        os.rmdir(d)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: needs root")
+def test_full_backing_filesystem_refuses_the_write_and_returns_the_charge():
+    """The backing directory's filesystem fills up before the quota does: the write that does not fit
+    fails with ENOSPC (what the sender's write() sees), its charge is taken back, and the file keeps
+    what it had."""
+    d = tempfile.mkdtemp()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=700", "sealbus-test", d], check=True)
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        s, _ = make(backing_dir_fd=dfd, bytes_per_user=64 << 20, total_bytes=64 << 20)
+        n = s.create(TMP_INO, b"f", 1000, 1000)
+        s.opened(n)
+        s.write(n, 0, b"a" * 4096)
+        assert err(s.write, n, 4096, b"b" * (2 << 20)) == errno.ENOSPC
+        assert s.usage(1000) == (4096, 1) and n.size == 4096
+        assert s.read(n, 0, 1 << 20) == b"a" * 4096
+        s.write(n, 4096, b"c" * 1000)  # what fits still goes in
+        assert s.usage(1000)[0] == 5096
+        s.unlink(TMP_INO, b"f", 1000)
+        s.released(n)  # the last close: the backing file goes, with its charge
+        assert s.usage(1000) == (0, 0)
+    finally:
+        os.close(dfd)
+        subprocess.run(["umount", d], check=False)
         os.rmdir(d)

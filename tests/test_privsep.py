@@ -86,6 +86,36 @@ def test_clients_of_several_uids_talk(system_bus, test_users):
     assert c.send_and_get_reply(message_bus.GetConnectionUnixUser(owner.unique_name)).body[0] == 0
 
 
+def _socket_peer(path: str) -> tuple[int, int, int]:
+    """(pid, uid, gid) that SO_PEERCRED reports for a fresh connection to the bus socket at path."""
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        return struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
+def _busctl_status_pid(address: str) -> int:
+    out = subprocess.run(["busctl", f"--address={address}", "status", "--no-pager"], capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return int(next(line for line in out.stdout.splitlines() if line.startswith("PID=")).split("=")[1])
+
+
+def test_clients_see_the_broker_as_the_bus_process(system_bus):
+    """SO_PEERCRED on the bus socket names the broker (it calls listen() again), not the launcher that
+    bound the socket, so busctl status and the driver's GetConnectionUnixProcessID/UnixUser agree (the
+    broker starts as the bus user: that is the uid clients now see, as the driver already answered)."""
+    pid, uid, _gid = _socket_peer(str(system_bus.socket))
+    assert (pid, uid) == (system_bus.broker_pid, pwd.getpwnam("sealbus").pw_uid), (pid, system_bus.proc.pid)
+    with open_dbus_connection(system_bus.address) as c:
+        driver_pid = c.send_and_get_reply(message_bus.GetConnectionUnixProcessID("org.freedesktop.DBus")).body[0]
+    assert driver_pid == system_bus.broker_pid
+    if shutil.which("busctl"):
+        assert _busctl_status_pid(system_bus.address) == system_bus.broker_pid
+
+
 FUSE_DANCE = """
 import hashlib, os, sys
 from jeepney import DBusAddress, new_method_call
@@ -114,8 +144,14 @@ def test_sandboxed_broker_serves_the_launchers_payload_fs(system_bus, test_users
                for line in Path("/proc/mounts").read_text().splitlines())  # fmt: skip
     out = run_as(test_users[0], [sys.executable, "-c", FUSE_DANCE, system_bus.address], timeout=60)
     assert out.stdout.split() == ["fuse", "payload-snapshot", "True", "0o400", "False"], out.stderr
+    # its contents lived in unlinked files of a directory of the runtime dir that only the bus user can use
+    (store,) = system_bus.runtime.glob("sealbus-store-*")
+    st = store.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam("sealbus").pw_uid, 0o700)
+    assert list(store.iterdir()) == []
     assert system_bus.stop() == 0
     assert not any(str(mount) in line for line in Path("/proc/mounts").read_text().splitlines())  # unmounted
+    assert not store.exists()
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
@@ -157,13 +193,29 @@ def test_sighup_reload_keeps_connections_and_applies_rules(system_bus):
     assert c.send_and_get_reply(message_bus.GetNameOwner("org.sealbus.Before")).body[0] == c.unique_name
 
 
+def _store_files(pid: int, store: Path) -> list[str]:
+    """What the broker's fds point to inside its payload store directory."""
+    links = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return [t for t in links if t.startswith(f"{store}/")]
+
+
 def test_killed_broker_is_reported_and_cleaned_up():
     bus = SystemBus()
     c = open_dbus_connection(bus.address)
+    (store,) = bus.runtime.glob("sealbus-store-*")
+    held = None
+    if (bus.runtime / "fs").is_mount():  # a payload being written lives in a nameless file of the store
+        held = os.open(bus.runtime / "fs" / "tmp" / "p", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        os.write(held, b"x" * 65536)
+        (target,) = _store_files(bus.broker_pid, store)
+        assert target.endswith("(deleted)") and list(store.iterdir()) == []
     os.kill(bus.broker_pid, signal.SIGKILL)
     assert bus.proc.wait(timeout=15) == 1
     assert "exited unexpectedly" in bus.logtext()
     assert not bus.socket.exists()
+    assert not store.exists()  # the launcher removes the store directory; its files died with the broker
+    if held is not None:
+        os.close(held)
     with pytest.raises((ConnectionError, OSError, EOFError)):
         c.send_and_get_reply(message_bus.ListNames(), timeout=5)
 
@@ -292,6 +344,9 @@ def test_dbus_daemon_drop_in_serves_from_a_sandboxed_broker_as_config_user(test_
     try:
         broker = bus.serving_pid()
         assert broker != bus.pid and children(bus.pid) == [broker]
+        assert _socket_peer(f"{sock}/bus")[0] == broker  # what busctl status shows as the bus's PID
+        if shutil.which("busctl"):
+            assert _busctl_status_pid(bus.address) == broker
         assert_confined(broker, bus_user)
         assert (
             f"broker sandboxed: uid={bus_user.pw_uid} gid={bus_user.pw_gid} landlock=True seccomp=True" in bus.logtext()

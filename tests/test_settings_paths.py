@@ -71,6 +71,7 @@ def _over_the_channel(msg: dict) -> dict:
 def _unlike_default(f, settings):
     """A value for field ``f`` that differs from its default, chosen from its declared type."""
     from broker.bus.limits import Limits
+    from broker.bus.settings import ServiceDir
 
     default = getattr(settings, f.name)
     if f.name == "policy":
@@ -87,6 +88,8 @@ def _unlike_default(f, settings):
         return f"{f.name}-set"
     if isinstance(default, tuple):
         return (*default, "ANONYMOUS")
+    if f.type == list[ServiceDir]:  # the flags too, not only the paths
+        return [*default, ServiceDir(f"/{f.name}-set", strict_naming=True, watch=False)]
     if isinstance(default, list):
         return [*default, f"/{f.name}-set"]
     if isinstance(default, dict):

@@ -1,79 +1,130 @@
 #!/bin/bash
-# provision.sh [SRC] - install sealbus from SRC (default /vagrant), build and load
-# the SELinux module, label the entry points, and run the enforcing tier.
-# Used by the Vagrantfile (Fedora) and by the qemu harness (Debian guest, offline:
-# SEALBUS_OFFLINE=1, the venv with the Python deps is already in the image).
-# Results: $SEALBUS_RESULTS (default /var/tmp/sealbus-results)/tier.json + tier.txt
-set -uo pipefail
+# provision.sh [SRC] - install sealbus in an SELinux guest and run the enforcing tier.
+#
+# Two ways to install, one set of checks:
+#   rpm     the packages `make rpm` built on the host (SEALBUS_RPMS, default SRC/build/rpm):
+#           `dnf install` of sealbus and sealbus-selinux, whose %post loads the module at
+#           priority 200 and whose files carry the module's labels. The Vagrant box (Fedora).
+#   source  the tree at SRC under /opt/sealbus with a venv; the module built with the
+#           distribution's devel Makefile and loaded with semodule -i. The local qemu tier
+#           (Debian guest, offline: SEALBUS_OFFLINE=1, the venv is already in the image).
+# SEALBUS_INSTALL=rpm|source chooses; default: rpm when dnf exists, else source.
+# Then: the entry points' labels, the enforcing tier (tests/vm/enforcing_tier.py, from SRC),
+# and, after it, sealbus.socket enabled and answering. Every step fails loudly.
+# Results: $SEALBUS_RESULTS (default /var/tmp/sealbus-results)/tier.json + tier.txt + audit.log
+set -Eeuo pipefail
 SRC=${1:-/vagrant}
 OUT=${SEALBUS_RESULTS:-/var/tmp/sealbus-results}
 PREFIX=/opt/sealbus
+LIBEXEC=/usr/libexec/sealbus
 mkdir -p "$OUT"
 
 step() { echo; echo "### $*"; }
+die() { echo "provision.sh: $*" >&2; exit 1; }
+trap 'echo "provision.sh: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
-step "install the project into $PREFIX/src"
-rm -rf "$PREFIX/src"; mkdir -p "$PREFIX/src"
-tar -C "$SRC" --exclude=.venv --exclude=.git --exclude='__pycache__' --exclude=.hypothesis -cf - . | tar -C "$PREFIX/src" -xf -
-if [ ! -x "$PREFIX/venv/bin/python" ]; then
-  [ "${SEALBUS_OFFLINE:-0}" = 1 ] && { echo "offline and no $PREFIX/venv" >&2; exit 1; }
-  if command -v dnf >/dev/null; then
-    dnf -y -q install python3 python3-libselinux python3-devel gcc make fuse3 fuse3-devel libcap-devel \
-      libseccomp selinux-policy-devel policycoreutils-python-utils audit
+mode=${SEALBUS_INSTALL:-}
+[ -n "$mode" ] || { if command -v dnf >/dev/null; then mode=rpm; else mode=source; fi; }
+
+rpms=()
+check_rpms() {  # before anything is touched: the packages are there and fit this system's Python
+  local dir=${SEALBUS_RPMS:-$SRC/build/rpm} want have
+  rpms=("$dir"/sealbus-[0-9]*.noarch.rpm "$dir"/sealbus-selinux-[0-9]*.noarch.rpm)
+  for r in "${rpms[@]}"; do [ -f "$r" ] || die "no $r: run 'make rpm' on the host first (vagrant/README.md)"; done
+  want=$(rpm -qp --requires "${rpms[0]}" | sed -n 's/^python(abi) = //p')
+  have=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo none)
+  [ "$want" = "$have" ] || die "the RPMs are for Python $want, this system has $have: on the host, make rpm RPM_PYTHON_VERSION=$have"
+}
+
+install_rpm() {
+  step "dnf install ${rpms[*]##*/}"
+  # the enforcing tier's own tools, then the packages (their dependencies from the Fedora repositories)
+  dnf -y -q install python3 python3-jeepney policycoreutils policycoreutils-python-utils selinux-policy-targeted \
+    audit fuse3 systemd
+  dnf -y install "${rpms[@]}"
+  # the broker's seccomp and Landlock bindings are not packaged in Fedora (packaging/README.md):
+  # from PyPI into /usr/local, with the sandbox's other two from Fedora
+  dnf -y -q install python3-pip python3-prctl python3-pyfuse3
+  python3 -m pip install -q pyseccomp landlock
+  rpm -q sealbus sealbus-selinux
+  semodule -lfull | grep -E '^200 +sealbus ' || die "sealbus-selinux did not load the module at priority 200"
+  export SEALBUS_VM_PYTHON=/usr/bin/python3  # probes import broker from the installed package
+}
+
+install_source() {
+  if [ ! -x "$PREFIX/venv/bin/python" ]; then
+    [ "${SEALBUS_OFFLINE:-0}" = 1 ] && die "offline and no $PREFIX/venv"
+    if command -v dnf >/dev/null; then
+      dnf -y -q install python3 python3-libselinux python3-devel gcc make fuse3 fuse3-devel libcap-devel \
+        libseccomp selinux-policy-devel policycoreutils-python-utils audit
+    fi
+    python3 -m venv --system-site-packages "$PREFIX/venv"
+    "$PREFIX/venv/bin/pip" install -q trio jeepney pyfuse3 python-prctl landlock pyseccomp
   fi
-  python3 -m venv --system-site-packages "$PREFIX/venv"
-  "$PREFIX/venv/bin/pip" install -q trio jeepney pyfuse3 python-prctl landlock pyseccomp
-fi
-id sealbus >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sealbus
+  id sealbus >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sealbus
+  step "entry points"
+  bash "$PREFIX/src/packaging/entry-points.sh" "$LIBEXEC" "$PREFIX/venv/bin/python" "$PREFIX/src"
+  step "build and load the policy module"
+  rm -rf /tmp/sealbus-policy && cp -r "$PREFIX/src/policy" /tmp/sealbus-policy
+  (cd /tmp/sealbus-policy && make -f /usr/share/selinux/devel/Makefile sealbus.pp)
+  semodule -i /tmp/sealbus-policy/sealbus.pp
+  step "systemd units (how a packaged install runs it)"
+  install -D -m 0644 "$PREFIX/src/systemd/sealbus.service" /etc/systemd/system/sealbus.service
+  install -D -m 0644 "$PREFIX/src/systemd/sealbus.socket" /etc/systemd/system/sealbus.socket
+  install -D -m 0644 "$PREFIX/src/systemd/sysusers.conf" /usr/lib/sysusers.d/sealbus.conf
+  install -D -m 0644 "$PREFIX/src/systemd/tmpfiles.conf" /usr/lib/tmpfiles.d/sealbus.conf
+  if [ -d /run/systemd/system ]; then
+    systemd-sysusers /usr/lib/sysusers.d/sealbus.conf
+    systemctl daemon-reload
+  fi
+}
 
-step "entry points"
-mkdir -p /usr/libexec/sealbus
-# Python scripts, not shell wrappers: the domains map their interpreter, and
-# the broker's domain may map nothing but python and its libraries.
-cat > /usr/libexec/sealbus/sealbus-launcher <<EOS
-#!$PREFIX/venv/bin/python -IB
-# sealbus_launch_exec_t: init (or root) enters sealbus_launch_t here.
-import sys
-sys.path.insert(0, "$PREFIX/src")
-from broker.cli import main
-sys.exit(main(["run", "--system", *sys.argv[1:]]))
-EOS
-cat > /usr/libexec/sealbus/sealbus-broker <<EOS
-#!$PREFIX/venv/bin/python -IB
-# sealbus_exec_t: the launcher enters sealbus_t by executing this.
-import runpy, sys
-sys.path.insert(0, "$PREFIX/src")
-runpy.run_module("broker.launch.broker_process", run_name="__main__")
-EOS
-install -m 0755 "$PREFIX/src/tests/vm/launch_helper.py" /usr/libexec/sealbus/sealbus-test-launch-helper
-chmod 0755 /usr/libexec/sealbus/sealbus-launcher /usr/libexec/sealbus/sealbus-broker
+case "$mode" in
+  rpm) check_rpms ;;
+  source) ;;
+  *) die "SEALBUS_INSTALL must be rpm or source, not $mode" ;;
+esac
 
-step "build and load the policy module"
-rm -rf /tmp/sealbus-policy && cp -r "$PREFIX/src/policy" /tmp/sealbus-policy
-( cd /tmp/sealbus-policy && make -f /usr/share/selinux/devel/Makefile sealbus.pp ) || exit 1
-semodule -i /tmp/sealbus-policy/sealbus.pp || exit 1
+step "copy the project (tests and policy sources) to $PREFIX/src"
+rm -rf "$PREFIX/src"; mkdir -p "$PREFIX/src"
+tar -C "$SRC" --exclude=.venv --exclude=.git --exclude='__pycache__' --exclude=.hypothesis --exclude=./build \
+  -cf - . | tar -C "$PREFIX/src" -xf -
+
+if [ "$mode" = rpm ]; then install_rpm; else install_source; fi
+
 if [ "${SEALBUS_VM_DIAG:-0}" != 0 ]; then
   echo "diagnostics: dontaudit rules off (semodule -DB): hidden denials reach the audit log"
-  semodule -DB || exit 1
+  semodule -DB
 fi
-restorecon -R /usr/libexec/sealbus "$PREFIX"
+
+step "labels of the entry points and the runtime directory"
+python=${SEALBUS_VM_PYTHON:-$PREFIX/venv/bin/python}
+# the tier's stand-in for the launcher's privileged steps runs in the launcher's domain
+sed "1s|^#!.*|#!$python|" "$PREFIX/src/tests/vm/launch_helper.py" > "$LIBEXEC/sealbus-test-launch-helper"
+chmod 0755 "$LIBEXEC/sealbus-test-launch-helper"
+restorecon -R "$LIBEXEC" "$PREFIX"
 mkdir -p /run/sealbus && restorecon -R /run/sealbus
-# The test helper stands in for the launcher's privileged steps: same domain.
-chcon -t sealbus_launch_exec_t /usr/libexec/sealbus/sealbus-test-launch-helper
-ls -Z /usr/libexec/sealbus/
+chcon -t sealbus_launch_exec_t "$LIBEXEC/sealbus-test-launch-helper"
+ls -Z "$LIBEXEC/"
+[[ $(stat -c %C "$LIBEXEC/sealbus-launcher") == *:sealbus_launch_exec_t:* ]] || die "sealbus-launcher is not sealbus_launch_exec_t"
+[[ $(stat -c %C "$LIBEXEC/sealbus-broker") == *:sealbus_exec_t:* ]] || die "sealbus-broker is not sealbus_exec_t"
 
-step "systemd units (how a packaged install runs it; the tier starts and stops them)"
-install -D -m 0644 "$PREFIX/src/systemd/sealbus.service" /etc/systemd/system/sealbus.service
-install -D -m 0644 "$PREFIX/src/systemd/sealbus.socket" /etc/systemd/system/sealbus.socket
-install -D -m 0644 "$PREFIX/src/systemd/sysusers.conf" /usr/lib/sysusers.d/sealbus.conf
-install -D -m 0644 "$PREFIX/src/systemd/tmpfiles.conf" /usr/lib/tmpfiles.d/sealbus.conf
+step "sealbus.socket enabled (started on demand; the tier starts and stops the units itself)"
 if [ -d /run/systemd/system ]; then
-  systemd-sysusers /usr/lib/sysusers.d/sealbus.conf || true
-  systemctl daemon-reload
+  systemctl enable sealbus.socket
+  systemctl stop sealbus.service sealbus.socket
 fi
 
-step "enforcing tier"
-cd "$PREFIX/src" && "$PREFIX/venv/bin/python" -m tests.vm.enforcing_tier --out "$OUT/tier.json" | tee "$OUT/tier.txt"
-rc=${PIPESTATUS[0]}
-cp /var/log/audit/audit.log "$OUT/audit.log" 2>/dev/null
-exit "$rc"
+step "enforcing tier ($mode install)"
+rc=0
+(cd "$PREFIX/src" && "$python" -m tests.vm.enforcing_tier --out "$OUT/tier.json") | tee "$OUT/tier.txt" || rc=$?
+cp /var/log/audit/audit.log "$OUT/audit.log" 2>/dev/null || echo "no /var/log/audit/audit.log to keep"
+[ "$rc" = 0 ] || die "the enforcing tier failed (exit $rc): $OUT/tier.txt"
+
+if [ "$mode" = rpm ] && [ -d /run/systemd/system ]; then
+  step "the enabled socket answers (socket activation of sealbus.service, enforcing)"
+  systemctl start sealbus.socket
+  busctl --address=unix:path=/run/sealbus/system_bus_socket list >/dev/null
+  systemctl is-active sealbus.service
+fi
+echo "provision.sh: all steps passed ($mode install)"

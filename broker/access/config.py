@@ -12,6 +12,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 from ..bus.limits import HELD_OTHERWISE, NOTHING_TO_BOUND, Limits
+from ..bus.settings import ServiceDir
+from .servicedirs import add_unique, standard_session_servicedirs, standard_system_servicedirs
 
 
 class ConfigError(ValueError):
@@ -118,7 +120,7 @@ class BusConfig:
     allow_anonymous: bool = False
     listen: list[str] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)
-    servicedirs: list[str] = field(default_factory=list)
+    servicedirs: list[ServiceDir] = field(default_factory=list)  # in config order, standard ones expanded
     servicehelper: str | None = None
     limits: dict[str, int] = field(default_factory=dict)
     policies: list[PolicySection] = field(default_factory=list)
@@ -126,6 +128,7 @@ class BusConfig:
     apparmor_mode: str | None = None
     sealbus: SealbusOptions = field(default_factory=SealbusOptions)
     files: list[str] = field(default_factory=list)
+    includedirs: list[str] = field(default_factory=list)  # watched for new files, like the files' own directories
     policy: object = None
 
 
@@ -209,11 +212,12 @@ class _Parser:
             setattr(cfg, tag, True)
         elif tag == "servicedir":
             self._no_attrs(el, file)
-            cfg.servicedirs.append(self._resolve(file, self._text(el, file)))
+            add_unique(cfg.servicedirs, [ServiceDir(self._resolve(file, self._text(el, file)))])
         elif tag in ("standard_session_servicedirs", "standard_system_servicedirs"):
             self._no_attrs(el, file)
             self._empty(el, file)
-            cfg.servicedirs.append(f"<{tag}>")
+            std = standard_session_servicedirs(create=True) if tag == "standard_session_servicedirs" else None
+            add_unique(cfg.servicedirs, std if std is not None else standard_system_servicedirs())
         elif tag == "servicehelper":
             self._no_attrs(el, file)
             cfg.servicehelper = self._text(el, file)
@@ -222,6 +226,7 @@ class _Parser:
         elif tag == "includedir":
             self._no_attrs(el, file)
             d = self._resolve(file, self._text(el, file))
+            self.cfg.includedirs.append(d)
             # a missing directory is not an error (as dbus-daemon)
             for p in sorted(glob.glob(os.path.join(glob.escape(d), "*.conf"))):
                 self.parse_file(p)
@@ -428,6 +433,10 @@ def _parse_xml(data: bytes, file: str):
         parser.Parse(data, True)
     except expat.ExpatError as e:
         raise ConfigError(f"{file}:{e.lineno}: XML error: {expat.ErrorString(e.code)}") from None
+    except ConfigError:
+        raise
+    except (LookupError, ValueError) as e:  # an unknown or broken encoding in the XML declaration
+        raise ConfigError(f"{file}:{parser.CurrentLineNumber}: XML error: {e}") from None
     return root[0]
 
 

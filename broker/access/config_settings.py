@@ -10,7 +10,7 @@ reaches the broker without anyone writing code for it (see broker.bus.settings).
 from dataclasses import fields
 
 from ..bus.limits import Limits, limits_for
-from ..bus.settings import BusSettings
+from ..bus.settings import BusSettings, ServiceDir
 
 # The XML parser and the policy compiler are imported where a config is read: the embedded default
 # (`sealbus run` with no --config) starts without them (issue #18: start-up time).
@@ -58,6 +58,7 @@ def _from_config(cfg, bus_type: str | None) -> BusSettings:
         if getattr(sb, name) is not None:
             setattr(s, name, getattr(sb, name))
     s.landlock, s.seccomp = sb.landlock, sb.seccomp
+    s.servicedirs = list(cfg.servicedirs)
     s.auth = tuple(cfg.auth) or ("EXTERNAL",)
     from .selinux import selinux_enabled  # the embedded default (no config) is never mediated
 
@@ -88,13 +89,21 @@ def _limits(values: dict) -> Limits:
     return lim
 
 
+def _servicedirs(values: list) -> list[ServiceDir]:
+    return [ServiceDir(str(path), bool(strict), bool(watch)) for path, strict, watch in values]
+
+
 # Fields whose values are not JSON-native: (to JSON, from JSON).
 CODECS = {
     "limits": (lambda lim: dict(vars(lim)), _limits),
     "policy": (lambda p: None if p is None else p.to_json(), lambda j: None if j is None else _policy(j)),
     "auth": (list, tuple),
+    "servicedirs": (lambda dirs: [[d.path, d.strict_naming, d.watch] for d in dirs], _servicedirs),
 }
-ENVELOPE = ("type", "uid", "gid")  # what the launcher sends beside the settings: the message kind, whom to become
+# What the launcher sends beside the settings: the message kind, whom to become, and the catalogue of
+# activatable services it read for the broker (which may not read the service directories): JSON as in a
+# ``reload`` message (broker.activation.catalog.catalog_to_json), BusSettings.catalog (LOCAL) in the broker.
+ENVELOPE = ("type", "uid", "gid", "catalog")
 
 
 def settings_to_message(s: BusSettings, **envelope) -> dict:

@@ -8,6 +8,7 @@ and is logged with the rule that decided it.
 
 import logging
 
+from ..bus.log_fields import DENIED, about_peer
 from .policy import DRIVER, MsgInfo, Policy
 
 log = logging.getLogger("sealbus.policy")
@@ -61,6 +62,23 @@ class BusPolicy:
             return self.selinux.check_send(sender, target, h)
         return None
 
+    def mediate_activation(self, sender, h, name: str, fdref) -> str | None:
+        """May ``sender``'s ``h`` make the bus start the service that provides ``name``? Asked before
+        anything is started (as dbus-daemon): the send rules as if the service already owned ``name``
+        and no other name, and SELinux send_msg to the bus's own label (the service has none yet). The
+        receive rules are checked when the message is delivered."""
+        if self.fast:
+            return None
+        if not self.xml_allows_all:
+            msg = MsgInfo(h.type, h.path, h.interface, h.member, h.error_name, h.destination,
+                          sender.unique_name, len(fdref.fds) if fdref is not None else 0)  # fmt: skip
+            d = self.policy.check_send(sender.creds, msg, {name}, False)
+            if not d.allowed:
+                return self._denied("send", d, msg, sender, None, False)
+        if self.selinux is not None:
+            return self.selinux.check_send(sender, None, h)
+        return None
+
     def _xml_send(self, sender, h, target, requested_reply: bool, fdref, eavesdrop: bool):
         msg = MsgInfo(h.type, h.path, h.interface, h.member, h.error_name, h.destination,
                       sender.unique_name, len(fdref.fds) if fdref is not None else 0)  # fmt: skip
@@ -111,7 +129,10 @@ class BusPolicy:
             f'requested_reply="{int(requested_reply)}" destination="{msg.destination or tname}" '
             f"(decided by {rule})"
         )
-        log.warning("denied %s from %s to %s: %s", what, sdesc, tdesc, text)
+        subject = sender if sender is not None else target  # the peer the line is about: who sent, or who receives
+        log.warning("denied %s from %s to %s: %s", what, sdesc, tdesc, text,
+                    extra=about_peer(DENIED, subject, denied=what, destination=tname, interface=msg.interface,
+                                     member=msg.member))  # fmt: skip
         return text
 
 

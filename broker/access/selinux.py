@@ -22,6 +22,8 @@ import re
 import time
 from dataclasses import dataclass
 
+from ..bus.log_fields import DENIED, about_peer
+
 log = logging.getLogger("sealbus.selinux")
 
 # The only records the launcher writes for the broker (a compromised broker cannot forge others).
@@ -120,7 +122,7 @@ class SELinuxMediator:
         if not d.denied:
             return None
         self.stats["acquire_svc_denied"] += 1
-        self._audit(d, "acquire_svc", f"service={name} spid={peer.creds.pid}", scon, tcon, peer.describe())
+        self._audit(d, "acquire_svc", f"service={name} spid={peer.creds.pid}", scon, tcon, peer)
         if d.allowed:
             return None
         return (f'Connection "{peer.unique_name}" is not allowed to own the service "{name}" due to '
@@ -137,16 +139,18 @@ class SELinuxMediator:
         what = (f"msgtype={_TYPES.get(h.type, h.type)} interface={h.interface or '(unset)'} "
                 f"member={h.member or '(unset)'} dest={h.destination or '(unset)'} "
                 f"spid={sender.creds.pid} tpid={tpid}")  # fmt: skip
-        self._audit(d, "send_msg", what, scon, tcon, sender.describe())
+        self._audit(d, "send_msg", what, scon, tcon, sender)
         if d.allowed:
             return None
         return (f"An SELinux policy prevents this sender from sending this message to this recipient "
                 f"({what} scontext={scon} tcontext={tcon} tclass=dbus perm=send_msg)")  # fmt: skip
 
-    def _audit(self, d: AVDecision, perm: str, what: str, scon: str, tcon: str, who: str) -> None:
+    def _audit(self, d: AVDecision, perm: str, what: str, scon: str, tcon: str, who) -> None:
         text = (f"avc:  denied  {{ {perm} }} for {what} scontext={scon} tcontext={tcon} "
                 f"tclass=dbus permissive={int(d.permissive)}")  # fmt: skip
-        log.warning("SELinux %s %s (peer %s): %s", "would deny" if d.permissive else "denied", perm, who, text)
+        fields = about_peer(DENIED, who, selinux_perm=perm, selinux_permissive=int(d.permissive))
+        log.warning("SELinux %s %s (peer %s): %s", "would deny" if d.permissive else "denied", perm, who.describe(),
+                    text, extra=fields)  # fmt: skip
         if not d.audit or self.audit_sink is None:
             return
         if not self.limiter.take():

@@ -8,6 +8,7 @@ from ..wire.errors import WireError
 from ..wire.marshal import Variant
 from . import names as nm
 from .common import DBUS_NAME, DBUS_PATH, BusError
+from .log_fields import CONNECTED, DENIED, LIMIT, about_peer
 from .match import MatchRuleInvalid, parse_match_rule
 
 log = logging.getLogger("sealbus.driver")
@@ -90,7 +91,7 @@ class Driver:
     def hello(self, peer, h) -> None:
         bus = self.bus
         bus.conns.name(peer)
-        log.info("connected %s", peer.describe())
+        log.info("connected %s", peer.describe(), extra=about_peer(CONNECTED, peer))
         bus.send_reply(peer, h.serial, "s", (peer.unique_name,))
         bus.name_owner_changed(peer.unique_name, "", peer.unique_name)
         bus.bus_signal("NameAcquired", "s", (peer.unique_name,), destination=peer)
@@ -169,12 +170,15 @@ class Driver:
                            "because it is reserved for D-Bus' use only")  # fmt: skip
         # the unique name counts too, as in dbus-daemon
         if name not in peer.names and len(peer.names) + 1 >= bus.limits.max_names_per_connection:
-            log.warning("limit max_names_per_connection hit by %s", peer.describe())
+            log.warning("limit max_names_per_connection hit by %s", peer.describe(),
+                        extra=about_peer(LIMIT, peer, limit="max_names_per_connection"))  # fmt: skip
             raise BusError("LimitsExceeded", f"{peer.unique_name} owns or queues for too many names")
         if bus.policy is not None:
             err = bus.policy.mediate_own(bus, peer, name)
             if err is not None:
-                log.warning("denied own %s to %s: %s", name, peer.describe(), err)
+                log.warning(
+                    "denied own %s to %s: %s", name, peer.describe(), err, extra=about_peer(DENIED, peer, own=name)
+                )
                 raise BusError("AccessDenied", err)
         result, changes = bus.registry.request(name, peer, flags)
         for ch in changes:
@@ -194,16 +198,16 @@ class Driver:
         return (result,)
 
     def m_StartServiceByName(self, peer, h, name, flags):
-        if self.bus.resolve(name) is not None:
-            return (2,)  # DBUS_START_REPLY_ALREADY_RUNNING
-        raise BusError("ServiceUnknown", f"The name {name} was not provided by any .service files")
+        return self.bus.activator.start_by_name(peer, h, name)
 
     def m_UpdateActivationEnvironment(self, peer, h, env):
         if not self.privileged(peer):
             raise BusError("AccessDenied", "only the bus owner may update the activation environment")
-        if len(self.bus.activation_env) + len(env) > 1024:
-            raise BusError("LimitsExceeded", "activation environment too large")
-        self.bus.activation_env.update(env)
+        if self.bus.activator.via_launcher:
+            # as dbus-daemon with its setuid helper: services the root launcher starts as other users get a
+            # clean environment, never one a client (or the bus's own uid) chose
+            raise BusError("AccessDenied", "Cannot change activation environment on a system bus.")
+        self.bus.activator.update_environment(env)
         return ()
 
     def bus_owner_uid(self) -> int:
@@ -223,11 +227,13 @@ class Driver:
         return ([DBUS_NAME, *self.bus.registry.names(), *self.bus.peers],)
 
     def m_ListActivatableNames(self, peer, h):
-        return ([DBUS_NAME],)
+        catalog = self.bus.catalog
+        return ([DBUS_NAME, *(catalog.names() if catalog is not None else ())],)
 
     def m_AddMatch(self, peer, h, text):
         if len(peer.matches) >= self.bus.limits.max_match_rules_per_connection:
-            log.warning("limit max_match_rules_per_connection hit by %s", peer.describe())
+            log.warning("limit max_match_rules_per_connection hit by %s", peer.describe(),
+                        extra=about_peer(LIMIT, peer, limit="max_match_rules_per_connection"))  # fmt: skip
             raise BusError("LimitsExceeded", "Connection has too many match rules")
         try:
             rule = parse_match_rule(text)
@@ -298,9 +304,12 @@ class Driver:
         raise BusError("NotSupported", "Solaris ADT audit data is not available on this system")
 
     def m_ReloadConfig(self, peer, h):
-        if self.bus.reload_hook is not None:
-            self.bus.reload_hook()
-        return ()
+        # as dbus-daemon, any caller the policy lets through may ask (the system policy allows it); the
+        # reload runs outside the routing pass and the caller is answered when it is done
+        if self.bus.reload_hook is None:
+            return ()
+        self.bus.reload_hook(peer, None if h.no_reply_expected else h.serial)
+        return NotImplemented
 
     def m_GetId(self, peer, h):
         return (self.bus.guid,)
@@ -373,7 +382,7 @@ class Driver:
         if explicit is None or explicit:
             return
         log.warning("denied %s.%s to %s: neither root, the bus's uid nor explicitly allowed by the policy",
-                    I_STATS, h.member, peer.describe())  # fmt: skip
+                    I_STATS, h.member, peer.describe(), extra=about_peer(DENIED, peer, member=h.member))  # fmt: skip
         raise BusError("AccessDenied", f"{I_STATS}.{h.member} is only for root, the bus's own uid "
                        f"({self.bus_owner_uid()}) and callers the bus policy explicitly allows "
                        f'(<allow send_destination="{DBUS_NAME}" send_interface="{I_STATS}"/>); '

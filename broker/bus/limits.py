@@ -60,8 +60,6 @@ NOTHING_TO_BOUND = {
     "max_containers_per_user": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
     "max_container_metadata_bytes": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
     "max_connections_per_container": "sealbus has no org.freedesktop.DBus.Containers1 interface (no containers)",
-    "service_start_timeout": "the bus does not activate services (StartServiceByName only reports running ones)",
-    "max_pending_service_starts": "the bus does not activate services (StartServiceByName only reports running ones)",
 }
 
 # Limits on a queue sealbus does not have: dbus-daemon's incoming queue holds messages read but not yet

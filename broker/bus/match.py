@@ -151,7 +151,7 @@ def parse_match_rule(text: str) -> MatchRule:
     rule = MatchRule(text=text)
     seen = set()
     for key, value in _tokenize(text):
-        if key in seen:
+        if key in seen and key != "eavesdrop":  # dbus-daemon takes eavesdrop again (the last one counts)
             raise MatchRuleInvalid(f"match rule key {key!r} appears twice")
         seen.add(key)
         if key == "type":
@@ -195,7 +195,7 @@ def parse_match_rule(text: str) -> MatchRule:
             rest = key[3:]
             is_path = rest.endswith("path")
             digits = rest[:-4] if is_path else rest
-            if not digits.isdigit() or len(digits) > 2 or (len(digits) > 1 and digits[0] == "0"):
+            if not (digits.isascii() and digits.isdigit()) or len(digits) > 2 or (len(digits) > 1 and digits[0] == "0"):
                 raise MatchRuleInvalid(f"unknown match rule key {key!r}")
             idx = int(digits)
             if idx > MAX_ARG:
@@ -211,6 +211,8 @@ def parse_match_rule(text: str) -> MatchRule:
     for i in rule.args:
         if i in rule.arg_paths:
             raise MatchRuleInvalid(f"arg{i} and arg{i}path cannot both be given")
+    if rule.arg0namespace is not None and (0 in rule.args or 0 in rule.arg_paths):
+        raise MatchRuleInvalid("arg0namespace cannot be given with arg0 or arg0path")  # as dbus-daemon
     return rule
 
 

@@ -102,6 +102,9 @@ class UserAccount:
     message_fds: int = 0
     held_fds: int = 0
     quota: FdQuota | None = None
+    # messages and StartServiceByName calls waiting for a service to start (bus/activation.py)
+    pending_starts: int = 0
+    start_bytes: int = 0
 
     def charge_fds(self, messages: int = 0, held: int = 0) -> None:
         """Add (or with negative numbers return) fds to this user's share of the bus's fd pool."""
@@ -220,6 +223,7 @@ class Peer:
     calls: dict = field(default_factory=dict)  # serial -> ReplySlot: its calls awaiting a reply (bus/replies.py)
     owed: dict = field(default_factory=dict)  # ReplySlot -> None: others' calls awaiting its reply
     match_keys: dict = field(default_factory=dict)  # MatchRule.key() -> [its rules with that key] (RemoveMatch)
+    starts: dict = field(default_factory=dict)  # Waiter -> None: what it waits on being started (bus/activation.py)
 
     def describe(self) -> str:
         """For log lines: who this is, in terms a sysadmin can act on."""

@@ -20,10 +20,12 @@ import struct
 
 from ..wire import message as wm
 from ..wire.errors import WireError
+from .activation import ACTIVATOR, Activator
 from .common import DBUS_NAME, DBUS_PATH, BusError, E
 from .driver import FEATURES, Driver
 from .lifecycle import CLOSING, GONE
 from .limits import Limits
+from .log_fields import DENIED, DISCONNECTED, LIMIT, about_peer
 from .match import MatchRule, rule_hits
 from .matches import MatchRegistry
 from .monitors import Monitors
@@ -100,9 +102,13 @@ class Bus:
         self.serial = 0
         self.policy = None  # allow-all when None; see broker.access
         self.fd_vetter = None  # callable(peer, header, fds) raising BusError
-        self.activation_env: dict[str, str] = {}
+        self.bus_type = "session"  # DBUS_STARTER_BUS_TYPE of activated services; set by the shell
         self.stats = {"messages": 0, "broadcasts": 0, "dropped_replies": 0, "limits": 0}
-        self.reload_hook = None
+        self.reload_hook = None  # callable(peer, serial or None): ReloadConfig, answered later (the I/O shell's)
+        # the catalogue of activatable services (broker.activation.catalog.ServiceCatalog: names(), get(name));
+        # None: none. Replaced whole by a reload, never changed in place.
+        self.catalog = None
+        self.reloader = None  # the I/O shell's broker.io.reload.Reloader (request(): SIGHUP), set by serve()
         self.payload = None  # set by the payload layer: claim service, stats
         # Actions for the I/O shell: (fds, sender peer or None) the core is done with; the shell drains
         # this after each routing pass and closes them off the loop where that may block (see FdRef).
@@ -110,6 +116,7 @@ class Bus:
         self.server = None  # the I/O shell (broker.io.server.Server), set by serve(): flush_dirty()
         self.spawn = None  # start a trio task (the shell's nursery.start_soon), set by serve()
         self.driver = Driver(self)
+        self.activator = Activator(self)  # bus activation (activation.py): pending starts, queued messages
         self.features = list(FEATURES)  # org.freedesktop.DBus.Features; the shell adds what its settings enable
         # The driver answers credential queries about itself with the broker's own.
         self.self_peer = Peer(0, own, UserAccount(own.uid), unique_name=DBUS_NAME)
@@ -148,6 +155,8 @@ class Bus:
         if peer.monitor:
             self.monitoring.remove(peer)
         self.matches.remove_all(peer)
+        if peer.starts:
+            self.activator.peer_gone(peer)
         # its own calls are forgotten (a late reply is dropped); callers still waiting on it get NoReply
         self.replies.drop_caller(peer)
         self.send_no_replies(self.replies.drop_replier(peer), NO_REPLY_GONE)
@@ -156,7 +165,8 @@ class Bus:
                 self.announce_owner_change(ch)
             if self.conns.unname(peer):  # monitors gave their name up already
                 self.name_owner_changed(peer.unique_name, peer.unique_name, "")
-            log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "")
+            log.info("disconnected %s%s", peer.describe(), f": {reason}" if reason else "",
+                     extra=about_peer(DISCONNECTED, peer, reason=reason))  # fmt: skip
 
     @property
     def pending(self) -> ReplyRegistry:
@@ -196,7 +206,9 @@ class Bus:
         """
         if peer.state:  # CLOSING or GONE already
             return
-        log.warning("disconnecting %s: %s", peer.describe(), reason)
+        log.warning(
+            "disconnecting %s: %s", peer.describe(), reason, extra=about_peer(DISCONNECTED, peer, reason=reason)
+        )
         peer.begin_closing(reason)
         if peer.kill is not None:
             peer.kill(reason)
@@ -252,7 +264,9 @@ class Bus:
         self.send_error(peer, h.serial, E + "AccessDenied",
                         "Client tried to send a message other than Hello without being registered")  # fmt: skip
         reason = "first message was not Hello"
-        log.warning("disconnecting %s: %s", peer.describe(), reason)
+        log.warning(
+            "disconnecting %s: %s", peer.describe(), reason, extra=about_peer(DISCONNECTED, peer, reason=reason)
+        )
         peer.to(CLOSING, reason)  # takes no further messages; unlike kill(), its outbox (the error) is kept
         if peer.kill is not None:
             peer.kill(reason)
@@ -264,7 +278,8 @@ class Bus:
         why = (f"uid {acct.uid} holds its share of the broker's fds "
                f"({acct.message_fds + acct.held_fds} of {self.fd_quota.share(acct)}: fd share)")  # fmt: skip
         self.stats["limits"] += 1
-        log.warning("refused a message with %d fds from %s: %s", len(fds), peer.describe(), why)
+        log.warning("refused a message with %d fds from %s: %s", len(fds), peer.describe(), why,
+                    extra=about_peer(LIMIT, peer, limit="fd_share"))  # fmt: skip
         FdRef(fds, self.closing, peer).decref()
         if h.type == wm.METHOD_CALL and not h.no_reply_expected and peer.unique_name is not None:
             self.send_error(peer, h.serial, E + "LimitsExceeded", why)
@@ -274,7 +289,7 @@ class Bus:
             try:
                 self.fd_vetter(peer, h, fdref.fds)
             except BusError as e:
-                log.warning("refused fds from %s: %s", peer.describe(), e.text)
+                log.warning("refused fds from %s: %s", peer.describe(), e.text, extra=about_peer(DENIED, peer))
                 if h.type == wm.METHOD_CALL and not h.no_reply_expected:
                     self.send_error(peer, h.serial, e.name, e.text)
                 elif h.type == wm.SIGNAL:
@@ -282,6 +297,9 @@ class Bus:
                 return
         dest = h.destination
         if dest == DBUS_NAME:
+            if h.type == wm.SIGNAL and h.member == "ActivationFailure" and h.interface == ACTIVATOR:
+                self._activation_failure(peer, h, fdref)
+                return
             self._to_monitors(peer, h, fdref)
             if self.policy is not None:
                 err = self.policy_send(peer, h, None, False, fdref)
@@ -307,6 +325,10 @@ class Bus:
             return
         target = self.peers.get(dest) if dest[0] == ":" else self.registry.owner(dest)  # resolve(), inlined
         if target is None:
+            if (h.type == METHOD_CALL or h.type == wm.SIGNAL) and not h.flags & wm.NO_AUTO_START \
+                    and self.activator.activatable(dest):  # fmt: skip
+                self.activator.auto_start(peer, h, fdref)
+                return
             self._to_monitors(peer, h, fdref)
             if h.type == METHOD_RETURN or h.type == ERROR:
                 self.stats["dropped_replies"] += 1  # e.g. its caller left before the answer came
@@ -322,6 +344,31 @@ class Bus:
             return
         self._unicast(peer, h, fdref, target)
 
+    def _activation_failure(self, peer: Peer, h, fdref) -> None:
+        """systemd's ActivationFailure signal to the bus. As dbus-daemon, the errors it causes reach
+        monitors before the signal itself."""
+        if self.policy is not None:
+            err = self.policy_send(peer, h, None, False, fdref)
+            if err is not None:
+                self._to_monitors(peer, h, fdref)
+                self.send_error(peer, h.serial, E + "AccessDenied", err)
+                return
+        self.activator.systemd_failure(peer, h)
+        self._to_monitors(peer, h, fdref)
+
+    def show_monitors(self, peer: Peer | None, h, fdref) -> None:
+        """Monitors get their copy of ``h`` now (activation: a message whose delivery waits)."""
+        self._to_monitors(peer, h, fdref)
+
+    def deliver_queued(self, peer: Peer, h, fdref, target: Peer) -> None:
+        """A message that waited for ``target`` to be started: routed now, through the same checks as any
+        (monitors saw it when it was sent)."""
+        self._unicast(peer, h, fdref, target, seen=True)
+
+    def policy_activation(self, peer: Peer, h, name: str, fdref) -> str | None:
+        """May ``peer`` make the bus start ``name`` for ``h``? The denial text, or None."""
+        return self.policy.mediate_activation(peer, h, name, fdref)
+
     def resolve(self, name: str) -> Peer | None:
         if name.startswith(":"):
             return self.peers.get(name)
@@ -335,7 +382,7 @@ class Bus:
 
     # -- unicast / replies --------------------------------------------------
 
-    def _unicast(self, peer: Peer, h, fdref, target: Peer) -> None:
+    def _unicast(self, peer: Peer, h, fdref, target: Peer, seen: bool = False) -> None:
         is_call = h.type == METHOD_CALL
         wants_reply = is_call and not h.flags & NO_REPLY_EXPECTED
         if self.policy is not None:
@@ -343,7 +390,7 @@ class Bus:
             if err is not None:
                 # as dbus-daemon: monitors see the message, then the error; the sender of any denied
                 # unicast message is told (no-reply calls, signals too)
-                if self.monitors:
+                if self.monitors and not seen:
                     self._to_monitors(peer, h, fdref, None, target)
                 self.send_error(peer, h.serial, E + "AccessDenied", err)
                 return
@@ -354,7 +401,8 @@ class Bus:
             return
         if wants_reply and peer.replies_pending >= self.limits.max_replies_per_connection:
             self.stats["limits"] += 1
-            log.warning("limit max_replies_per_connection hit by %s", peer.describe())
+            log.warning("limit max_replies_per_connection hit by %s", peer.describe(),
+                        extra=about_peer(LIMIT, peer, limit="max_replies_per_connection"))  # fmt: skip
             self.send_error(peer, h.serial, E + "LimitsExceeded",
                             "The maximum number of pending replies per connection has been reached")  # fmt: skip
             return
@@ -363,7 +411,8 @@ class Bus:
         why = self._cannot_queue(peer, target, nbytes, fdref)
         if why is not None:
             self.stats["limits"] += 1
-            log.warning("cannot queue message from %s to %s: %s", peer.describe(), target.describe(), why)
+            log.warning("cannot queue message from %s to %s: %s", peer.describe(), target.describe(), why,
+                        extra=about_peer(LIMIT, peer, destination=target.unique_name))  # fmt: skip
             if is_call:
                 if wants_reply:
                     self.send_error(peer, h.serial, E + "LimitsExceeded", why)
@@ -373,7 +422,7 @@ class Bus:
         self._push(target, bufs, nbytes, fdref, peer)
         if wants_reply:
             self.replies.add(peer, h.serial, target, self.limits.reply_timeout)
-        if self.monitors:
+        if self.monitors and not seen:
             self._to_monitors(peer, h, fdref, bufs, target)
         if self.eavesdroppers:
             self._to_matching(peer, h, fdref, bufs, eavesdrop_only=True, skip=target)
@@ -541,11 +590,11 @@ class Bus:
         self.serial = self.serial % 0xFFFFFFFF + 1
         return self.serial
 
-    def send_from_bus(self, target: Peer, raw: bytes) -> None:
-        """Queue a bus-originated message (also shown to monitors)."""
+    def send_from_bus(self, target: Peer, raw: bytes, seen: bool = False) -> None:
+        """Queue a bus-originated message (also shown to monitors, unless they ``seen`` it already)."""
         bufs = [raw]
         h = wm.HeaderView(memoryview(raw)) if self.monitors or self.policy is not None else None
-        if self.monitors:
+        if self.monitors and not seen:
             self._to_monitors(None, h, None, bufs, target)
         if target.state:  # not ACTIVE
             return
@@ -608,3 +657,5 @@ class Bus:
         self.name_owner_changed(ch.name, old, new)
         if ch.new is not None:
             self.bus_signal("NameAcquired", "s", (ch.name,), destination=ch.new)
+            if ch.old is None and self.activator.pending:
+                self.activator.name_owned(ch.name, ch.new)

@@ -23,6 +23,15 @@ from .limits import Limits, session_limits
 LOCAL = {"local": True}  # field metadata: never sent to the broker (a live object of this process)
 
 
+@dataclass(frozen=True)
+class ServiceDir:
+    """A directory of activatable service files, with dbus-daemon's flags for it."""
+
+    path: str
+    strict_naming: bool = False  # files must be named Name + ".service" (dbus-daemon's transient session dir)
+    watch: bool = True  # watched for changes (inotify); dbus-daemon does not watch the transient dir
+
+
 @dataclass
 class BusSettings:
     bus_type: str = "session"
@@ -36,11 +45,17 @@ class BusSettings:
     payload_max_bytes_per_user: int = 256 * 1024 * 1024
     auth: tuple[str, ...] = ("EXTERNAL",)
     machine_id: str = ""
+    servicedirs: list[ServiceDir] = field(default_factory=list)  # in config order, standard ones expanded
     busy_poll_us: int = 50  # longest adaptive poll before the reactor sleeps (0: never poll); see broker.io.busy_poll
     systemd_activation: bool = False  # dbus-daemon --systemd-activation (announced in Features)
     landlock: str = "best-effort"  # the broker's sandbox, when started by the launcher: required | best-effort
     seccomp: str = "best-effort"
     # process-local: the SELinux mediator (built before the broker sandboxes itself, with its audit sink)
     mediator: object = field(default=None, metadata=LOCAL)
-    config: object = field(default=None, metadata=LOCAL)  # the parsed XML config, for the command line's use
+    # process-local: the broker.activation.catalog.ServiceCatalog (None: the bus reads servicedirs itself); a
+    # launcher's broker gets the one the launcher read beside its settings (config_settings.ENVELOPE)
+    catalog: object = field(default=None, metadata=LOCAL)
+    # process-local: directory (fd) for the payload fs's contents (the broker's --store-fd); None: a private one
+    payload_store_fd: int | None = field(default=None, metadata=LOCAL)
+    config: object = field(default=None, metadata=LOCAL)  # the parsed XML config: the command line, reloads
     extra: dict = field(default_factory=dict, metadata=LOCAL)  # process-local odds and ends: never sent

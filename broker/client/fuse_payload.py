@@ -1,7 +1,7 @@
 """Client side of the FUSE fallback: make a sealed payload-fs file and claim its snapshot.
 
 For systems without memfd sealing. The dance: mkstemp in <mount>/tmp,
-unlink, write (or mmap + msync), seal with an xattr, read the cookie, then
+unlink, write (streamed from a file in chunks, or mmap + msync for bytes), seal with an xattr, read the cookie, then
 ask the bus (org.sealbus.Payload1.Claim) for a read-only snapshot fd that can
 be passed in any message.
 """
@@ -11,6 +11,7 @@ import os
 import tempfile
 
 from ..payload.mounts import sealbus_mounts
+from .memfd import fill
 
 SEAL_XATTR = "user.sealbus.seal"
 COOKIE_XATTR = "user.sealbus.cookie"
@@ -33,20 +34,25 @@ def find_mount(candidates=None) -> str | None:
     return None
 
 
-def create_sealed(mount: str, data: bytes, *, use_mmap: bool = True) -> tuple[int, str]:
-    """Write data into a fresh payload-fs file and seal it: (fd, cookie). The caller closes fd."""
+def create_sealed(mount: str, data, *, use_mmap: bool = True, progress=None) -> tuple[int, str]:
+    """Write data into a fresh payload-fs file and seal it: (fd, cookie). The caller closes fd.
+
+    data: bytes (mapped and msync'ed with use_mmap), or a path, file object or iterator of bytes,
+    streamed in bounded chunks (in the kernel where it can: sendfile) so a payload of any size costs
+    this process no more than a chunk; progress(bytes so far) is called as it goes.
+    """
     fd, path = tempfile.mkstemp(dir=os.path.join(mount, "tmp"))
     try:
         os.unlink(path)
-        if use_mmap and data:
+        if use_mmap and isinstance(data, (bytes, bytearray, memoryview)) and data:
             os.ftruncate(fd, len(data))
             with mmap.mmap(fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
                 m[:] = data
                 m.flush()  # msync: the bytes must reach the broker before the seal
+            if progress:
+                progress(len(data))
         else:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            fill(fd, data, progress)
         seal(fd)
         return fd, cookie(fd)
     except BaseException:
@@ -78,12 +84,12 @@ def claim(conn, cookie_hex: str, timeout: float | None = 10.0) -> tuple[int, int
     return h.to_raw_fd(), size
 
 
-def payload_fd(conn, data: bytes, mount: str | None = None, *, use_mmap: bool = True) -> tuple[int, int]:
-    """A read-only snapshot fd holding data, made through the payload fs: (fd, size)."""
+def payload_fd(conn, data, mount: str | None = None, *, use_mmap: bool = True, progress=None) -> tuple[int, int]:
+    """A read-only snapshot fd holding data (see create_sealed), made through the payload fs: (fd, size)."""
     mount = mount or find_mount()
     if mount is None:
         raise FileNotFoundError("no sealbus payload filesystem is mounted")
-    fd, ck = create_sealed(mount, data, use_mmap=use_mmap)
+    fd, ck = create_sealed(mount, data, use_mmap=use_mmap, progress=progress)
     try:
         return claim(conn, ck)
     finally:

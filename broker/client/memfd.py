@@ -87,7 +87,8 @@ def _copy_fd(src: int, dst: int, progress=None) -> int:
     return total
 
 
-def _fill(fd: int, data, progress=None) -> int:
+def fill(fd: int, data, progress=None) -> int:
+    """Write data (bytes, path, file object or iterator of bytes) to fd in bounded chunks: the byte count."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data).cast("B")
         total = 0
@@ -107,7 +108,7 @@ def _fill(fd: int, data, progress=None) -> int:
     for chunk in data:  # an iterator of bytes-like chunks, written as they come (never joined)
         if not isinstance(chunk, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload iterator yielded {type(chunk).__name__}, not bytes")
-        total += _fill(fd, chunk)
+        total += fill(fd, chunk)
         if progress:
             progress(total)
     return total
@@ -122,7 +123,7 @@ def seal(data, name: str = "sealbus-payload", progress=None) -> int:
     """
     fd = memfd_create(name)
     try:
-        _fill(fd, data, progress)
+        fill(fd, data, progress)
         apply_seals(fd)
     except BaseException:
         os.close(fd)

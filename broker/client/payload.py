@@ -59,7 +59,7 @@ def make_payload(source, conn=None, *, via: str = "auto", mount: str | None = No
     if mount is None:
         raise PayloadError("memfd sealing is unavailable here and no sealbus payload filesystem is mounted "
                            "(start the bus with --payload-fs, or set SEALBUS_PAYLOAD_FS)")  # fmt: skip
-    fd, _size = fuse_payload.payload_fd(conn, _as_bytes(source), mount)
+    fd, _size = fuse_payload.payload_fd(conn, source, mount, progress=progress)
     return fd, "fuse"
 
 
@@ -76,15 +76,6 @@ def _announced_mount(conn) -> list[str]:
         return []
     sig, value = reply.body[0]
     return [value] if sig == "s" and value else []
-
-
-def _as_bytes(source) -> bytes:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            return f.read()
-    return source.read()
 
 
 def snapshot_devices(conn) -> set[int]:

@@ -1,4 +1,4 @@
-"""The composition root: settings in, a Bus with its policy, SELinux mediator and payload layer out.
+"""The composition root: settings in, a Bus with its policy, SELinux mediator, activation and payload layer out.
 
 Every start path (``sealbus run``, the dbus-daemon drop-in, the broker behind the
 launcher) builds its bus here from one BusSettings (broker.bus.settings); the
@@ -65,8 +65,18 @@ def make_bus(settings: BusSettings) -> Bus:
     bus = Bus(settings.limits, machine_id=machine_id, own=own_creds())
     bus.fd_quota.pool = fd_pool(soft)
     bus.policy = bus_policy(settings.policy, settings.mediator)
+    bus.bus_type = settings.bus_type
+    bus.catalog = settings.catalog
+    if bus.catalog is None:  # no launcher read it for us: read the service directories (before serving)
+        from ..activation.catalog import load_catalog
+
+        bus.catalog = load_catalog(settings.servicedirs, system_bus=settings.bus_type == "system")
     if settings.systemd_activation:
         bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
+        bus.activator.systemd = True
+    from .activation import inherited_environment
+
+    bus.activator.base_env = inherited_environment()
     if settings.mediator is not None:
         bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
         log.info("SELinux mediation on (bus label %s)", settings.mediator.bus_label)
@@ -77,10 +87,20 @@ def make_bus(settings: BusSettings) -> Bus:
 
 
 def apply_control(bus: Bus, msg: dict) -> None:
-    """A message from the launcher: currently only a policy reload."""
-    if msg.get("type") == "reload" and "policy" in msg:
-        from ..access.policy import Policy
+    """A message from the launcher: a reload (asked for by us, or its own on SIGHUP or inotify: policy,
+    limits and catalogue, keeping the SELinux mediation), or how a service start it was asked for went."""
+    kind = msg.get("type")
+    if kind == "start_result":
+        from .activation import apply_start_result
 
-        xml = Policy.from_json(msg["policy"]) if msg["policy"] else None
-        bus.policy = bus_policy(xml, bus.policy.selinux if bus.policy is not None else None)
-        log.info("policy reloaded by the launcher")
+        apply_start_result(bus, msg)
+    elif kind == "reload":
+        if bus.reloader is not None:
+            bus.reloader.on_launcher_message(msg)
+            return
+        from .reload import ReloadFailed, install, loaded_from_message  # a bus serve() did not start
+
+        try:
+            install(bus, loaded_from_message(msg))
+        except (ReloadFailed, ValueError, KeyError, TypeError) as e:
+            log.warning("the launcher's reload was not applied: %s", e)

@@ -17,6 +17,7 @@ import socket
 import trio
 
 from ..bus.lifecycle import ACTIVE, AUTHENTICATING, GONE, PeerState, transition
+from ..bus.log_fields import AUTH_FAILED, DENIED, LIMIT, about
 from ..bus.peer import Peer
 from ..payload.closer import closer
 from ..wire.errors import WireError
@@ -111,7 +112,8 @@ class Connection:
             if refusal is not None:
                 kind, why = refusal
                 log.warning("refused connection uid=%d pid=%d label=%s: %s",
-                            self.creds.uid, self.creds.pid, self.creds.label or "-", why)  # fmt: skip
+                            self.creds.uid, self.creds.pid, self.creds.label or "-", why,
+                            extra=about(LIMIT if kind == "limit" else DENIED, self.creds))  # fmt: skip
                 if kind == "limit":  # as dbus-daemon: authenticated, then Hello answered with LimitsExceeded
                     await self._refuse_hello(sasl.leftover, why)
                 sasl = None
@@ -200,12 +202,13 @@ class Connection:
                 try:
                     out = sasl.feed(data)
                 except WireError as e:
-                    log.warning("authentication failed for uid=%d pid=%d: %s", self.creds.uid, self.creds.pid, e)
+                    log.warning("authentication failed for %s: %s", self.describe(), e,
+                                extra=about(AUTH_FAILED, self.creds))  # fmt: skip
                     return None
                 if out:
                     await self._send_plain(out)
         if cs.cancelled_caught:
-            log.warning("authentication timeout for uid=%d pid=%d", self.creds.uid, self.creds.pid)
+            log.warning("authentication timeout for %s", self.describe(), extra=about(AUTH_FAILED, self.creds))
             return None
         return sasl
 
@@ -241,7 +244,8 @@ class Connection:
                 return b""
             if anc:
                 close_fds(fds_from_ancdata(anc), self.creds)
-                log.warning("fds sent during authentication by uid=%d pid=%d", self.creds.uid, self.creds.pid)
+                log.warning("fds sent during authentication by %s", self.describe(),
+                            extra=about(AUTH_FAILED, self.creds))  # fmt: skip
                 return b""
             return data
 

@@ -40,12 +40,24 @@ def recv_msg(sock) -> dict:
     return json.loads(_recv_exact(sock, n))
 
 
+def _decode(data: bytes) -> dict | None:
+    """A message, or None if it is not a JSON object (the launcher reads a sandboxed, client-facing
+    process: whatever it sends must not crash the launcher)."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8; nesting deeper than the parser goes
+        return None
+    return msg if type(msg) is dict else None
+
+
 class Inbox:
-    """Incremental reader for a non-blocking control socket: whole messages out, partial ones kept."""
+    """Incremental reader for a non-blocking control socket: whole messages out, partial ones kept.
+    A message that is not a JSON object is dropped and counted in ``dropped``."""
 
     def __init__(self, sock):
         self.sock = sock
         self.buf = bytearray()
+        self.dropped = 0
 
     def read(self) -> list[dict]:
         """Messages that are complete now; raises EOFError when the peer closed the channel."""
@@ -63,8 +75,12 @@ class Inbox:
                 raise EOFError("control message too large")
             if len(self.buf) < 4 + n:
                 break
-            out.append(json.loads(bytes(self.buf[4 : 4 + n])))
+            msg = _decode(bytes(self.buf[4 : 4 + n]))
             del self.buf[: 4 + n]
+            if msg is None:
+                self.dropped += 1
+            else:
+                out.append(msg)
         return out
 
 

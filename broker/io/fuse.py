@@ -14,6 +14,7 @@ import os
 import pyfuse3
 import trio
 
+from ..payload.backing import make_store_dir, remove_store_dir, session_store_parent
 from ..payload.fusefs import PayloadOperations
 from ..payload.store import SNAP_NAME, Limits, PayloadStore
 
@@ -70,11 +71,13 @@ def _prime_no_flush(store: PayloadStore) -> None:
 
 
 async def serve_payload_fs(store: PayloadStore, mountpoint: str, *, fuse_fd: int | None = None,
-                           task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+                           store_dir: str | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
     """Serve store at mountpoint until cancelled; started() reports the store once the mount answers.
 
     With fuse_fd the mount already exists (made by the launcher) and is only
     served; without it, it is mounted here and unmounted on the way out.
+    store_dir: the store's backing directory, made for this mount and removed
+    (with its fd) on the way out.
     """
     ops = PayloadOperations(store)
     _init(ops, mountpoint, fuse_fd)
@@ -92,16 +95,28 @@ async def serve_payload_fs(store: PayloadStore, mountpoint: str, *, fuse_fd: int
     finally:
         store.mountpoint = None
         pyfuse3.close(unmount=fuse_fd is None)
+        if store_dir is not None:
+            remove_store_dir(store_dir, store.backing_dir_fd)
 
 
 async def start_payload_fs(bus, settings, nursery, fuse_fd=None) -> None:
-    """Serve the FUSE payload filesystem in the bus's trio loop and enable Claim."""
+    """Serve the FUSE payload filesystem in the bus's trio loop and enable Claim.
+
+    Contents go to unlinked files in the directory the launcher handed over
+    (``settings.payload_store_fd``), else in a private directory made here and
+    removed when serving stops (see ``payload.backing``).
+    """
     if not settings.payload_fs:
         raise RuntimeError("a payload fs fd was given but no mount point (payload_fs)")
-    store = PayloadStore(limits=Limits.from_settings(settings))
+    store_fd, own_dir = settings.payload_store_fd, None
+    if store_fd is None:
+        own_dir, store_fd = make_store_dir(session_store_parent())
+    store = PayloadStore(limits=Limits.from_settings(settings), backing_dir_fd=store_fd)
     bus.payload.attach_store(store, settings.payload_fs)
-    await nursery.start(functools.partial(serve_payload_fs, store, settings.payload_fs, fuse_fd=fuse_fd))
-    log.info("payload filesystem served at %s", settings.payload_fs)
+    await nursery.start(functools.partial(serve_payload_fs, store, settings.payload_fs, fuse_fd=fuse_fd,
+                                          store_dir=own_dir))  # fmt: skip
+    log.info("payload filesystem served at %s (contents in unlinked files under %s)", settings.payload_fs,
+             own_dir or f"the launcher's directory, fd {store_fd}")  # fmt: skip
 
 
 __all__ = ["serve_payload_fs", "start_payload_fs"]

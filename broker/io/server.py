@@ -7,6 +7,7 @@ import socket
 import trio
 
 from ..bus.lifecycle import ACTIVE
+from ..bus.log_fields import LIMIT, about
 from ..bus.router import Bus
 from ..bus.settings import BusSettings
 from ..payload.closer import closer
@@ -34,6 +35,18 @@ class Server:
         # queued closes one uid may have: as many fds as it may have in flight (a uid over it is refused)
         closer.uid_share = bus.limits.max_inflight_fds_per_user
         classifier.prepare()  # its /proc fds, opened once now rather than at the first fd a client passes
+
+    def apply_limits(self, values: dict) -> None:
+        """New <limit> values from a reload, in force for every decision from now on, as dbus-daemon
+        applies them (a connection's framer keeps the message bounds it was made with)."""
+        from ..bus.limits import Limits
+        from .composition import raise_fd_limit
+
+        new = Limits()
+        new.update(values)
+        raise_fd_limit(new)  # the same cap on queued fds as at start-up
+        self.bus.limits.update(vars(new))
+        closer.uid_share = new.max_inflight_fds_per_user
 
     def mark_dirty(self, peer) -> None:
         self.dirty.add(peer)
@@ -69,8 +82,9 @@ class Server:
                 csock.close()
                 continue
             if closer.over_share(creds.uid):
-                log.warning("refused connection uid=%d pid=%d: %d fds it sent still wait to be closed",
-                            creds.uid, creds.pid, closer.charged.get(creds.uid, 0))  # fmt: skip
+                log.warning("refused connection uid=%d pid=%d label=%s: %d fds it sent still wait to be closed",
+                            creds.uid, creds.pid, creds.label or "-", closer.charged.get(creds.uid, 0),
+                            extra=about(LIMIT, creds, limit="fd_close_queue"))  # fmt: skip
                 csock.close()
                 continue
             self._make_room_for(creds.uid)
@@ -102,7 +116,8 @@ class Server:
             self._evict(next(iter(most)), "too many incomplete connections (max_incomplete_connections)")
 
     def _evict(self, conn: Connection, why: str) -> None:
-        log.warning("dropped unauthenticated connection %s: %s", conn.describe(), why)
+        log.warning("dropped unauthenticated connection %s: %s", conn.describe(), why,
+                    extra=about(LIMIT, conn.creds, limit="max_incomplete_connections"))  # fmt: skip
         self.authentication_ended(conn)
         conn.evict()
 
@@ -150,15 +165,33 @@ def incomplete_share(max_incomplete: int) -> int:
     return max(1, max_incomplete // 4)
 
 
+def take_over_listener(sock: socket.socket) -> None:
+    """listen() again on an inherited listening socket, from the process that will serve it.
+
+    Linux records the peer credentials a client sees (SO_PEERCRED: pid, uid,
+    gid) at each listen() call on an AF_UNIX socket. The launcher or systemd
+    called it first, so without this busctl and every client would report
+    their pid for the bus instead of the broker's. Must run before the
+    seccomp filter (listen is not in it); connections already queued keep
+    the earlier credentials.
+    """
+    sock.listen(socket.SOMAXCONN)
+
+
 async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
-    """Run the bus on already-bound listening sockets until cancelled."""
+    """Run the bus on already-bound listening sockets until cancelled.
+
+    ``control``: the control socket of the launcher, which reads the configuration for this bus (reloads
+    are asked of it, and it starts activatable services); without one, the bus re-reads its own config
+    file and watches its directories, and spawns services itself."""
     import gc
 
     # Routing allocates short-lived objects only; move everything that exists
     # now out of the collector's way and collect young objects less often.
     gc.freeze()
     gc.set_threshold(50000, 20, 100)
+    watcher = open_config_watcher(settings, control)  # before make_bus reads the service directories
     if bus is None:
         from .composition import make_bus
 
@@ -172,6 +205,13 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
         from .timers import run_reply_timer
 
         nursery.start_soon(run_reply_timer, bus, server)  # reply_timeout (idle while nothing is timed)
+        from .activation import default_starter, run_activation
+
+        bus.activator.via_launcher = control is not None  # it starts services: no environment updates
+        address = next((lst.address for lst in listeners if getattr(lst, "address", None)), "")
+        bus.activator.address = f"{address},guid={bus.guid}" if address else ""
+        nursery.start_soon(run_activation, bus, server, default_starter(nursery, control))
+        start_reloader(bus, settings, nursery, control, watcher)
         from ..payload.bus_glue import note_listening_sockets
 
         socks = [getattr(lst, "sock", lst) for lst in listeners]
@@ -189,3 +229,27 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
             nursery.start_soon(control_loop, control, lambda msg: apply_control(bus, msg))
         task_status.started(bus)
         log.info("bus ready (pid %d, guid %s)", os.getpid(), bus.guid)
+
+
+def open_config_watcher(settings: BusSettings, launcher):
+    """inotify on the config's directories, for a bus that reads its own config (else None)."""
+    cfg = settings.config
+    if launcher is not None or cfg is None:
+        return None
+    from .reload import open_watcher, watch_paths
+
+    return open_watcher(watch_paths(cfg))
+
+
+def start_reloader(bus: Bus, settings: BusSettings, nursery, launcher, watcher) -> None:
+    """ReloadConfig, SIGHUP (``bus.reloader.request``) and inotify: see broker.io.reload."""
+    from .reload import Reloader
+
+    cfg = settings.config
+    path = cfg.files[0] if cfg is not None and cfg.files else None
+    reloader = Reloader(bus, path, settings.bus_type, launcher=launcher)
+    bus.reloader = reloader
+    bus.reload_hook = reloader.driver_hook
+    nursery.start_soon(reloader.run)
+    if watcher is not None:
+        nursery.start_soon(reloader.watch, watcher)

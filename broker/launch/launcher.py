@@ -22,10 +22,15 @@ from ..access.audit import AuditWriter
 from ..access.config import load_config
 from ..access.config_settings import settings_from_config, settings_to_message
 from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
+from ..activation.catalog import catalog_to_json, load_catalog
 from ..io import control
 from ..io.address import listen, systemd_listeners
+from ..io.inotify import DirWatcher
+from ..io.reload import SETTLE_SECONDS, ReloadFailed, open_watcher, read_config, watch_paths
+from ..payload.backing import make_store_dir, remove_store_dir
 from . import sandbox
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
+from .service_start import ServiceSpawner
 
 log = logging.getLogger("sealbus.launcher")
 
@@ -47,7 +52,7 @@ def ensure_bus_user(name: str = BUS_USER) -> pwd.struct_passwd:
 
 def broker_command(log_level: str) -> list[str]:
     if os.access(BROKER_ENTRY, os.X_OK):
-        return [BROKER_ENTRY]
+        return [BROKER_ENTRY, "--log-level", log_level]  # an installed broker honours --log-level too
     return [sys.executable, "-m", "broker.launch.broker_process", "--log-level", log_level]
 
 
@@ -100,11 +105,13 @@ def policy_json(cfg, owner_uid: int | None = None) -> str | None:
 def broker_settings(cfg, user: pwd.struct_passwd, owner_uid: int | None = None, payload_mount: str | None = None,
                     **overrides) -> dict:  # fmt: skip
     """The settings message for the broker: the one BusSettings every path builds (settings_from_config), whole,
-    and whom the broker must become. ``payload_mount``: the payload fs this launcher mounted and passes
-    as --fuse-fd (None: none served, whatever the config asked)."""
+    whom the broker must become and the services it may activate. ``payload_mount``: the payload fs this
+    launcher mounted and passes as --fuse-fd (None: none served, whatever the config asked)."""
     settings = settings_from_config(cfg, bus_type="system", owner_uid=owner_uid, **overrides)
     settings.payload_fs = payload_mount
-    return settings_to_message(settings, uid=user.pw_uid, gid=user.pw_gid)
+    # the launcher reads the service directories: the sandboxed broker may not (a reload sends it the same way)
+    catalog = load_catalog(settings.servicedirs, system_bus=settings.bus_type == "system")
+    return settings_to_message(settings, uid=user.pw_uid, gid=user.pw_gid, catalog=catalog_to_json(catalog))
 
 
 def sd_notify(text: str) -> None:
@@ -163,7 +170,7 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
     ``owner_uid``: the uid the policy treats as the bus's own (default: as compiled, the launcher's).
     Closes the listeners and unmounts the payload fs on the way out, whatever happens."""
     ctl_launcher, ctl_broker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc, payload_mount = None, None
+    proc, payload_mount, watcher, store_dir = None, None, None, None
     stop = {"sig": None}
 
     def on_signal(signum, frame):
@@ -187,8 +194,10 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             except OSError as e:
                 log.error("payload fs not served: %s", e)  # the bus itself still runs: memfd payloads need no mount
         if fuse_fd is not None:
-            fds += (fuse_fd,)
-            cmd += ["--fuse-fd", str(fuse_fd)]
+            # its contents: unlinked files in a directory of the bus user's own, not the broker's heap
+            store_dir, store_fd = make_store_dir(runtime, user.pw_uid, user.pw_gid)
+            fds += (fuse_fd, store_fd)
+            cmd += ["--fuse-fd", str(fuse_fd), "--store-fd", str(store_fd)]
         # preexec_fn: the launcher has no threads; the drop must happen here, in sealbus_launch_t
         proc = subprocess.Popen(
             cmd,
@@ -200,14 +209,18 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
         ctl_broker.close()
         if fuse_fd is not None:
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
+            os.close(store_fd)
+        watcher = open_watcher(watch_paths(cfg))  # before the service directories are read: no change missed
+        spawner = service_spawner(cfg, lambda msg: control.send_msg(ctl_launcher, msg))
         control.send_msg(ctl_launcher, broker_settings(cfg, user, owner_uid, payload_mount, **(overrides or {})))
         ready = wait_ready(proc, ctl_launcher, payload_mount, stop=stop)
         if ready.get("type") != "ready":
             raise RuntimeError(f"unexpected message from the broker: {ready}")
+        spawner.address = f"{listeners[0].address},guid={ready.get('guid', '')}"
         log.info("broker pid %d ready on %s as uid %d", proc.pid, listeners[0].address, user.pw_uid)
         announce(ready)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=broker pid {proc.pid}")
-        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount, owner_uid)
+        return supervise(proc, ctl_launcher, config_path, user, stop, payload_mount, owner_uid, watcher, spawner)
     except (EOFError, OSError, RuntimeError) as e:
         log.error("broker failed to start: %s", e)
         return 1
@@ -216,10 +229,14 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             stop_broker(proc, payload_mount)
         ctl_launcher.close()
         ctl_broker.close()
+        if watcher is not None:
+            watcher.close()
         for lst in listeners:
             lst.close()
         if payload_mount is not None:
             unmount_payload_fs(payload_mount)
+        if store_dir is not None:
+            remove_store_dir(store_dir)  # empty: the broker's files there were never named
 
 
 def broker_exiting(proc) -> bool:
@@ -264,41 +281,91 @@ def stop_broker(proc, payload_mount: str | None) -> None:
                 proc.wait(timeout=10)
 
 
+def service_spawner(cfg, send) -> ServiceSpawner:
+    """Who starts services when the broker asks (by name; broker/launch/service_start.py)."""
+    return ServiceSpawner(cfg.servicedirs, send, bus_type=cfg.type or "system")
+
+
+def reload_for_broker(ctl, config_path: str, owner_uid: int | None, req_id: int | None,
+                      watcher: DirWatcher | None, spawner: ServiceSpawner | None = None) -> None:  # fmt: skip
+    """Re-read the config and the service directories and hand the result to the broker (``req_id``: the
+    broker's reload-request this answers, None for our own on SIGHUP or inotify). A config that does not
+    load changes nothing; the broker is told why only when it asked (it answers its ReloadConfig caller)."""
+    try:
+        loaded = read_config(config_path, "system")
+    except ReloadFailed as e:
+        log.error("reload failed, keeping the old configuration: %s", e)
+        if req_id is not None:
+            control.send_msg(ctl, {"type": "reload", "id": req_id, "ok": False, "error": str(e)})
+        return
+    if watcher is not None:
+        watcher.set_paths(loaded.watch)
+    if spawner is not None:  # starts look in the directories the broker's new catalogue came from
+        spawner.dirs = loaded.config.servicedirs
+    control.send_msg(ctl, {"type": "reload", "id": req_id, "ok": True, "policy": policy_json(loaded.config, owner_uid),
+                           "catalog": catalog_to_json(loaded.catalog), "limits": loaded.limits})  # fmt: skip
+    log.info("configuration reloaded from %s and handed to the broker (%d activatable services)", config_path,
+             len(loaded.catalog))  # fmt: skip
+
+
 def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str | None = None,
-              owner_uid: int | None = None) -> int:  # fmt: skip
+              owner_uid: int | None = None, watcher: DirWatcher | None = None,
+              spawner: ServiceSpawner | None = None) -> int:  # fmt: skip
+    """Until a signal stops the bus: reloads (SIGHUP, inotify, the broker's requests), audit records."""
+    try:
+        return _supervise(proc, ctl, config_path, stop, payload_mount, owner_uid, watcher, spawner)
+    finally:
+        if watcher is not None:
+            watcher.close()
+
+
+def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid, watcher, spawner) -> int:
     audit, limiter = AuditWriter(), AuditLimiter()
     inbox = control.Inbox(ctl)
+    changed_at = None  # when inotify last reported a change not reloaded yet
     while True:
         if stop["sig"] == signal.SIGHUP:
             stop["sig"] = None
-            try:
-                cfg = load_config(config_path)
-                control.send_msg(ctl, {"type": "reload", "policy": policy_json(cfg, owner_uid)})
-                log.info("configuration reloaded from %s and handed to the broker", config_path)
-            except Exception as e:
-                log.error("reload failed, keeping the old policy: %s", e)
+            reload_for_broker(ctl, config_path, owner_uid, None, watcher, spawner)
         elif stop["sig"] is not None:
             log.info("stopping on %s", signal.Signals(stop["sig"]).name)
             stop_broker(proc, payload_mount)
             return 0
+        if changed_at is not None and time.monotonic() - changed_at >= SETTLE_SECONDS:
+            changed_at = None
+            watcher.drain()
+            reload_for_broker(ctl, config_path, owner_uid, None, watcher, spawner)
         if broker_exiting(proc):
             if payload_mount is not None:
                 abort_payload_fs(payload_mount)  # lets a broker stuck on its own mount finish dying
             rc = proc.wait(timeout=30)
             log.error("the broker (pid %d) exited unexpectedly with status %s", proc.pid, rc)
             return 1
+        if spawner is not None:
+            spawner.reap()
+        waiting_on = [ctl, watcher] if watcher is not None else [ctl]
         try:
-            readable, _, _ = select.select([ctl], [], [], 0.2)
+            readable, _, _ = select.select(waiting_on, [], [], 0.2 if changed_at is None else SETTLE_SECONDS)
         except InterruptedError:
             continue
-        if readable:
+        if watcher is not None and watcher in readable and watcher.drain():
+            changed_at = time.monotonic()
+        if ctl in readable:
             try:
                 msgs = inbox.read()
             except EOFError:
                 msgs = []  # the broker is gone: proc.poll() reports it on the next round
+            asked = None
             for msg in msgs:
+                if msg.get("type") in ("start", "stop") and spawner is not None:
+                    spawner.handle(msg)  # a name only: the launcher reads and checks the service file itself
+                    continue
                 # a broker SELinux denial (we hold CAP_AUDIT_WRITE); a compromised broker must not be able
                 # to forge other kinds of records or flood the audit log
                 text = str(msg.get("text", ""))
                 if msg.get("type") == "audit" and USER_AVC_FORM.fullmatch(text) and limiter.take():
                     audit(text)
+                elif msg.get("type") == "reload-request" and isinstance(msg.get("id"), int):
+                    asked = msg["id"]  # requests read together are served by one reload (the last id)
+            if asked is not None:
+                reload_for_broker(ctl, config_path, owner_uid, asked, watcher, spawner)

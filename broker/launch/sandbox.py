@@ -77,11 +77,13 @@ def _best_effort(what: str, without: str, required: bool, install) -> bool:
         return False
 
 
-def apply_landlock(required: bool, selinuxfs: bool = False, payload_fs: str | None = None) -> bool:
+def apply_landlock(required: bool, selinuxfs: bool = False, payload_fs: str | None = None,
+                   payload_store_fd: int | None = None) -> bool:  # fmt: skip
     """A ruleset that handles every filesystem right and allows none, except: selinuxfs when mediating,
     reading the broker's own /proc/self/fdinfo entries (to tell which fds' close() may block), and
     opening + unlinking its own snapshot files beneath the payload fs's parent directory (the rule
-    is set on the parent: looking up the mount itself would wait for the FUSE server, which is us)."""
+    is set on the parent: looking up the mount itself would wait for the FUSE server, which is us), and
+    making, writing and reading unlinked files (O_TMPFILE) in the payload store's directory fd."""
 
     from ..payload.vet import classifier
 
@@ -95,6 +97,8 @@ def apply_landlock(required: bool, selinuxfs: bool = False, payload_fs: str | No
         rules.append((SELINUXFS, ("READ_FILE", "WRITE_FILE", "READ_DIR")))
     if payload_fs:
         rules.append((os.path.dirname(os.path.abspath(payload_fs)), ("READ_FILE", "REMOVE_FILE")))
+    if payload_store_fd is not None:
+        rules.append((f"/proc/self/fd/{payload_store_fd}", ("MAKE_REG", "READ_FILE", "WRITE_FILE", "TRUNCATE")))
     holder = {}
 
     def install():

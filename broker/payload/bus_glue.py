@@ -3,6 +3,7 @@
 import logging
 import os
 
+from ..bus.log_fields import DENIED, about_peer
 from ..bus.router import BusError
 from .vet import FdRefused, PayloadStats, VetContext, vet_fds
 
@@ -47,7 +48,8 @@ class PayloadService:
         try:
             fd, size = await claim(self.store, peer.creds.uid, cookie)
         except ClaimError as e:
-            log.warning("claim refused for %s: %s", peer.describe(), e.message)
+            log.warning("claim refused for %s: %s", peer.describe(), e.message,
+                        extra=about_peer(DENIED, peer, error=e.error_name))  # fmt: skip
             if not peer.state:  # ACTIVE
                 bus.send_error(peer, serial, e.error_name, e.message)
         else:

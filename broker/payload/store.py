@@ -5,9 +5,11 @@ Everything a FUSE request or a Claim can change lives here, so the rules
 calls that tests drive directly; ``fusefs`` only translates FUSE requests and
 ``claim`` only adds the one syscall the broker must make on its own mount.
 
-Contents are kept in broker memory (a bytearray, frozen to ``bytes`` when
-sealed) or, when a broker-private directory fd is given, in an O_TMPFILE
-there: an unlinked file that no path names and that vanishes with the broker.
+Contents are kept, when a broker-private directory fd is given (what the bus
+does, see ``backing``), in an O_TMPFILE there: an unlinked file that no path
+names and that vanishes with the broker, so large payloads stay out of the
+broker's heap; without one (unit tests), in broker memory (a bytearray,
+frozen to ``bytes`` when sealed).
 Sealed contents are shared, never copied, between a sealed file and the
 snapshots claimed from it: the bytes a receiver sees are those the broker
 held at sealing time, whatever the sender's dirty pages do afterwards.
@@ -73,6 +75,13 @@ class Limits:
                    timeout_s=settings.payload_timeout_ms / 1000)  # fmt: skip
 
 
+def _pwrite_all(fd: int, data: bytes, off: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view, off = view[n:], off + n
+
+
 class Contents:
     """Bytes of one payload, charged to one uid until the last inode lets go."""
 
@@ -98,10 +107,16 @@ class Contents:
 
     def write(self, off: int, data: bytes) -> None:
         end = off + len(data)
-        if end > self.size:
-            self.store._charge(self.uid, end - self.size)
+        grow = max(0, end - self.size)
+        if grow:
+            self.store._charge(self.uid, grow)
         if self._fd >= 0:
-            os.pwrite(self._fd, data, off)
+            try:
+                _pwrite_all(self._fd, data, off)
+            except OSError as e:  # the backing filesystem is full (or failing): refuse, and take the charge back
+                self.store._uncharge(self.uid, grow)
+                os.ftruncate(self._fd, self.size)
+                raise StoreError(errno.ENOSPC, f"payload backing store: {e.strerror}") from None
         else:
             if off > len(self._mem):
                 self._mem.extend(bytes(off - len(self._mem)))

@@ -21,6 +21,7 @@ NO_REPLY_EXPECTED, NO_AUTO_START, ALLOW_INTERACTIVE_AUTHORIZATION = 0x1, 0x2, 0x
 
 F_PATH, F_INTERFACE, F_MEMBER, F_ERROR_NAME, F_REPLY_SERIAL = 1, 2, 3, 4, 5
 F_DESTINATION, F_SENDER, F_SIGNATURE, F_UNIX_FDS = 6, 7, 8, 9
+F_CONTAINER_INSTANCE = 10  # reserved by libdbus for its (experimental) containers; stripped like any unknown field
 FIELD_TYPES = {1: "o", 2: "s", 3: "s", 4: "s", 5: "u", 6: "s", 7: "s", 8: "g", 9: "u"}
 _FIELD_SIG_BYTES = {c: bytes([1, ord(t), 0]) for c, t in FIELD_TYPES.items()}
 
@@ -303,6 +304,14 @@ class HeaderView:
             if code == 0:
                 raise HeaderError("header field code 0 is invalid")
             if expected is None:
+                if code == F_CONTAINER_INSTANCE:
+                    # not in the spec, but libdbus (1.14) knows it: an object path, at most once. A
+                    # message libdbus would call corrupted is refused here too.
+                    if sig_bytes != b"\x01o\x00":
+                        raise HeaderError("header field 10 (CONTAINER_INSTANCE) must be an object path")
+                    if seen & (1 << code):
+                        raise HeaderError("header field 10 appears twice")
+                    seen |= 1 << code
                 # Unknown field: validate it fully, then drop it.
                 r = Reader(raw[:end], endian, pos + 1)
                 r.value("v")

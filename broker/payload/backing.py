@@ -1,0 +1,52 @@
+"""Where payload-fs contents live: unlinked files in a directory only the broker can use.
+
+A payload of a GiB must not become a GiB of broker heap. The store keeps each
+payload in an O_TMPFILE made in this directory: a file no path names, that
+only the broker's fd reaches, and that the kernel frees when the broker closes
+it or dies (nothing to clean up after a crash but the empty directory). The
+directory is 0700 and owned by the broker's user, on the bus's own storage
+(the runtime directory of the system bus, $XDG_RUNTIME_DIR or the temporary
+directory for a session bus). Its bytes are charged to the sender's quota by
+the store, whatever the filesystem underneath.
+"""
+
+import os
+import tempfile
+
+
+def make_store_dir(parent: str | None = None, uid: int = -1, gid: int = -1) -> tuple[str, int]:
+    """A fresh private directory under parent (default: the temporary directory): (path, open dir fd).
+
+    uid/gid: the broker's user when a launcher (root) makes it for the broker.
+    """
+    path = tempfile.mkdtemp(prefix="sealbus-store-", dir=parent)  # 0700, a name nobody else chose
+    try:
+        # by fd, never following a link: the parent (a runtime dir) may be writable by the bus user
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except BaseException:
+        os.rmdir(path)
+        raise
+    try:
+        if uid >= 0:
+            os.fchown(fd, uid, gid)
+    except BaseException:
+        os.close(fd)
+        os.rmdir(path)
+        raise
+    return path, fd
+
+
+def session_store_parent() -> str | None:
+    """$XDG_RUNTIME_DIR when it is usable (the user's own tmpfs), else None (the temporary directory)."""
+    rt = os.environ.get("XDG_RUNTIME_DIR")
+    return rt if rt and os.path.isdir(rt) and os.access(rt, os.W_OK | os.X_OK) else None
+
+
+def remove_store_dir(path: str, fd: int | None = None) -> None:
+    """Close the directory fd and remove the (empty: its files were never named) directory."""
+    if fd is not None:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # already gone, or not ours to remove any more

@@ -1,0 +1,92 @@
+"""Target ``body``: the body validator, with libdbus as the oracle in both directions.
+
+Input: a signature length byte, the signature, a byte-order byte, then the body. The body is
+wrapped in a valid method-call header.
+Invariants:
+- only WireError escapes the validator;
+- one-shot validation (``check``) and validation in steps (``steps``, as the framer does for large
+  bodies) give the same verdict;
+- an accepted body unmarshals, and marshals back to the same bytes;
+- jeepney (a parser nobody here wrote) reads an accepted fd-less body as the same values;
+- sealbus and libdbus accept and reject the same messages (except the listed, deliberate
+  strictness in tests/fuzz/libdbus.py).
+"""
+
+from jeepney.low_level import Parser
+
+from broker.wire.body_check import BodyChecker
+from broker.wire.errors import WireError
+from broker.wire.marshal import marshal
+from broker.wire.message import HeaderView, encode_header
+
+from .libdbus import LIB, disagreement
+
+N_FDS = 2
+
+
+def wrap(signature: str, body: bytes, endian: str) -> bytes | None:
+    try:
+        return encode_header(endian, 1, 0, len(body), 7, path="/a", member="M", signature=signature,
+                             unix_fds=N_FDS) + body  # fmt: skip
+    except WireError:
+        return None  # not a valid signature: the header view's business, not the body's
+
+
+def _verdict(fn) -> type | None:
+    try:
+        fn()
+    except WireError as e:
+        return type(e)
+    return None
+
+
+def _stepwise(h) -> None:
+    steps = BodyChecker().steps(h)
+    if steps is not None:
+        for _ in steps:
+            pass
+
+
+def TestOneInput(data: bytes) -> None:
+    if len(data) < 2:
+        return
+    n = data[0] % 40
+    try:
+        signature = data[1 : 1 + n].decode("ascii")
+    except UnicodeDecodeError:
+        return
+    endian = "B" if data[1 + n : 2 + n] == b"B" else "l"
+    raw = wrap(signature, data[2 + n :], endian)
+    if raw is None:
+        return
+    try:
+        h = HeaderView(raw)
+    except WireError:
+        h = None  # a header the view refuses (e.g. a bad signature): libdbus must refuse it too
+    if h is not None:
+        check_validator(h, signature, endian)
+    if LIB is not None:
+        why = disagreement(raw)
+        assert why is None, why
+
+
+def check_validator(h, signature: str, endian: str) -> None:
+    one = _verdict(lambda: BodyChecker().check(h))
+    assert one == _verdict(lambda: _stepwise(h)), "check and steps disagree"
+    if one is None:
+        values = h.unmarshal_body()
+        assert marshal(signature, values, endian) == bytes(h.body), "accepted body does not round-trip"
+        check_jeepney(signature, bytes(h.body), endian, values)
+
+
+def check_jeepney(signature: str, body: bytes, endian: str, values: tuple) -> None:
+    """jeepney reads the message (without its UNIX_FDS, which it would want real fds for) as we do."""
+    raw = encode_header(endian, 1, 0, len(body), 7, path="/a", member="M", signature=signature) + body
+    try:
+        BodyChecker().check(HeaderView(raw))
+    except WireError:
+        return  # the body holds fd indexes: valid only with the fds
+    p = Parser()
+    p.add_data(raw)
+    theirs = tuple(p.get_next_message().body)
+    assert theirs == values or repr(theirs) == repr(values), f"jeepney reads {theirs!r:.200}, sealbus {values!r:.200}"
