@@ -186,3 +186,22 @@ def _creds(uid):
     from broker.bus.peer import Creds
 
     return Creds(uid, (uid,))
+
+
+def test_the_launchers_catalogue_and_service_dirs_reach_the_broker(tmp_path):
+    """The launcher reads the service directories (the sandboxed broker may not) and sends the catalogue beside
+    the settings; the directories travel as a setting, flags included."""
+    from broker.bus.settings import ServiceDir
+    from broker.launch.broker_process import launcher_catalog
+
+    services = tmp_path / "services"
+    services.mkdir()
+    (services / "org.example.Svc.service").write_text(
+        "[D-BUS Service]\nName=org.example.Svc\nExec=/bin/true\nUser=root\n"
+    )
+    f = tmp_path / "bus.conf"
+    f.write_text(CONFIG.format(type="system").replace("<listen>", f"<servicedir>{services}</servicedir><listen>"))
+    msg = _over_the_channel(broker_settings(load_config(str(f)), pwd.getpwuid(0)))
+    assert settings_from_message(msg).servicedirs == [ServiceDir(str(services))]
+    assert launcher_catalog(msg).names() == ["org.example.Svc"]
+    assert launcher_catalog({"type": "settings"}).names() == []  # none sent: nothing to activate, nothing read
