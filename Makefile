@@ -48,7 +48,7 @@ test-pure: setup
 # mutation fuzzer as long. `make test` runs the same targets briefly (tests/test_fuzz_atheris.py).
 fuzz: setup
 	$(PY) -m tests.fuzz.run --seconds $${SEALBUS_FUZZ_SECONDS:-300}
-	SEALBUS_FUZZ_SECONDS=$${SEALBUS_FUZZ_SECONDS:-300} $(PYTEST) -q tests/test_fuzz.py
+	SEALBUS_FUZZ_SECONDS=$${SEALBUS_FUZZ_SECONDS:-300} $(PYTEST) -q tests/test_fuzz.py tests/test_bus_statemachine.py tests/test_payload_statemachine.py
 
 # dbus-daemon's own test programs (Debian's dbus-tests), case by case, against
 # dbus-daemon and sealbus; the table is docs/conformance.md.

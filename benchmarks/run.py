@@ -97,6 +97,7 @@ def run(a) -> dict:
     else:
         cmd += ["--reps", str(a.reps), "--scale", str(a.scale)]
         cmd += ["--only", a.only] if a.only else ["--skip", FULL_SKIP]
+    cmd, startup = _startup_wanted(cmd, a)
     shown = shlex.join(["benchmarks/run_bench.py", *cmd[2:]]).replace(ROOT + "/", "")
     with tempfile.TemporaryDirectory(prefix="sealbus-bench.") as wd:
         raw = os.path.join(wd, "raw.json")
@@ -112,11 +113,38 @@ def run(a) -> dict:
         log("+ python -m benchmarks.hop_micro")
         hm = subprocess.run([sys.executable, "-m", "benchmarks.hop_micro"], cwd=ROOT, capture_output=True, text=True)
         d["hop_micro"] = hm.stdout.splitlines() if hm.returncode == 0 else ["failed: " + hm.stderr[-300:]]
+    if startup:
+        d["startup"] = run_startup(targets, 1 if a.quick else STARTUP_STARTS)
+        shown += f" (and python -m benchmarks.startup --starts {d['startup']['starts']})"
     d["meta"].update(machine())
     d["meta"]["quick"] = a.quick
     d["meta"]["command"] = shown
     d["meta"]["notes"] = notes
     return d
+
+
+STARTUP = "startup"  # the start-up row (benchmarks/startup.py); an --only token, not a run_bench.py id
+STARTUP_STARTS = 20
+
+
+def _startup_wanted(cmd: list, a) -> tuple[list, bool]:
+    """Whether this run measures start-up (full runs, or --only naming it), and run_bench's command without it."""
+    if "--only" not in cmd:
+        return cmd, not a.quick
+    i = cmd.index("--only") + 1
+    ids = cmd[i].split(",")
+    if STARTUP not in ids:
+        return cmd, False
+    rest = [x for x in ids if x != STARTUP]
+    return cmd[:i] + [",".join(rest) or "none$"] + cmd[i + 1 :], True
+
+
+def run_startup(targets: list, starts: int) -> dict:
+    from benchmarks import startup
+
+    which = [t for t in startup.TARGETS if t in targets]
+    log(f"+ python -m benchmarks.startup --starts {starts} --targets {','.join(which)}")
+    return startup.measure([t for t in which if startup.available(t)], starts)
 
 
 # ------------------------------------------------------------------ render
@@ -173,7 +201,7 @@ def ratio_columns(targets: list) -> list:
     return cols
 
 
-def headline(res: dict, targets: list) -> list:
+def headline(res: dict, targets: list, d_startup: dict | None = None) -> list:
     """The issue targets, each as measured in this run."""
     L = []
     if "sealbus" not in targets:
@@ -215,6 +243,15 @@ def headline(res: dict, targets: list) -> list:
         rs = paired(res, "large_fd_1G", ref, "large_fd_1K", ref, "transit_med_ms")
         if rs:
             L.append(f"| for reference: {ref} memfd transit, 1 GiB / 1 KiB | (no goal) | {fmt_ratio(rs)} | |")
+    if d_startup is not None:
+        from benchmarks import startup
+
+        rs = startup.paired_ratios(d_startup, "sealbus", "dbus-daemon")
+        row("start-up, exec to the first answered call (wall) vs dbus-daemon", "≤ x2.00", rs, lambda m: m <= 2.0)
+        rs = startup.paired_ratios(d_startup, "sealbus", "dbus-daemon", "cpu_ms")
+        if rs:
+            L.append(f"| for reference: start-up, the bus's CPU time to that answer, vs dbus-daemon | (no goal) "
+                     f"| {fmt_ratio(rs)} | |")  # fmt: skip
     L += ["", "Passing an fd is O(1) in every broker, yet memfd transit rises with size for the C brokers too "
           "(reference rows): part of the size-dependent cost is outside the broker (sender and receiver "
           "processes and the kernel, on 2 shared cores, right after filling the payload). Compare the absolute "
@@ -240,7 +277,7 @@ def render(d: dict) -> str:
                                             meta.get("sealbus_rev"), ", ".join(meta.get("versions", {}).values())),
           ""]  # fmt: skip
     L += ["- " + n for n in meta.get("notes", [])]
-    L += ["## Targets", ""] + headline(res, targets) + [""]
+    L += ["## Targets", ""] + headline(res, targets, d.get("startup")) + [""]
     L += ["## Method", "",
           "* **One load generator for all brokers**: `dbench` (C, sd-bus), in `benchmarks/dbench/`. Only the "
           "bus address differs. Its server process owns `org.bench.Server` and answers `Ping(ay)`, `Sink(ay)`, "
@@ -279,6 +316,16 @@ def render(d: dict) -> str:
             cells = [fmt_cell(_runs(res, b.id, t), key, f) for t in targets]
             cells += [fmt_ratio(paired(res, b.id, x, b.id, y, key)) for x, y in cols]
             L.append("| {} | {} | {} |".format(b.title, label, " | ".join(cells)))
+    if d.get("startup"):
+        from benchmarks import startup
+
+        L += ["", "## Start-up", "",
+              "`python -m benchmarks.startup`: exec of each bus with the same session-like config file (sealbus "
+              "through its dbus-daemon drop-in, `sealbus-dbus-daemon --config-file=… --nofork --print-address`) to "
+              "the reply to `Hello` on a connection made as soon as the socket accepts; rounds interleave the "
+              "targets. dbus-broker starts under `benchmarks/dbus-broker-wrap`, a Python wrapper standing in for "
+              "systemd, whose own start is included. Median [min\u2013max] over rounds.", "",
+              *startup.table(d["startup"])]  # fmt: skip
     if d.get("wire_micro"):
         L += ["", "## Wire layer micro-benchmark", "",
               "`python -m benchmarks.wire_micro`: header parse + SENDER rewrite of one message in a loop, in "

@@ -12,10 +12,11 @@ import os
 import signal
 import sys
 
-import trio
-
-from .bus.settings import BusSettings
+from .launch import sonames  # noqa: F401  (before trio: its import-time find_library("pthread") runs ldconfig)
 from .launch.logs import setup_logging
+
+# trio and the bus are imported by the commands that serve a bus (policy, send, --help... need neither):
+# start-up time is most of what a test harness starting a bus per test waits for (issue #18).
 
 DESCRIPTION = """\
 sealbus: a privilege-separated userspace D-Bus broker that carries sealed
@@ -40,26 +41,27 @@ line); Ctrl-C stops send/receive with status 130 and run cleanly (status 0).
 """
 
 
-def settings_from_config(path: str | None, fd_mode: str | None = None, payload_fs: str | None = None,
-                         busy_poll_us: int | None = None):  # fmt: skip
-    """BusSettings from a dbus-daemon XML config (or the embedded default)."""
-    listen: list[str] = []
-    settings = BusSettings()
+def load_settings(path: str | None, **overrides):
+    """BusSettings from a dbus-daemon XML config (None: the embedded default) and command-line ``overrides``
+    (by field name, None: not given), and the config's listen addresses."""
+    from .access.config_settings import settings_from_config, settings_from_file
+
     if path:
-        from .access.config_settings import settings_from_file
-
-        settings, listen = settings_from_file(path)
-    if fd_mode:
-        settings.fd_mode = fd_mode
-    if payload_fs:
-        settings.payload_fs = payload_fs
-    if busy_poll_us is not None:
-        settings.busy_poll_us = busy_poll_us
-    return settings, listen
+        return settings_from_file(path, **overrides)
+    return settings_from_config(None, **overrides), []
 
 
-async def run_bus(settings: BusSettings, listeners, on_ready=None) -> None:
+def serve_until_signal(settings, listeners, on_ready=None) -> None:
+    """Run the bus (trio) until SIGINT/SIGTERM."""
+    import trio
+
+    trio.run(run_bus, settings, listeners, on_ready)
+
+
+async def run_bus(settings, listeners, on_ready=None) -> None:
     """Serve until SIGINT/SIGTERM, then stop cleanly; SIGHUP reloads the configuration."""
+    import trio
+
     from .io.server import serve
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
@@ -132,12 +134,15 @@ class RunError(Exception):
 
 
 def _session_settings(args):
-    from .access.config import ConfigError
-
     try:
-        settings, cfg_listen = settings_from_config(args.config, args.fd_mode, args.payload_fs, args.busy_poll)
-    except ConfigError as e:  # its message names the file (and line) and what is wrong
-        raise RunError(f"{e} (fix --config, or leave it out for the allow-all default)") from None
+        settings, cfg_listen = load_settings(args.config, fd_mode=args.fd_mode, payload_fs=args.payload_fs,
+                                                    busy_poll_us=args.busy_poll)  # fmt: skip
+    except ValueError as e:
+        from .access.config import ConfigError  # only a config can raise it: the default starts without the parser
+
+        if not isinstance(e, ConfigError):
+            raise
+        raise RunError(f"{e} (fix --config, or leave it out for the allow-all default)") from None  # names file+line
     fs = settings.payload_fs
     if fs and not os.path.isdir(fs):
         raise RunError(f"payload fs mount point {fs} is not a directory: create it first (mkdir -p {fs})")
@@ -162,7 +167,7 @@ def _run_session(args) -> int:
             def ready(bus):
                 print(listener.address, flush=True)
 
-            trio.run(run_bus, settings, [listener], ready)
+            serve_until_signal(settings, [listener], ready)
         finally:
             listener.close()
     finally:
@@ -264,12 +269,12 @@ def cmd_dbus_daemon(argv: list[str]) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     try:
-        settings, cfg_listen = settings_from_config(config, args.fd_mode)
+        settings, cfg_listen = load_settings(config, fd_mode=args.fd_mode,
+                                                    systemd_activation=args.systemd_activation or None)  # fmt: skip
     except Exception as e:  # a config error must stop start-up, with its reason
         print(f"sealbus dbus-daemon: {e}", file=sys.stderr)
         return 1
-    settings.extra["systemd_activation"] = args.systemd_activation
-    cfg = settings.extra["config"]
+    cfg = settings.config
     pidfile = None if args.nopidfile else cfg.pidfile
     try:
         bus_user = daemon_user(cfg.user, config)
@@ -303,10 +308,8 @@ def _serve_daemon(args, config: str, settings, bus_user, listeners, out) -> int:
         # as `sealbus run --system`: this process stays root (sockets, payload fs mount, audit, reload) and the
         # bus is served by a broker running as <user>, with no capabilities, no_new_privs, Landlock and seccomp;
         # the pid printed and written to the pidfile is this one (the process to signal)
-        cfg = settings.extra["config"]
-        overrides = {"systemd_activation": args.systemd_activation}
-        if args.fd_mode:
-            overrides["fd_mode"] = args.fd_mode
+        cfg = settings.config
+        overrides = {"systemd_activation": args.systemd_activation or None, "fd_mode": args.fd_mode}
         return serve_as_user(cfg, config, bus_user, listeners, log_level=args.log_level,
                              payload_fs=cfg.sealbus.payload_fs, runtime=None,
                              announce=lambda ready: announce(ready["guid"]), overrides=overrides,
@@ -316,7 +319,7 @@ def _serve_daemon(args, config: str, settings, bus_user, listeners, out) -> int:
         announce(bus.guid)
 
     try:
-        trio.run(run_bus, settings, listeners, ready)
+        serve_until_signal(settings, listeners, ready)
     finally:
         for lst in listeners:
             lst.close()

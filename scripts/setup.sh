@@ -77,6 +77,10 @@ if [ -z "${SEALBUS_PURE_PYTHON:-}" ] && [ "$(build)" != compiled ]; then
     fi
     did="$did cython"
 fi
+# Bytecode for the package (an editable install compiles nothing): without it every bus a test or a harness
+# starts compiles ~50 modules again whenever PYTHONDONTWRITEBYTECODE is set (issue #18, start-up time).
+# Only changed files are recompiled; a stale one is ignored by the interpreter, never used.
+.venv/bin/python -m compileall -q broker >&2
 # The load generator for benchmarks and the payload tests (C, sd-bus).
 if ! make -q -C benchmarks/dbench >/dev/null 2>&1; then
     step "building benchmarks/dbench (C load generator)" make -s -C benchmarks/dbench

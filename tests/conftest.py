@@ -336,11 +336,12 @@ def summarize(msgs) -> list[tuple]:
 
 @pytest.fixture
 def core():
-    """A fresh sans-IO bus core with the session defaults."""
+    """A fresh sans-IO bus core with the session defaults, owned (as the shell does) by this process."""
     from broker.bus.limits import session_limits
     from broker.bus.router import Bus as CoreBus
+    from broker.io.creds import own_creds
 
-    return CoreBus(session_limits())
+    return CoreBus(session_limits(), own=own_creds())
 
 
 # -- raw clients for protocol-level and adversarial tests ------------------------------------

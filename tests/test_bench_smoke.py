@@ -29,7 +29,7 @@ pytestmark = [
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     md, raw = out / "benchmarks.md", out / "raw.json"
-    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "ping_k1_d16,large_fd_1M",
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "ping_k1_d16,large_fd_1M,startup",
            "--targets", ",".join(TARGETS), "--md", str(md), "--json", str(raw)]  # fmt: skip
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -75,3 +75,35 @@ def test_hop_micro_benchmark_runs():
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [line.split()[0:2] for line in p.stdout.splitlines()]
     assert [r[0] for r in rows] == ["call", "reply", "syscall"]
+
+
+@pytest.mark.timeout(120)
+def test_startup_row_measures_each_bus_and_is_rendered(quick_run):
+    """The start-up row (exec to the first answered call): one start per target in a quick run, each answered
+    (a Hello reply parsed), rendered with its ratio in the targets table; no time is asserted."""
+    _, md, d, _ = quick_run
+    runs = d["startup"]["runs"]
+    assert set(runs) == set(TARGETS)
+    for target in TARGETS:
+        (r,) = runs[target]
+        assert r["_ok"], r
+        assert r["wall_ms"] > 0 and r["cpu_ms"] > 0  # both direct children: their CPU comes from wait4
+    text = md.read_text()
+    assert "| start-up, exec to the first answered call (wall) vs dbus-daemon | ≤ x2.00 | x" in text
+    assert "| start-up, exec to Hello answered | sealbus | dbus-daemon |" in text
+
+
+def test_startup_benchmark_fails_loudly_on_a_bus_that_never_answers(tmp_path):
+    """A start that never answers is a failed run with its reason, not a time."""
+    from benchmarks import startup
+
+    fake = tmp_path / "not-a-bus"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    real = startup.SEALBUS_DAEMON
+    startup.SEALBUS_DAEMON = str(fake)
+    try:
+        r = startup.start_once("sealbus", timeout=10)
+    finally:
+        startup.SEALBUS_DAEMON = real
+    assert not r["_ok"] and "exited with status 3" in r["_error"]

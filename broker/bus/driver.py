@@ -211,9 +211,8 @@ class Driver:
         return ()
 
     def bus_owner_uid(self) -> int:
-        import os
-
-        return os.getuid()
+        """The uid the bus runs as (the shell passes the process's credentials to Bus)."""
+        return self.bus.self_peer.creds.uid
 
     def privileged(self, peer) -> bool:
         """Root or the uid the bus runs as (dbus-daemon's bus_driver_check_caller_is_privileged)."""

@@ -1,6 +1,7 @@
 """Peer credentials from the kernel, read once when a connection is accepted."""
 
 import errno
+import os
 import socket
 import struct
 
@@ -41,3 +42,16 @@ def peer_label(sock: socket.socket) -> str | None:
         raise
     label = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
     return label or None
+
+
+def own_creds() -> Creds:
+    """The broker process's own identity, for the core's driver (its label from /proc/self/attr/current)."""
+    label = None
+    try:
+        with open("/proc/self/attr/current") as f:
+            label = f.read().strip("\0\n") or None
+    except OSError:
+        pass
+    if label in ("unconfined", "kernel"):
+        label = None
+    return Creds(os.getuid(), tuple(os.getgroups()), os.getpid(), label)

@@ -41,6 +41,7 @@ class Server:
         """New <limit> values from a reload, in force for every decision from now on, as dbus-daemon
         applies them (a connection's framer keeps the message bounds it was made with)."""
         from ..bus.limits import Limits
+        from .composition import raise_fd_limit
 
         new = Limits()
         new.update(values)
@@ -160,47 +161,9 @@ class Server:
                 self.reactor.finish_closing()
 
 
-def read_machine_id() -> str:
-    for p in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            with open(p) as f:
-                v = f.read().strip()
-            if len(v) == 32:
-                return v
-        except OSError:
-            continue
-    return ""
-
-
 def incomplete_share(max_incomplete: int) -> int:
     """Unauthenticated connections one uid may hold: a quarter of max_incomplete_connections."""
     return max(1, max_incomplete // 4)
-
-
-def fd_pool(soft: int) -> int:
-    """The fds users may make the broker hold (FdQuota); the rest is the broker's own reserve."""
-    return max(64, soft - max(64, soft // 8))
-
-
-def raise_fd_limit(limits) -> int:
-    """Raise RLIMIT_NOFILE to its hard limit and keep fd quotas below it.
-
-    Running out of fds would stop the bus from accepting anyone: users share
-    ``fd_pool(soft)`` fairly (FdQuota), an eighth of the limit (at least 64)
-    stays with the broker, and a client can never make the broker exceed
-    the limit by itself.
-    """
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    limits.max_outgoing_unix_fds = min(limits.max_outgoing_unix_fds, max(64, soft // 4))
-    return soft
 
 
 def take_over_listener(sock: socket.socket) -> None:
@@ -214,36 +177,6 @@ def take_over_listener(sock: socket.socket) -> None:
     the earlier credentials.
     """
     sock.listen(socket.SOMAXCONN)
-
-
-def make_bus(settings: BusSettings) -> Bus:
-    soft = raise_fd_limit(settings.limits)
-    bus = Bus(settings.limits, machine_id=settings.machine_id or read_machine_id())
-    bus.fd_quota.pool = fd_pool(soft)
-    bus.policy = settings.policy
-    bus.bus_type = settings.bus_type
-    bus.catalog = settings.catalog
-    if bus.catalog is None:  # no launcher read it for us: read the service directories (before serving)
-        from ..activation.catalog import load_catalog
-
-        bus.catalog = load_catalog(settings.servicedirs, system_bus=settings.bus_type == "system")
-    if settings.extra.get("systemd_activation"):
-        bus.features.append("SystemdActivation")  # dbus-daemon --systemd-activation
-        bus.activator.systemd = True
-    from .activation import inherited_environment
-
-    bus.activator.base_env = inherited_environment()
-    if settings.selinux is not None:
-        bus.features.append("SELinux")  # as dbus-daemon when it mediates with SELinux
-        from ..access.mediator import BusPolicy
-
-        xml = settings.policy.policy if settings.policy is not None else None
-        bus.policy = BusPolicy(xml, settings.selinux)
-        log.info("SELinux mediation on (bus label %s)", settings.selinux.bus_label)
-    from ..payload.bus_glue import install_fd_vetting
-
-    install_fd_vetting(bus, settings)
-    return bus
 
 
 async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None, bus: Bus | None = None,
@@ -260,7 +193,10 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
     gc.freeze()
     gc.set_threshold(50000, 20, 100)
     watcher = open_config_watcher(settings, control)  # before make_bus reads the service directories
-    bus = bus or make_bus(settings)
+    if bus is None:
+        from .composition import make_bus
+
+        bus = make_bus(settings)
     server = Server(bus, settings.busy_poll_us)
     bus.server = server
     async with trio.open_nursery() as nursery:
@@ -288,6 +224,7 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
 
             await start_payload_fs(bus, settings, nursery, fuse_fd=fuse_fd)
         if control is not None:
+            from .composition import apply_control
             from .control import control_loop
 
             nursery.start_soon(control_loop, control, lambda msg: apply_control(bus, msg))
@@ -297,7 +234,7 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
 
 def open_config_watcher(settings: BusSettings, launcher):
     """inotify on the config's directories, for a bus that reads its own config (else None)."""
-    cfg = settings.extra.get("config")
+    cfg = settings.config
     if launcher is not None or cfg is None:
         return None
     from .reload import open_watcher, watch_paths
@@ -309,7 +246,7 @@ def start_reloader(bus: Bus, settings: BusSettings, nursery, launcher, watcher) 
     """ReloadConfig, SIGHUP (``bus.reloader.request``) and inotify: see broker.io.reload."""
     from .reload import Reloader
 
-    cfg = settings.extra.get("config")
+    cfg = settings.config
     path = cfg.files[0] if cfg is not None and cfg.files else None
     reloader = Reloader(bus, path, settings.bus_type, launcher=launcher)
     bus.reloader = reloader
@@ -317,14 +254,3 @@ def start_reloader(bus: Bus, settings: BusSettings, nursery, launcher, watcher) 
     nursery.start_soon(reloader.run)
     if watcher is not None:
         nursery.start_soon(reloader.watch, watcher)
-
-
-def apply_control(bus: Bus, msg: dict) -> None:
-    """A message from the launcher: a reload (asked for by us, or its own on SIGHUP or inotify), or how a
-    service start it was asked for went."""
-    if msg.get("type") == "start_result":
-        from .activation import apply_start_result
-
-        apply_start_result(bus, msg)
-    elif msg.get("type") == "reload":
-        bus.reloader.on_launcher_message(msg)

@@ -30,11 +30,9 @@ import trio
 
 import broker
 import broker.io.fuse
-from broker.access.mediator import BusPolicy
-from broker.access.policy import Policy
+from broker.access.config_settings import settings_from_message
 from broker.access.selinux import make_mediator
 from broker.activation.catalog import ServiceCatalog, catalog_from_json
-from broker.bus.limits import Limits
 from broker.bus.settings import BusSettings
 from broker.io import control
 from broker.io.server import serve, take_over_listener
@@ -51,39 +49,24 @@ for _m in pkgutil.walk_packages(broker.__path__, "broker."):
         importlib.import_module(_m.name)
 
 
-def selinux_mediator(msg: dict, ctl):
+def selinux_mediator(settings: BusSettings, ctl):
     """SELinux mediation when the launcher says SELinux is enabled; denials go back to it for auditing."""
-    if not msg.get("selinux"):
+    if not settings.selinux:
         return None
 
     def to_launcher(text: str) -> None:
         control.send_msg(ctl, {"type": "audit", "text": text})
 
-    mediator = make_mediator(msg.get("selinux_associations") or {}, to_launcher)
+    mediator = make_mediator(settings.selinux_associations, to_launcher)
     if mediator is None:
         raise SystemExit("the launcher saw SELinux enabled but the broker does not: refusing to run unmediated")
     return mediator
 
 
-def settings_from_message(msg: dict) -> BusSettings:
-    s = BusSettings(bus_type=msg.get("bus_type", "system"))
-    lim = Limits()
-    lim.update(msg.get("limits", {}))
-    s.limits = lim
-    s.fd_mode = msg.get("fd_mode", "any")
-    s.policy = BusPolicy(Policy.from_json(msg["policy"])) if msg.get("policy") else None
-    s.machine_id = msg.get("machine_id", "")
-    s.payload_fs = msg.get("payload_fs")  # mounted by the launcher; we serve it through --fuse-fd
-    if msg.get("payload_timeout_ms"):
-        s.payload_timeout_ms = int(msg["payload_timeout_ms"])
-    if msg.get("payload_max_bytes_per_user"):
-        s.payload_max_bytes_per_user = int(msg["payload_max_bytes_per_user"])
-    if msg.get("busy_poll_us") is not None:
-        s.busy_poll_us = int(msg["busy_poll_us"])
-    s.extra["systemd_activation"] = bool(msg.get("systemd_activation"))
-    # the launcher read the service directories (the sandboxed broker may not): never read them here
-    s.catalog = catalog_from_json(msg["catalog"]) if msg.get("catalog") is not None else ServiceCatalog()
-    return s
+def launcher_catalog(msg: dict) -> ServiceCatalog:
+    """The catalogue of activatable services the launcher read and sent beside the settings: the sandboxed
+    broker may not read the service directories, and never tries (none sent: nothing to activate)."""
+    return catalog_from_json(msg["catalog"]) if msg.get("catalog") is not None else ServiceCatalog()
 
 
 def main(argv=None) -> int:
@@ -104,14 +87,15 @@ def main(argv=None) -> int:
         take_over_listener(sock)
     msg = control.recv_msg(ctl)
     settings = settings_from_message(msg)
-    settings.selinux = selinux_mediator(msg, ctl)  # the AVC opens selinuxfs: before the sandbox
+    settings.catalog = launcher_catalog(msg)
+    settings.mediator = selinux_mediator(settings, ctl)  # the AVC opens selinuxfs: before the sandbox
     sandbox.drop_privileges(msg["uid"], msg["gid"])
     if settings.payload_fs and (a.fuse_fd is None or a.store_fd is None):
         raise SystemExit("the launcher named a payload fs but passed no --fuse-fd and --store-fd")
     settings.payload_store_fd = a.store_fd
-    landlock_on = sandbox.apply_landlock(msg.get("landlock") == "required", selinuxfs=settings.selinux is not None,
+    landlock_on = sandbox.apply_landlock(settings.landlock == "required", selinuxfs=settings.mediator is not None,
                                          payload_fs=settings.payload_fs, payload_store_fd=a.store_fd)  # fmt: skip
-    seccomp_on = sandbox.apply_seccomp(msg.get("seccomp") == "required")
+    seccomp_on = sandbox.apply_seccomp(settings.seccomp == "required")
     log.info("broker sandboxed: uid=%d gid=%d landlock=%s seccomp=%s", os.getuid(), os.getgid(),
              landlock_on, seccomp_on)  # fmt: skip
 

@@ -20,9 +20,9 @@ import time
 
 from ..access.audit import AuditWriter
 from ..access.config import load_config
+from ..access.config_settings import settings_from_config, settings_to_message
 from ..access.selinux import USER_AVC_FORM, AuditLimiter, selinux_enabled
 from ..activation.catalog import catalog_to_json, load_catalog
-from ..bus.limits import limits_for
 from ..io import control
 from ..io.address import listen, systemd_listeners
 from ..io.inotify import DirWatcher
@@ -102,30 +102,16 @@ def policy_json(cfg, owner_uid: int | None = None) -> str | None:
     return cfg.policy.to_json()
 
 
-def broker_settings(cfg, user: pwd.struct_passwd, owner_uid: int | None = None) -> dict:
-    lim = limits_for(cfg.type or "system", cfg.limits)
-    catalog = load_catalog(cfg.servicedirs, system_bus=(cfg.type or "system") == "system")
-    return {
-        "catalog": catalog_to_json(catalog),
-        "type": "settings", "bus_type": cfg.type or "system", "limits": vars(lim),
-        "fd_mode": cfg.sealbus.fd_mode or "any",
-        "policy": policy_json(cfg, owner_uid),
-        "uid": user.pw_uid, "gid": user.pw_gid,
-        "landlock": cfg.sealbus.landlock, "seccomp": cfg.sealbus.seccomp,
-        "machine_id": _machine_id(),
-        "selinux": selinux_enabled(), "selinux_associations": cfg.selinux_associations,
-        "payload_timeout_ms": cfg.sealbus.payload_timeout_ms,
-        "payload_max_bytes_per_user": cfg.sealbus.payload_max_bytes_per_user,
-        "busy_poll_us": cfg.sealbus.busy_poll_us,
-    }  # fmt: skip
-
-
-def _machine_id() -> str:
-    try:
-        with open("/etc/machine-id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+def broker_settings(cfg, user: pwd.struct_passwd, owner_uid: int | None = None, payload_mount: str | None = None,
+                    **overrides) -> dict:  # fmt: skip
+    """The settings message for the broker: the one BusSettings every path builds (settings_from_config), whole,
+    whom the broker must become and the services it may activate. ``payload_mount``: the payload fs this
+    launcher mounted and passes as --fuse-fd (None: none served, whatever the config asked)."""
+    settings = settings_from_config(cfg, bus_type="system", owner_uid=owner_uid, **overrides)
+    settings.payload_fs = payload_mount
+    # the launcher reads the service directories: the sandboxed broker may not (a reload sends it the same way)
+    catalog = load_catalog(settings.servicedirs, system_bus=settings.bus_type == "system")
+    return settings_to_message(settings, uid=user.pw_uid, gid=user.pw_gid, catalog=catalog_to_json(catalog))
 
 
 def sd_notify(text: str) -> None:
@@ -225,9 +211,8 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             os.close(fuse_fd)  # the broker serves it; the mount stays until we unmount it on the way out
             os.close(store_fd)
         watcher = open_watcher(watch_paths(cfg))  # before the service directories are read: no change missed
-        settings = {**broker_settings(cfg, user, owner_uid), "payload_fs": payload_mount, **(overrides or {})}
         spawner = service_spawner(cfg, lambda msg: control.send_msg(ctl_launcher, msg))
-        control.send_msg(ctl_launcher, settings)
+        control.send_msg(ctl_launcher, broker_settings(cfg, user, owner_uid, payload_mount, **(overrides or {})))
         ready = wait_ready(proc, ctl_launcher, payload_mount, stop=stop)
         if ready.get("type") != "ready":
             raise RuntimeError(f"unexpected message from the broker: {ready}")

@@ -342,9 +342,10 @@ class PayloadStore:
         node.opens += 1
 
     def released(self, node: Inode) -> None:
-        """The last close of an unsealed, still named file starts its expiry clock."""
+        """The last close of a still named file that waits for no claim (never sealed, or claimed
+        already) starts its expiry clock."""
         node.opens -= 1
-        if node.opens == 0 and node.kind == "file" and not node.sealed and node.nlink:
+        if node.opens == 0 and node.kind == "file" and node.nlink and node.cookie is None:
             self._schedule(node)
         self._maybe_free(node)
 
@@ -416,9 +417,12 @@ class PayloadStore:
         self._tombstone(cookie, "used", uid)
         orig.contents.refs += 1
         snap = self._snapshot_entry(orig.contents)
-        # The original keeps the frozen bytes only while its creator still holds it.
+        # The original keeps the frozen bytes only while its creator still holds it: open, or named
+        # (then, once closed, it expires as a never-sealed file does).
         orig.generation += 1
         orig.cookie = None
+        if orig.nlink and not orig.opens:
+            self._schedule(orig)
         self._maybe_free(orig)
         return snap
 
@@ -456,7 +460,8 @@ class PayloadStore:
         return self._deadlines[0][0] if self._deadlines else None
 
     def expire(self, now: float | None = None) -> int:
-        """Free what has waited too long: unclaimed sealed files, closed never-sealed files. Returns the count."""
+        """Free what has waited too long: unclaimed sealed files, and closed files still named that wait for
+        no claim (never sealed, or claimed already). Returns the count."""
         now = self.clock() if now is None else now
         freed = 0
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -468,8 +473,8 @@ class PayloadStore:
                 del self.cookies[node.cookie]
                 self._tombstone(node.cookie, "expired", node.uid)
                 node.cookie = None
-            elif node.sealed or node.opens:
-                continue
+            elif node.opens:
+                continue  # open again since: its last close schedules it anew
             if node.nlink and self.dirs[node.parent].get(node.name) == node.ino:
                 del self.dirs[node.parent][node.name]
                 node.nlink = 0
