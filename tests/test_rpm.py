@@ -176,6 +176,7 @@ def test_dependencies_are_fedora_names(built):
     for dep in ("trio", "jeepney"):
         assert any(re.fullmatch(rf"python3(\.\d+)?dist\({dep}\) >= [\d.]+", r) for r in main), (dep, main)
     assert f"(sealbus-selinux = {VERSION}-1 if selinux-policy-targeted)" in main
+    assert "python3-libseccomp" in main  # the broker's syscall filter, through libseccomp's own binding
     sel = built.query(built.selinux, "--requires").splitlines()
     assert "selinux-policy-targeted" in sel and "policycoreutils" in sel
     every = main + sel + built.query(built.srpm, "--requires").splitlines()

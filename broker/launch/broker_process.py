@@ -25,7 +25,6 @@ import socket
 import sys
 import termios  # noqa: F401
 
-import pyseccomp  # noqa: F401  (looks up libseccomp: see broker.launch.sonames)
 import trio
 
 import broker
@@ -38,6 +37,11 @@ from broker.io import control
 from broker.io.server import serve, take_over_listener
 from broker.launch import sandbox
 from broker.launch.logs import setup_logging
+
+try:  # loaded now, before the sandbox: it looks up libseccomp (see broker.launch.sonames)
+    sandbox.seccomp_module()
+except ImportError:
+    pass  # no binding at all: apply_seccomp says so, and refuses to start where the config requires it
 
 log = logging.getLogger("sealbus.broker")
 

@@ -148,9 +148,19 @@ openat open readlinkat unlink unlinkat getdents64
 """.split()
 
 
+def seccomp_module():
+    """The libseccomp binding: pyseccomp (PyPI, ctypes) or, where only the distribution's is installed
+    (Fedora/RHEL python3-libseccomp, Debian python3-seccomp), libseccomp's own ``seccomp``: one API."""
+    try:
+        import pyseccomp as sc
+    except ImportError:
+        import seccomp as sc
+    return sc
+
+
 def apply_seccomp(required: bool, extra: tuple[str, ...] = ()) -> bool:
     def install():
-        import pyseccomp as sc
+        sc = seccomp_module()
 
         f = sc.SyscallFilter(defaction=sc.KILL_PROCESS)
         for name in (*ALLOWED_SYSCALLS, *extra):
