@@ -111,9 +111,13 @@ def apply_landlock(required: bool, selinuxfs: bool = False, payload_fs: str | No
     from landlock.plumbing import FSAccess
 
     rs = holder["rs"]
+    # Only rights this kernel's Landlock ABI handles: a rule naming another (TRUNCATE before ABI 3, as on
+    # Debian 12's 6.1) is EINVAL; a right the ruleset does not handle stays unrestricted, as Landlock defines.
+    handled = FSAccess.all()
     for path, rights in rules:  # a path the bus user cannot reach is a configuration error, not "no Landlock"
         try:
-            rs.allow(path, rules=functools.reduce(operator.or_, (getattr(FSAccess, r) for r in rights)))
+            access = functools.reduce(operator.or_, (getattr(FSAccess, r) for r in rights)) & handled
+            rs.allow(path, rules=access)
         except OSError as e:
             raise SandboxError(
                 f"cannot grant the broker {path} ({e.strerror}): the bus user must be able to "
