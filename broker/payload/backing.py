@@ -23,26 +23,27 @@ def make_store_dir(parent: str | None = None, gid: int = -1) -> tuple[str, int]:
     broker) and opened to that group, so no chown (CAP_CHOWN) is needed.
     """
     egid = os.getegid()
-    if gid >= 0 and gid != egid:
+    switch = gid >= 0 and gid != egid
+    if switch:
         os.setegid(gid)  # the new directory's group; the launcher is single-threaded here
     try:
         path = tempfile.mkdtemp(prefix="sealbus-store-", dir=parent)  # 0700, a name nobody else chose
+        try:
+            # by fd, never following a link: the parent (a runtime dir) may be writable by the bus user
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            os.rmdir(path)
+            raise
+        try:
+            if switch:  # still as that group: no CAP_FSETID check for a group the launcher is not in
+                os.fchmod(fd, 0o770)  # owner root, group the bus user's: only the broker may use it
+        except BaseException:
+            os.close(fd)
+            os.rmdir(path)
+            raise
     finally:
-        if gid >= 0 and gid != egid:
+        if switch:
             os.setegid(egid)
-    try:
-        # by fd, never following a link: the parent (a runtime dir) may be writable by the bus user
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except BaseException:
-        os.rmdir(path)
-        raise
-    try:
-        if gid >= 0 and gid != egid:
-            os.fchmod(fd, 0o770)  # owner root, group the bus user's: only the broker may use it
-    except BaseException:
-        os.close(fd)
-        os.rmdir(path)
-        raise
     return path, fd
 
 
