@@ -19,7 +19,6 @@ routing pass:
 """
 
 import logging
-import math
 import os
 import shlex
 import signal
@@ -29,6 +28,7 @@ import trio
 
 from ..bus.activation import SPAWN
 from ..bus.common import E
+from .timers import sleep_until_due
 
 log = logging.getLogger("sealbus.activation")
 
@@ -148,12 +148,7 @@ async def run_activation(bus, server, starter) -> None:
             wake = trio.Event()
             act.on_request = act.on_armed = wake.set
             if not act.requests:
-                deadline = act.next_deadline()
-                if deadline is None:
-                    deadline = math.inf
-                if deadline > trio.current_time():
-                    with trio.move_on_at(deadline):
-                        await wake.wait()
+                await sleep_until_due(act.next_deadline(), wake)
             act.expire(trio.current_time())
             requests, act.requests = act.requests, []
             for start in requests:
