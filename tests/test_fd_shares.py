@@ -382,3 +382,35 @@ def test_fds_count_once_and_a_sender_over_its_share_pays_itself(core):
     errors = [h.error_name for h, _ in sender.take() if h.type == 3]
     assert errors == ["org.freedesktop.DBus.Error.LimitsExceeded"]
     assert not any(s.peer.dying for s in subs)
+
+
+@pytest.mark.timeout(120)
+def test_fds_waiting_for_a_close_count_against_the_senders_share(tmp_path, buses, test_users):
+    """Fds whose close blocks (a never-FLUSH FUSE file) stay in the broker until a worker closes them.
+    They used to be bounded only by max_inflight_fds_per_user (here 4096), not by the fd pool: one uid
+    filled the broker's 1024 fds and nobody could pass an fd or connect. Now they count against the
+    sender's fd share: it is disconnected at its share and the broker keeps room for everyone else."""
+    from .test_fd_close import hostile, reap, sender
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount FUSE and run clients as other uids")
+    bus = start_bus(tmp_path, ALLOW_ALL.format(type="session", limits='<limit name="max_inflight_fds_per_user">4096'
+                                               '</limit><limit name="max_outgoing_unix_fds">4096</limit>'),
+                    nofile=1024)  # fmt: skip
+    buses.append(bus)
+    attacker, other = test_users
+    from contextlib import ExitStack
+
+    with ExitStack() as st:
+        mnt = st.enter_context(hostile())
+        proc, lines = st.enter_context(sender(attacker, bus, mnt / "f", 16, msgs=80))  # 1280 stuck fds
+        held = bus.fd_count()
+        assert held < 1024 - 64, f"the broker holds {held} of its 1024 fds"
+        assert any(line.startswith("reply-failed") for line in lines), lines  # disconnected on the way
+        log = bus.log_path.read_text()
+        assert f"uid {attacker.pw_uid} has" in log and "(fd share)" in log, log[-2000:]
+        out = run_as(other, [sys.executable, "-c", PASS_FD, bus.address], timeout=60)
+        assert out.stdout.strip() == "True", (out.stdout, out.stderr[-1500:], bus.log_path.read_text()[-1500:])
+    reap(proc)
+    assert wait_until(lambda: bus.fd_count() < 40), bus.fd_count()
+    assert bus_is_alive(bus)

@@ -73,20 +73,42 @@ class FdQuota:
     message still in progress.
     """
 
-    __slots__ = ("pool", "used", "users")
+    __slots__ = ("closing", "pool", "used", "users")
 
     def __init__(self, pool: int = 1 << 30):
         self.pool = pool
         self.used = 0  # fds charged to any user
         self.users = 0  # users holding at least one
+        # fds the I/O shell was handed to close and has not closed yet (its worker threads close
+        # the kinds whose close may block): still the broker's fds, so they count against the pool
+        # and against the share of the uid that sent them. The shell sets an object with
+        # ``pending`` (all such fds) and ``charged`` (a mapping uid -> fds); None: none held.
+        self.closing = None
+
+    def closing_fds(self, uid: int) -> int:
+        """Fds ``uid`` sent that still wait for a close."""
+        c = self.closing
+        return c.charged.get(uid, 0) if c is not None else 0
+
+    def holds(self, acct: "UserAccount") -> int:
+        """Every fd of the broker's that ``acct`` makes it hold now."""
+        return acct.message_fds + acct.held_fds + self.closing_fds(acct.uid)
 
     def share(self, acct: "UserAccount") -> int:
         """How many fds ``acct`` may hold now."""
-        held = acct.message_fds + acct.held_fds
-        return (self.pool - self.used + held) // (self.users + (not held) + 1)
+        held = self.holds(acct)
+        c = self.closing
+        users = self.users
+        free = self.pool - self.used
+        if c is not None:
+            free -= c.pending
+            # uids with fds waiting for a close count as holders too (a uid counted twice, when it also
+            # holds message fds, only makes every share smaller)
+            users += len(c.charged) - (None in c.charged)
+        return (free + held) // (users + (not held) + 1)
 
     def refuses(self, acct: "UserAccount", n: int) -> bool:
-        return acct.message_fds + acct.held_fds + n > self.share(acct)
+        return self.holds(acct) + n > self.share(acct)
 
 
 @dataclass

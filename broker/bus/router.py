@@ -276,7 +276,7 @@ class Bus:
     def _over_fd_share(self, peer: Peer, h, fds) -> None:
         acct = peer.account
         why = (f"uid {acct.uid} holds its share of the broker's fds "
-               f"({acct.message_fds + acct.held_fds} of {self.fd_quota.share(acct)}: fd share)")  # fmt: skip
+               f"({self.fd_quota.holds(acct)} of {self.fd_quota.share(acct)}: fd share)")  # fmt: skip
         self.stats["limits"] += 1
         log.warning("refused a message with %d fds from %s: %s", len(fds), peer.describe(), why,
                     extra=about_peer(LIMIT, peer, limit="fd_share"))  # fmt: skip

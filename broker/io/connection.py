@@ -57,22 +57,32 @@ def close_fds(fds, creds=None) -> bool:
 def drain_closing(bus) -> None:
     """Perform the core's close actions (``bus.closing``, see ``FdRef``), after each routing pass.
 
-    A sender whose uid has more fds waiting for a close than its share is
-    disconnected: the broker already holds every fd it was sent, so refusing
-    the message would free nothing while the client kept sending more; the
-    server also refuses that uid's new connections until the charge drains.
+    Fds waiting for a worker's close are still the broker's: they count
+    against the sending uid's fd share (``FdQuota.closing``). A sender whose
+    uid then holds more than its share, or has more fds waiting for a close
+    than ``closer.uid_share``, is disconnected: the broker already holds
+    every fd it was sent, so refusing its messages would free nothing while
+    the client kept sending more (every refused fd is one more to close);
+    the server also refuses that uid's new connections until the charge
+    drains.
     """
     closing = bus.closing
+    quota = bus.fd_quota
     while closing:
         batch = closing[:]
         closing.clear()
         for fds, sender in batch:
             if sender is None:
                 closer.close_all(fds)
-            elif closer.close_all(fds, sender.creds.uid) and not sender.state:  # ACTIVE
+                continue
+            over = closer.close_all(fds, sender.creds.uid)
+            if sender.state:  # not ACTIVE: already leaving
+                continue
+            if over or (quota.closing_fds(sender.creds.uid) and quota.refuses(sender.account, 0)):
                 uid = sender.creds.uid
-                bus.kill(sender, f"uid {uid} has {closer.charged.get(uid, 0)} fds waiting to be closed (share "
-                         f"{closer.uid_share}): the filesystem they are on does not let them close")  # fmt: skip
+                bus.kill(sender, f"uid {uid} has {closer.charged.get(uid, 0)} fds waiting to be closed and holds "
+                         f"{quota.holds(sender.account)} of its {quota.share(sender.account)} fds (fd share): "
+                         "they do not close as fast as it sends them")  # fmt: skip
 
 
 class Connection:

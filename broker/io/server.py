@@ -9,6 +9,7 @@ import trio
 from .. import build
 from ..bus.lifecycle import ACTIVE
 from ..bus.log_fields import LIMIT, about
+from ..bus.peer import UserAccount
 from ..bus.router import Bus
 from ..bus.settings import BusSettings
 from ..payload.closer import closer
@@ -35,6 +36,7 @@ class Server:
         self.reactor = Reactor(self, busy_poll_us)
         # queued closes one uid may have: as many fds as it may have in flight (a uid over it is refused)
         closer.uid_share = bus.limits.max_inflight_fds_per_user
+        bus.fd_quota.closing = closer  # fds waiting for a worker's close count against their sender's share
         classifier.prepare()  # its /proc fds, opened once now rather than at the first fd a client passes
 
     def apply_limits(self, values: dict) -> None:
@@ -82,7 +84,7 @@ class Server:
                 log.warning("cannot read peer credentials: %s", e)
                 csock.close()
                 continue
-            if closer.over_share(creds.uid):
+            if closer.over_share(creds.uid) or self._closing_over_share(creds.uid):
                 log.warning("refused connection uid=%d pid=%d label=%s: %d fds it sent still wait to be closed",
                             creds.uid, creds.pid, creds.label or "-", closer.charged.get(creds.uid, 0),
                             extra=about(LIMIT, creds, limit="fd_close_queue"))  # fmt: skip
@@ -95,6 +97,14 @@ class Server:
             # its SASL lines end the reactor's linger, from before its task first runs
             self.reactor.watch_for_trio(csock.fileno(), pending=True)
             nursery.start_soon(conn.run)
+
+    def _closing_over_share(self, uid: int) -> bool:
+        """Whether ``uid`` has more fds waiting for a close than its fd share allows it to hold."""
+        quota = self.bus.fd_quota
+        if not quota.closing_fds(uid):
+            return False
+        acct = self.bus.conns.accounts.get(uid)
+        return quota.refuses(acct if acct is not None else UserAccount(uid), 0)
 
     def _make_room_for(self, uid: int) -> None:
         """Keep unauthenticated connections within their limits by evicting, never by refusing.
