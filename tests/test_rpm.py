@@ -44,6 +44,8 @@ MAIN_FILES = {
     "/usr/share/doc/sealbus",
     "/usr/share/doc/sealbus/README.md",
     "/usr/share/doc/sealbus/system-bus.md",
+    "/usr/share/licenses/sealbus",
+    "/usr/share/licenses/sealbus/LICENSE",
     "/usr/share/man/man1/sealbus.1.gz",
     "/usr/share/man/man1/sealbus-dbus-daemon.1.gz",
     "/usr/share/man/man1/sealbus-policy.1.gz",
@@ -55,6 +57,8 @@ SELINUX_FILES = {
     "/usr/share/selinux/packages/targeted/sealbus.pp.bz2",
     "/usr/share/selinux/devel/include/distributed/sealbus.if",
     "/var/lib/selinux/targeted/active/modules/200/sealbus",  # %ghost: semodule's store entry
+    "/usr/share/licenses/sealbus-selinux",
+    "/usr/share/licenses/sealbus-selinux/LICENSE",
 }
 LEAKS = re.compile(r"(^|/)(\.venv|\.git|__pycache__|\.pytest_cache|\.hypothesis|\.ruff_cache|build)(/|$)|\.pyc$")
 
