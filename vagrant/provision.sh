@@ -8,7 +8,8 @@
 #   source  the tree at SRC under /opt/sealbus with a venv; the module built with the
 #           distribution's devel Makefile and loaded with semodule -i. The local qemu tier
 #           (Debian guest, offline: SEALBUS_OFFLINE=1, the venv is already in the image).
-# SEALBUS_INSTALL=rpm|source chooses; default: rpm when dnf exists, else source.
+# SEALBUS_INSTALL=rpm|source chooses; default: rpm when dnf exists, else source. Either way the
+# test module policy/test/sealbus_test (the tier's demo domains, never packaged) is built and loaded.
 # Then: the entry points' labels, the enforcing tier (tests/vm/enforcing_tier.py, from SRC),
 # and, after it, sealbus.socket enabled and answering. Every step fails loudly.
 # Results: $SEALBUS_RESULTS (default /var/tmp/sealbus-results)/tier.json + tier.txt + audit.log
@@ -40,7 +41,7 @@ install_rpm() {
   step "dnf install ${rpms[*]##*/}"
   # the enforcing tier's own tools, then the packages (their dependencies from the Fedora repositories)
   dnf -y -q install python3 python3-jeepney policycoreutils policycoreutils-python-utils selinux-policy-targeted \
-    audit fuse3 systemd
+    selinux-policy-devel audit fuse3 systemd
   dnf -y install "${rpms[@]}"
   # the broker's seccomp and Landlock bindings are not packaged in Fedora (packaging/README.md):
   # from PyPI into /usr/local, with the sandbox's other two from Fedora
@@ -65,7 +66,8 @@ install_source() {
   step "entry points"
   bash "$PREFIX/src/packaging/entry-points.sh" "$LIBEXEC" "$PREFIX/venv/bin/python" "$PREFIX/src"
   step "build and load the policy module"
-  rm -rf /tmp/sealbus-policy && cp -r "$PREFIX/src/policy" /tmp/sealbus-policy
+  rm -rf /tmp/sealbus-policy && mkdir /tmp/sealbus-policy
+  cp "$PREFIX/src/policy/"sealbus.* /tmp/sealbus-policy/
   (cd /tmp/sealbus-policy && make -f /usr/share/selinux/devel/Makefile sealbus.pp)
   semodule -i /tmp/sealbus-policy/sealbus.pp
   step "systemd units (how a packaged install runs it)"
@@ -91,6 +93,14 @@ tar -C "$SRC" --exclude=.venv --exclude=.git --exclude='__pycache__' --exclude=.
   -cf - . | tar -C "$PREFIX/src" -xf -
 
 if [ "$mode" = rpm ]; then install_rpm; else install_source; fi
+
+step "build and load the test module sealbus_test (the tier's demo domains; never packaged)"
+rm -rf /tmp/sealbus-test-policy && mkdir /tmp/sealbus-test-policy
+cp "$PREFIX/src/policy/test/"sealbus_test.* /tmp/sealbus-test-policy/
+# the production interfaces: installed by sealbus-selinux (rpm), else from the tree
+[ -f /usr/share/selinux/devel/include/distributed/sealbus.if ] || cp "$PREFIX/src/policy/sealbus.if" /tmp/sealbus-test-policy/
+(cd /tmp/sealbus-test-policy && make -f /usr/share/selinux/devel/Makefile sealbus_test.pp)
+semodule -i /tmp/sealbus-test-policy/sealbus_test.pp
 
 if [ "${SEALBUS_VM_DIAG:-0}" != 0 ]; then
   echo "diagnostics: dontaudit rules off (semodule -DB): hidden denials reach the audit log"
