@@ -97,8 +97,9 @@ if [ "$mode" = rpm ]; then install_rpm; else install_source; fi
 step "build and load the test module sealbus_test (the tier's demo domains; never packaged)"
 rm -rf /tmp/sealbus-test-policy && mkdir /tmp/sealbus-test-policy
 cp "$PREFIX/src/policy/test/"sealbus_test.* /tmp/sealbus-test-policy/
-# the production interfaces: installed by sealbus-selinux (rpm), else from the tree
-[ -f /usr/share/selinux/devel/include/distributed/sealbus.if ] || cp "$PREFIX/src/policy/sealbus.if" /tmp/sealbus-test-policy/
+# the production interfaces: installed by sealbus-selinux (rpm), else from the tree (the devel Makefile
+# reads a local .if only next to its .te; only sealbus_test.pp is made)
+[ -f /usr/share/selinux/devel/include/distributed/sealbus.if ] || cp "$PREFIX/src/policy/"sealbus.* /tmp/sealbus-test-policy/
 (cd /tmp/sealbus-test-policy && make -f /usr/share/selinux/devel/Makefile sealbus_test.pp)
 semodule -i /tmp/sealbus-test-policy/sealbus_test.pp
 
