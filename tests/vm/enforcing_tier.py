@@ -233,8 +233,10 @@ def write_tier_config(extra: str = "") -> Path:
   </selinux>
 {extra}</busconfig>
 """)
+    # labelled before it takes the name: made here (initrc_t) it is etc_runtime_t, which the launcher may
+    # not read, and a relabel is no change inotify reports (IN_ATTRIB)
+    sh("restorecon", "-F", str(new))
     os.replace(new, TIER_CONFIG)
-    sh("restorecon", "-R", str(TIER_CONFIG.parent))
     return TIER_CONFIG
 
 
