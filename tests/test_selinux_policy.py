@@ -1,5 +1,7 @@
 """The SELinux module builds cleanly, links into the distribution policy, keeps its
-neverallow invariants, and the audit answers match the expected set.
+neverallow invariants, and the audit answers match the expected set: the production
+module alone (what packages ship), and with the test module (the enforcing tier's demo
+domains, policy/test/).
 
 No kernel needed: everything runs on a policy linked in a temporary store root."""
 
@@ -20,22 +22,27 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """(make output, binary policy path, setools policy) built once for the module."""
+def _build(work, with_test: bool):
+    """(make output, binary policy path, setools policy): the module(s) built and linked under work."""
     from setools import SELinuxPolicy
 
-    work = tmp_path_factory.mktemp("selinux")
     mod = work / "module"
     mod.mkdir()
-    for name in ("sealbus.te", "sealbus.if", "sealbus.fc"):
-        shutil.copy2(selinux_audit.POLICY_SRC / name, mod / name)
-    proc = subprocess.run(
-        ["make", "-f", str(selinux_audit.DEVEL_MAKEFILE), "sealbus.pp"], cwd=mod, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    policy_path = selinux_audit.link_policy(mod / "sealbus.pp", work / "root")
-    return proc.stdout + proc.stderr, policy_path, SELinuxPolicy(str(policy_path))
+    modules, output = selinux_audit.build_modules(mod, with_test=with_test)
+    policy_path = selinux_audit.link_policy(modules, work / "root")
+    return output, policy_path, SELinuxPolicy(str(policy_path))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The production module and the test module, linked (what the enforcing tier loads)."""
+    return _build(tmp_path_factory.mktemp("selinux"), with_test=True)
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory):
+    """The production module alone, linked with neverallow checking (what sealbus-selinux ships)."""
+    return _build(tmp_path_factory.mktemp("selinux-production"), with_test=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +53,30 @@ def answers(built):
 
 def test_module_builds_without_warnings(built):
     output, _, _ = built
+    assert "Creating default sealbus.pp" in output and "Creating default sealbus_test.pp" in output, output
     noisy = [line for line in output.splitlines() if "warning" in line.lower() or "error" in line.lower()]
     assert noisy == [], output
+
+
+def test_production_module_holds_no_test_policy(production):
+    """Issue 20, item 6: the demo domains, their name and tmpfs types, and the tmpfs relabel the tier's
+    stand-in mount needs live in the test module; the production module builds and links without it."""
+    output, _, policy = production
+    assert "sealbus_test" not in output
+    types = {str(t) for t in policy.types()}
+    assert {"sealbus_t", "sealbus_launch_t", "sealbus_store_t"} <= types
+    assert not {t for t in types if t.startswith("sealbus_demo_")}, types
+    assert "relabelfrom" not in _allowed(policy, "sealbus_launch_t", "tmpfs_t", "filesystem")
+    # the spec and scripts/install.sh build in policy/ and ship its .if: only the production module is there
+    modules = sorted(p.name for p in selinux_audit.POLICY_SRC.iterdir() if p.suffix in (".te", ".if"))
+    assert modules == ["sealbus.if", "sealbus.te"]
+
+
+def test_test_module_adds_the_demo_domains(built):
+    _, _, policy = built
+    types = {str(t) for t in policy.types()}
+    assert {"sealbus_demo_client_t", "sealbus_demo_name_t", "sealbus_demo_tmpfs_t"} <= types
+    assert "relabelfrom" in _allowed(policy, "sealbus_launch_t", "tmpfs_t", "filesystem")  # launch_helper's mount
 
 
 def test_module_is_linked_with_distribution_policy(built):
@@ -59,9 +88,15 @@ def test_module_is_linked_with_distribution_policy(built):
     assert "sealbus_var_run_t" in {str(a) for a in runtime.aliases()}  # file contexts of older installs
 
 
-def test_audit_matches_expected(answers):
-    expected = json.loads(selinux_audit.EXPECTED.read_text())
+def test_audit_matches_expected(production, answers):
+    """policy/audit-expected.json for the production module; plus policy/test/audit-expected-added.json
+    with the test module (what it adds and nothing else)."""
+    assert selinux_audit.compare(selinux_audit.audit(production[1]), selinux_audit.expected_answers()) == {}
+    expected = selinux_audit.expected_answers(added=selinux_audit.EXPECTED_TEST_ADDED)
     assert selinux_audit.compare(answers, expected) == {}
+    added = json.loads(selinux_audit.EXPECTED_TEST_ADDED.read_text())
+    assert {n.split(" ")[0] for names in added.values() for n in names} <= {
+        "sealbus_demo_client_t", "sealbus_demo_service_t", "sealbus_demo_stranger_t", "sealbus_t"}  # fmt: skip
 
 
 def test_audit_answers_hold_the_invariants(answers):
@@ -111,11 +146,15 @@ def test_audit_detects_a_difference(built, tmp_path, capsys):
     """A changed answer must fail: drop one expected domain and one answer gains an 'unexpected'."""
     _, policy_path, _ = built
     expected = json.loads(selinux_audit.EXPECTED.read_text())
-    expected["connect_bus_socket"].remove("sealbus_demo_client_t")
+    expected["connect_bus_socket"].remove("init_t")
     changed = tmp_path / "expected.json"
     changed.write_text(json.dumps(expected))
-    assert selinux_audit.main(["--policy", str(policy_path), "--expected", str(changed)]) == 1
+    assert selinux_audit.main(["--policy", str(policy_path), "--expected", str(changed), "--with-test-module"]) == 1
+    assert "unexpected: init_t" in capsys.readouterr().out
+    # the demo domains' answers are expected only with the test module
+    assert selinux_audit.main(["--policy", str(policy_path)]) == 1
     assert "unexpected: sealbus_demo_client_t" in capsys.readouterr().out
+    assert selinux_audit.main(["--policy", str(policy_path), "--with-test-module"]) == 0
 
 
 # Rules that would widen what the module guarantees (issue 20, item 4). Each must be caught:
@@ -141,19 +180,18 @@ WIDENING_AUDITED = {
 }  # fmt: skip
 
 
-def _module_with(tmp_path, rules: list[str]):
-    """sealbus.pp built from the module sources plus extra rules at the end of sealbus.te."""
+def _module_with(tmp_path, rules: list[str]) -> list:
+    """sealbus.pp and sealbus_test.pp built from the sources plus extra rules at the end of sealbus_test.te
+    (where the demo domains they name are declared; the production module's neverallows see them all)."""
+    src = tmp_path / "src"
+    shutil.copytree(selinux_audit.POLICY_SRC, src)
+    te = src / "test" / "sealbus_test.te"
+    te.write_text(te.read_text() + "\ngen_require(`\n\ttype sealbus_t, sealbus_fs_t, tmp_t, bin_t;\n')\n"
+                  + "\n".join(rules) + "\n")  # fmt: skip
     mod = tmp_path / "module"
     mod.mkdir()
-    for name in ("sealbus.if", "sealbus.fc"):
-        shutil.copy2(selinux_audit.POLICY_SRC / name, mod / name)
-    te = (selinux_audit.POLICY_SRC / "sealbus.te").read_text()
-    te += "\ngen_require(`\n\ttype tmp_t, bin_t;\n')\n" + "\n".join(rules) + "\n"
-    (mod / "sealbus.te").write_text(te)
-    proc = subprocess.run(["make", "-f", str(selinux_audit.DEVEL_MAKEFILE), "sealbus.pp"], cwd=mod,
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return mod / "sealbus.pp"
+    modules, _ = selinux_audit.build_modules(mod, with_test=True, src=src)
+    return modules
 
 
 def _as_cil(rule: str) -> str:
@@ -165,18 +203,18 @@ def _as_cil(rule: str) -> str:
 
 def test_widening_rules_fail_the_link(tmp_path):
     """Every neverallow-breaking rule is named in the link's failure: the invariants cannot rot."""
-    pp = _module_with(tmp_path, list(WIDENING_NEVERALLOW.values()))
+    modules = _module_with(tmp_path, list(WIDENING_NEVERALLOW.values()))
     with pytest.raises(selinux_audit.AuditError, match="neverallow") as failure:
-        selinux_audit.link_policy(pp, tmp_path / "root")
+        selinux_audit.link_policy(modules, tmp_path / "root")
     missed = {why: rule for why, rule in WIDENING_NEVERALLOW.items() if _as_cil(rule) not in str(failure.value)}
     assert missed == {}, str(failure.value)[-3000:]
 
 
 def test_widening_rules_fail_the_audit(tmp_path):
     """Rules no neverallow can forbid (unconfined domains hold them already) change an audit answer."""
-    pp = _module_with(tmp_path, [rule for rule, _, _ in WIDENING_AUDITED.values()])
-    answers = selinux_audit.audit(selinux_audit.link_policy(pp, tmp_path / "root"))
-    diff = selinux_audit.compare(answers, json.loads(selinux_audit.EXPECTED.read_text()))
+    modules = _module_with(tmp_path, [rule for rule, _, _ in WIDENING_AUDITED.values()])
+    answers = selinux_audit.audit(selinux_audit.link_policy(modules, tmp_path / "root"))
+    diff = selinux_audit.compare(answers, selinux_audit.expected_answers(added=selinux_audit.EXPECTED_TEST_ADDED))
     for why, (_, question, entry) in WIDENING_AUDITED.items():
         assert entry in diff.get(question, ([], []))[0], (why, diff.get(question))
 
@@ -281,3 +319,40 @@ def test_system_domain_interface_builds(tmp_path):
                          capture_output=True, check=True).stdout.decode()  # fmt: skip
     assert "(typetransition sealbus_launch_t sealbusactdemo_exec_t process sealbusactdemo_t)" in cil
     assert "(typeattributeset sealbus_system_bus_client_domain (sealbusactdemo_t ))" in cil
+
+
+def test_payload_store_has_its_own_type(production):
+    """The store directory the launcher makes for the broker is sealbus_store_t, by a named type transition
+    on the name the launcher gives it; the broker gets that directory (read: its inherited fd is revalidated
+    at exec; write, add_name: O_TMPFILE) and may only search the runtime directory, never list or write it."""
+    from setools import TERuleQuery
+
+    from broker.payload.backing import LAUNCHER_STORE_NAME
+
+    _, _, policy = production
+    trans = TERuleQuery(policy, ruletype=["type_transition"], source="sealbus_launch_t", target="sealbus_runtime_t",
+                        tclass=["dir"])  # fmt: skip
+    named = {(getattr(r, "filename", None), str(r.default)) for r in trans.results()}
+    assert (LAUNCHER_STORE_NAME, "sealbus_store_t") in named, named
+    assert {"create", "rmdir", "setattr", "read"} <= _allowed(policy, "sealbus_launch_t", "sealbus_store_t", "dir")
+    assert {"read", "write", "add_name", "search"} <= _allowed(policy, "sealbus_t", "sealbus_store_t", "dir")
+    assert "remove_name" not in _allowed(policy, "sealbus_t", "sealbus_store_t", "dir")
+    assert {"create", "read", "write"} <= _allowed(policy, "sealbus_t", "sealbus_store_t", "file")
+    assert _allowed(policy, "sealbus_t", "sealbus_runtime_t", "dir") == {"getattr", "search", "open"}
+    assert _allowed(policy, "sealbus_t", "sealbus_runtime_t", "file") == set()
+
+
+WATCHED = {"etc_t", "usr_t", "lib_t", "dbusd_etc_t"}  # /etc/sealbus; /usr/share/dbus-1, /opt; /usr/lib; /etc/dbus-1
+
+
+def test_launcher_watches_exactly_the_config_and_service_dirs(production):
+    """Reload on change without SIGHUP: the launcher's inotify watches (changes only: no watch_reads) on the
+    directories of the bus configuration and the service files, and on nothing else."""
+    from setools import TERuleQuery
+
+    _, _, policy = production
+    rules = TERuleQuery(policy, ruletype=["allow"], source="sealbus_launch_t", perms={"watch"}).results()
+    watched = {(t, str(r.tclass)) for r in rules for t in selinux_audit._expand(r.target)}
+    assert watched == {(t, "dir") for t in WATCHED}, watched
+    for perm in ("watch_reads", "watch_mount", "watch_sb", "watch_with_perm"):
+        assert not list(TERuleQuery(policy, ruletype=["allow"], source="sealbus_launch_t", perms={perm}).results())

@@ -8,7 +8,8 @@
 #   source  the tree at SRC under /opt/sealbus with a venv; the module built with the
 #           distribution's devel Makefile and loaded with semodule -i. The local qemu tier
 #           (Debian guest, offline: SEALBUS_OFFLINE=1, the venv is already in the image).
-# SEALBUS_INSTALL=rpm|source chooses; default: rpm when dnf exists, else source.
+# SEALBUS_INSTALL=rpm|source chooses; default: rpm when dnf exists, else source. Either way the
+# test module policy/test/sealbus_test (the tier's demo domains, never packaged) is built and loaded.
 # Then: the entry points' labels, the enforcing tier (tests/vm/enforcing_tier.py, from SRC),
 # and, after it, sealbus.socket enabled and answering. Every step fails loudly.
 # Results: $SEALBUS_RESULTS (default /var/tmp/sealbus-results)/tier.json + tier.txt + audit.log
@@ -27,6 +28,7 @@ mode=${SEALBUS_INSTALL:-}
 [ -n "$mode" ] || { if command -v dnf >/dev/null; then mode=rpm; else mode=source; fi; }
 
 rpms=()
+modules=()  # policy packages to load with the test module, in one semodule call (each load rebuilds the policy)
 check_rpms() {  # before anything is touched: the packages are there and fit this system's Python
   local dir=${SEALBUS_RPMS:-$SRC/build/rpm} want have
   rpms=("$dir"/sealbus-[0-9]*.noarch.rpm "$dir"/sealbus-selinux-[0-9]*.noarch.rpm)
@@ -40,7 +42,7 @@ install_rpm() {
   step "dnf install ${rpms[*]##*/}"
   # the enforcing tier's own tools, then the packages (their dependencies from the Fedora repositories)
   dnf -y -q install python3 python3-jeepney policycoreutils policycoreutils-python-utils selinux-policy-targeted \
-    audit fuse3 systemd
+    selinux-policy-devel audit fuse3 systemd
   dnf -y install "${rpms[@]}"
   # the broker's seccomp and Landlock bindings are not packaged in Fedora (packaging/README.md):
   # from PyPI into /usr/local, with the sandbox's other two from Fedora
@@ -64,10 +66,11 @@ install_source() {
   id sealbus >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sealbus
   step "entry points"
   bash "$PREFIX/src/packaging/entry-points.sh" "$LIBEXEC" "$PREFIX/venv/bin/python" "$PREFIX/src"
-  step "build and load the policy module"
-  rm -rf /tmp/sealbus-policy && cp -r "$PREFIX/src/policy" /tmp/sealbus-policy
+  step "build the policy module (loaded with the test module below)"
+  rm -rf /tmp/sealbus-policy && mkdir /tmp/sealbus-policy
+  cp "$PREFIX/src/policy/"sealbus.* /tmp/sealbus-policy/
   (cd /tmp/sealbus-policy && make -f /usr/share/selinux/devel/Makefile sealbus.pp)
-  semodule -i /tmp/sealbus-policy/sealbus.pp
+  modules+=(/tmp/sealbus-policy/sealbus.pp)
   step "systemd units (how a packaged install runs it)"
   install -D -m 0644 "$PREFIX/src/systemd/sealbus.service" /etc/systemd/system/sealbus.service
   install -D -m 0644 "$PREFIX/src/systemd/sealbus.socket" /etc/systemd/system/sealbus.socket
@@ -91,6 +94,17 @@ tar -C "$SRC" --exclude=.venv --exclude=.git --exclude='__pycache__' --exclude=.
   -cf - . | tar -C "$PREFIX/src" -xf -
 
 if [ "$mode" = rpm ]; then install_rpm; else install_source; fi
+
+step "build the test module sealbus_test (the tier's demo domains; never packaged), load the modules"
+rm -rf /tmp/sealbus-test-policy && mkdir /tmp/sealbus-test-policy
+cp "$PREFIX/src/policy/test/"sealbus_test.* /tmp/sealbus-test-policy/
+# the production interfaces: installed by sealbus-selinux (rpm), else from the tree (the devel Makefile
+# reads a local .if only next to its .te; only sealbus_test.pp is made)
+[ -f /usr/share/selinux/devel/include/distributed/sealbus.if ] || cp "$PREFIX/src/policy/"sealbus.* /tmp/sealbus-test-policy/
+(cd /tmp/sealbus-test-policy && make -f /usr/share/selinux/devel/Makefile sealbus_test.pp)
+modules+=(/tmp/sealbus-test-policy/sealbus_test.pp)
+load=(); for m in "${modules[@]}"; do load+=(-i "$m"); done
+semodule "${load[@]}"
 
 if [ "${SEALBUS_VM_DIAG:-0}" != 0 ]; then
   echo "diagnostics: dontaudit rules off (semodule -DB): hidden denials reach the audit log"

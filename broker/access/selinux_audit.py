@@ -10,6 +10,11 @@ store under a temporary root (`semodule -p ROOT -n`).
 
 The answers are compared with policy/audit-expected.json; any difference is a
 failure, so a change in who may reach the bus has to be made on purpose.
+
+The production module (what packages ship) is audited alone. The enforcing
+tier also loads the test module policy/test/sealbus_test (its demo domains):
+``--with-test-module`` links it too and expects, on top of the production
+answers, exactly the ones in policy/test/audit-expected-added.json.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 POLICY_SRC = REPO / "policy"
 EXPECTED = POLICY_SRC / "audit-expected.json"
+MODULE = "sealbus"
+TEST_MODULE = "sealbus_test"  # the enforcing tier's demo domains, never packaged
+TEST_POLICY_SRC = POLICY_SRC / "test"
+EXPECTED_TEST_ADDED = TEST_POLICY_SRC / "audit-expected-added.json"  # what the test module adds
 DEVEL_MAKEFILE = Path("/usr/share/selinux/devel/Makefile")
 STORE = "default"
 
@@ -59,14 +68,18 @@ class AuditError(RuntimeError):
 # -- building -------------------------------------------------------------------------------------
 
 
-def build_module(src: Path, out_dir: Path) -> Path:
-    """Compile sealbus.pp with the distribution's devel Makefile; returns its path.
+def build_modules(out_dir: Path, *, with_test: bool = False, src: Path = POLICY_SRC) -> tuple[list[Path], str]:
+    """Compile sealbus.pp (and with_test, sealbus_test.pp from src/test) with the distribution's devel
+    Makefile in out_dir; returns (the .pp paths, the compiler output).
 
     Raises AuditError carrying the compiler output on failure."""
-    for name in ("sealbus.te", "sealbus.if", "sealbus.fc"):
-        shutil.copy2(src / name, out_dir / name)
+    modules = [MODULE, TEST_MODULE] if with_test else [MODULE]
+    for module in modules:
+        where = src if module == MODULE else src / "test"
+        for ext in ("te", "if", "fc"):
+            shutil.copy2(where / f"{module}.{ext}", out_dir / f"{module}.{ext}")
     proc = subprocess.run(
-        ["make", "-f", str(DEVEL_MAKEFILE), "sealbus.pp"],
+        ["make", "-f", str(DEVEL_MAKEFILE), *(f"{m}.pp" for m in modules)],
         cwd=out_dir,
         capture_output=True,
         text=True,
@@ -74,11 +87,11 @@ def build_module(src: Path, out_dir: Path) -> Path:
     )
     if proc.returncode != 0:
         raise AuditError(f"module build failed:\n{proc.stdout}{proc.stderr}")
-    return out_dir / "sealbus.pp"
+    return [out_dir / f"{m}.pp" for m in modules], proc.stdout + proc.stderr
 
 
-def link_policy(module_pp: Path, root: Path) -> Path:
-    """Link the module into a copy of the distribution's store under root; returns the binary policy."""
+def link_policy(modules: list[Path], root: Path) -> Path:
+    """Link the modules into a copy of the distribution's store under root; returns the binary policy."""
     store = Path("/var/lib/selinux") / STORE
     config = Path("/etc/selinux") / STORE
     if not store.is_dir() or not config.is_dir():
@@ -91,7 +104,7 @@ def link_policy(module_pp: Path, root: Path) -> Path:
     lines = [ln for ln in (conf.read_text().splitlines() if conf.exists() else []) if "expand-check" not in ln]
     (root / "etc/selinux/semanage.conf").write_text("\n".join([*lines, "expand-check = 1", ""]))
     proc = subprocess.run(
-        ["semodule", "-p", str(root), "-s", STORE, "-n", "-i", str(module_pp)],
+        ["semodule", "-p", str(root), "-s", STORE, "-n", *(arg for pp in modules for arg in ("-i", str(pp)))],
         capture_output=True,
         text=True,
         check=False,
@@ -104,11 +117,12 @@ def link_policy(module_pp: Path, root: Path) -> Path:
     return policies[-1]
 
 
-def build_policy(work: Path, src: Path = POLICY_SRC) -> Path:
-    """Module + distribution policy, linked; returns the binary policy path under work."""
+def build_policy(work: Path, *, with_test: bool = False, src: Path = POLICY_SRC) -> Path:
+    """Module(s) + distribution policy, linked; returns the binary policy path under work."""
     mod_dir = work / "module"
     mod_dir.mkdir(parents=True, exist_ok=True)
-    return link_policy(build_module(src, mod_dir), work / "root")
+    modules, _ = build_modules(mod_dir, with_test=with_test, src=src)
+    return link_policy(modules, work / "root")
 
 
 # -- questions ------------------------------------------------------------------------------------
@@ -335,6 +349,27 @@ def compare(actual: dict[str, list[str]], expected: dict[str, list[str]]) -> dic
     return diff
 
 
+def expected_answers(expected: Path = EXPECTED, added: Path | None = None) -> dict[str, list[str]]:
+    """The expected answers; with ``added`` (the test module's file), plus the answers it adds."""
+    answers = json.loads(expected.read_text())
+    if added is not None:
+        for key, names in json.loads(added.read_text()).items():
+            answers[key] = sorted(set(answers.get(key, [])) | set(names))
+    return answers
+
+
+def added_answers(actual: dict[str, list[str]], base: dict[str, list[str]]) -> dict[str, list[str]]:
+    """What ``actual`` answers on top of ``base`` (the test module's file). A module only adds rules,
+    so a base answer missing from ``actual`` means the base is stale: AuditError."""
+    missing = {key: sorted(set(base.get(key, [])) - set(actual[key])) for key in QUESTIONS}
+    missing = {key: names for key, names in missing.items() if names}
+    if missing:
+        raise AuditError(f"answers of the production module missing with the test module (record them first): "
+                         f"{missing}")  # fmt: skip
+    added = {key: sorted(set(actual[key]) - set(base.get(key, []))) for key in QUESTIONS}
+    return {key: names for key, names in added.items() if names}
+
+
 def render(actual: dict[str, list[str]], diff: dict[str, tuple[list[str], list[str]]]) -> str:
     lines = []
     for key, question in QUESTIONS.items():
@@ -361,6 +396,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--policy", type=Path, help="binary policy to audit (e.g. /sys/fs/selinux/policy)")
     parser.add_argument("--expected", type=Path, default=EXPECTED, help=f"expected answers (default {EXPECTED})")
+    parser.add_argument(
+        "--with-test-module",
+        action="store_true",
+        help=f"the policy also holds the test module {TEST_MODULE} (the enforcing tier's demo domains; built "
+        f"and linked too without --policy): expect in addition the answers in {EXPECTED_TEST_ADDED}",
+    )
     parser.add_argument("--write-expected", action="store_true", help="record the current answers as expected")
     parser.add_argument(
         "--infoflow-graph",
@@ -375,24 +416,29 @@ def main(argv: list[str]) -> int:
             actual = audit(args.policy, args.infoflow_graph)
         else:
             with tempfile.TemporaryDirectory(prefix="sealbus-audit-") as work:
-                actual = audit(build_policy(Path(work)), args.infoflow_graph)
+                actual = audit(build_policy(Path(work), with_test=args.with_test_module), args.infoflow_graph)
     except (AuditError, OSError) as e:
         print(f"sealbus policy audit: {e}", file=sys.stderr)
         return 2
 
-    if args.write_expected:
-        args.expected.write_text(json.dumps(actual, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {args.expected}")
-        return 0
+    added = EXPECTED_TEST_ADDED if args.with_test_module else None
     try:
-        expected = json.loads(args.expected.read_text())
-    except (OSError, ValueError) as e:
-        print(f"sealbus policy audit: cannot read expected answers {args.expected}: {e}", file=sys.stderr)
+        if args.write_expected:
+            target, record = args.expected, actual
+            if added is not None:
+                target, record = added, added_answers(actual, expected_answers(args.expected))
+            target.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            print(f"wrote {target}")
+            return 0
+        expected = expected_answers(args.expected, added)
+    except (OSError, ValueError, AuditError) as e:
+        print(f"sealbus policy audit: expected answers ({args.expected}, {added}): {e}", file=sys.stderr)
         return 2
     diff = compare(actual, expected)
     print(json.dumps(actual, indent=2, sort_keys=True) if args.json else render(actual, diff))
     if diff:
-        print(f"sealbus policy audit: FAIL, {len(diff)} answer(s) differ from {args.expected}", file=sys.stderr)
+        print(f"sealbus policy audit: FAIL, {len(diff)} answer(s) differ from {args.expected}"
+              + (f" + {added}" if added else ""), file=sys.stderr)  # fmt: skip
         return 1
     print("sealbus policy audit: all answers match the expected set")
     return 0

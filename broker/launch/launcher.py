@@ -27,7 +27,7 @@ from ..io import control
 from ..io.address import listen, systemd_listeners
 from ..io.inotify import DirWatcher
 from ..io.reload import SETTLE_SECONDS, ReloadFailed, open_watcher, read_config, watch_paths
-from ..payload.backing import make_store_dir, remove_store_dir
+from ..payload.backing import LAUNCHER_STORE_NAME, make_store_dir, remove_store_dir
 from . import sandbox
 from .payload_mount import abort_payload_fs, launcher_payload_fs, unmount_payload_fs
 from .service_start import ServiceSpawner
@@ -194,8 +194,10 @@ def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, 
             except OSError as e:
                 log.error("payload fs not served: %s", e)  # the bus itself still runs: memfd payloads need no mount
         if fuse_fd is not None:
-            # its contents: unlinked files in a directory of the bus user's own, not the broker's heap
-            store_dir, store_fd = make_store_dir(runtime, user.pw_gid)
+            # its contents: unlinked files in a directory of the bus user's own, not the broker's heap; in the
+            # (root-owned) runtime dir under the name the SELinux policy types (sealbus_store_t)
+            store_name = LAUNCHER_STORE_NAME if runtime else None
+            store_dir, store_fd = make_store_dir(runtime, user.pw_gid, store_name)
             fds += (fuse_fd, store_fd)
             cmd += ["--fuse-fd", str(fuse_fd), "--store-fd", str(store_fd)]
         # preexec_fn: the launcher has no threads; the drop must happen here, in sealbus_launch_t

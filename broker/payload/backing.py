@@ -14,20 +14,27 @@ the store, whatever the filesystem underneath.
 import os
 import tempfile
 
+# The name the launcher gives the broker's store in the bus's runtime directory: fixed, because the SELinux
+# policy types the directory by name (a named type transition to sealbus_store_t, policy/sealbus.te).
+LAUNCHER_STORE_NAME = "sealbus-store-broker"
 
-def make_store_dir(parent: str | None = None, gid: int = -1) -> tuple[str, int]:
+
+def make_store_dir(parent: str | None = None, gid: int = -1, name: str | None = None) -> tuple[str, int]:
     """A fresh private directory under parent (default: the temporary directory): (path, open dir fd).
 
     gid: the broker's user's group when a launcher (root) makes it for the broker: the directory is made
     with the bus user's group as the effective one (CAP_SETGID, which the launcher keeps to start the
     broker) and opened to that group, so no chown (CAP_CHOWN) is needed.
+    name: a fixed name instead of a random one, only in a parent nobody else may write (the launcher's
+    root-owned runtime directory): an empty directory of that name (left by a launcher that was killed)
+    is replaced, anything else there is an error.
     """
     egid = os.getegid()
     switch = gid >= 0 and gid != egid
     if switch:
         os.setegid(gid)  # the new directory's group; the launcher is single-threaded here
     try:
-        path = tempfile.mkdtemp(prefix="sealbus-store-", dir=parent)  # 0700, a name nobody else chose
+        path = tempfile.mkdtemp(prefix="sealbus-store-", dir=parent) if name is None else _fresh_dir(parent, name)
         try:
             # by fd, never following a link: the parent (a runtime dir) may be writable by the bus user
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -45,6 +52,17 @@ def make_store_dir(parent: str | None = None, gid: int = -1) -> tuple[str, int]:
         if switch:
             os.setegid(egid)
     return path, fd
+
+
+def _fresh_dir(parent: str | None, name: str) -> str:
+    """parent/name made anew, 0700 (rmdir of a leftover fails unless it is an empty directory)."""
+    path = os.path.join(parent or tempfile.gettempdir(), name)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        os.rmdir(path)
+        os.mkdir(path, 0o700)
+    return path
 
 
 def session_store_parent() -> str | None:

@@ -19,7 +19,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from broker.payload.backing import LAUNCHER_STORE_NAME
 from tests.procfs import children, proc_status
+from tests.vm.probe import DBUS_TIMEOUT, DBusError, _bus, _unwrap, own
 
 HERE = Path(__file__).resolve().parent
 PYTHON = os.environ.get("SEALBUS_VM_PYTHON", "/opt/sealbus/venv/bin/python")
@@ -38,6 +40,11 @@ OWNED_NAME = "org.sealbus.Demo.Owned"  # associated with sealbus_demo_name_t, ow
 GUARDED_NAME = "org.sealbus.Demo.Guarded"  # associated with sealbus_demo_name_t, nobody may take it but the service
 FREE_NAME = "org.sealbus.Demo.Free"  # no association, nobody owns it
 RESULTS_DIR = Path("/var/tmp")  # --out's directory: the launcher's log lands next to the results
+# Reload on change, without SIGHUP: the launcher's inotify watches under enforcing.
+RELOAD_NAME = "org.sealbus.Demo.Reloaded"  # owned before the config changes, denied by the changed config
+ACTIVATABLE_NAME = "org.sealbus.Demo.Activatable"  # its service file appears while the bus runs
+SERVICE_DIR = Path("/usr/share/dbus-1/system-services")  # a standard system service dir (usr_t)
+STORE_TYPE = "sealbus_store_t"
 
 
 @dataclass
@@ -143,6 +150,7 @@ def case_platform() -> None:
     record("getenforce is Enforcing", enforce == "Enforcing", enforce)
     modules = sh("semodule", "-l").stdout.split()
     record("sealbus module loaded", "sealbus" in modules, "semodule -l")
+    record("sealbus_test module loaded (the demo domains)", "sealbus_test" in modules, "semodule -l")
     labels = sh("ls", "-Z", str(LAUNCHER), str(HELPER)).stdout.strip().replace("\n", "; ")
     record("entry points labelled", "sealbus_launch_exec_t" in labels, labels)
 
@@ -205,10 +213,16 @@ def case_payload_fs(start: float) -> None:
         record("launcher domain unmounts the payload fs", proc.returncode == 0, proc.stderr.strip() or "unmounted")
 
 
-def write_tier_config() -> Path:
+def write_tier_config(extra: str = "") -> Path:
+    """The tier's bus config (replaced in one rename: a watching launcher never reads half of it), with
+    the standard system service directories; SERVICE_DIR exists before the bus starts, so it is watched."""
     TIER_CONFIG.parent.mkdir(exist_ok=True)
-    TIER_CONFIG.write_text(f"""<busconfig>
+    SERVICE_DIR.mkdir(parents=True, exist_ok=True)
+    sh("restorecon", "-R", str(SERVICE_DIR.parent))
+    new = TIER_CONFIG.with_name(f".{TIER_CONFIG.name}.new")
+    new.write_text(f"""<busconfig>
   <include>{SYSTEM_CONF}</include>
+  <standard_system_servicedirs/>
   <policy context="default">
     <allow own_prefix="org.sealbus.Demo"/>
     <allow send_destination_prefix="org.sealbus.Demo"/>
@@ -217,9 +231,12 @@ def write_tier_config() -> Path:
     <associate own="{OWNED_NAME}" context="{NAME_CONTEXT}"/>
     <associate own="{GUARDED_NAME}" context="{NAME_CONTEXT}"/>
   </selinux>
-</busconfig>
+{extra}</busconfig>
 """)
-    sh("restorecon", "-R", str(TIER_CONFIG.parent))
+    # labelled before it takes the name: made here (initrc_t) it is etc_runtime_t, which the launcher may
+    # not read, and a relabel is no change inotify reports (IN_ATTRIB)
+    sh("restorecon", "-F", str(new))
+    os.replace(new, TIER_CONFIG)
     return TIER_CONFIG
 
 
@@ -286,7 +303,7 @@ def case_real_bus(start: float) -> None:
     ]
     proc, why, log = start_real_bus(BUS_DIR, write_tier_config())
     if proc is None:
-        for name in names:
+        for name in names + list(RELOAD_CASES.values()):
             record(name, False, why)
         case_dbus_class(None, start, log)
         return
@@ -333,6 +350,8 @@ def case_real_bus(start: float) -> None:
         record("GetConnectionSELinuxSecurityContext and GetConnectionCredentials give the real label",
                rc == 0 and out.count(f":{want}:") == 2, out)  # fmt: skip
         case_dbus_class(why, start, log)
+        case_payload_store(brokers[0] if brokers else None)
+        case_reload_without_sighup(why, log, start)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -478,6 +497,95 @@ def case_fd_relay(address: str, since: float) -> None:
     avcs = [a for a in avcs if "fifo_file" in a]
     record(DBUS_CASES["fd_forbidden"], rc == 2 and "Disconnected" in out and bool(avcs),
            f"{out} | {avcs[0][-200:] if avcs else 'no AVC sealbus_t -> sealbus_demo_client_t fifo_file'}")  # fmt: skip
+
+
+RELOAD_CASES = {
+    "store": f"payload store: the broker's store dir fd is {STORE_TYPE} (named type transition in the launcher)",
+    "store_list": "payload store: the loaded policy lets the broker search /run/sealbus but not list it (dir read)",
+    "config": "inotify: a changed config file is reloaded without SIGHUP (a name the new config denies)",
+    "service": "inotify: a service file added to a watched service dir is activatable without SIGHUP",
+    "watching": "inotify: the launcher watches every config and service dir (no 'not watching' line, no AVC)",
+}
+
+
+def case_payload_store(broker: int | None) -> None:
+    """The payload store has its own type, so the broker gets it and not the runtime directory (issue 20)."""
+    if broker is None:
+        for key in ("store", "store_list"):
+            record(RELOAD_CASES[key], False, "no broker process")
+        return
+    import selinux
+
+    store = BUS_DIR / LAUNCHER_STORE_NAME
+    held = []
+    for fd in os.listdir(f"/proc/{broker}/fd"):
+        link = f"/proc/{broker}/fd/{fd}"
+        try:
+            if os.readlink(link) == str(store):
+                held.append(os.getxattr(link, "security.selinux").decode().rstrip("\0"))
+        except OSError:
+            continue
+    record(RELOAD_CASES["store"], bool(held) and all(type_of(c) == STORE_TYPE for c in held),
+           f"{store}: {held or 'no fd of the broker points to it'}")  # fmt: skip
+    # Asked of the loaded kernel policy, for SELinux alone (Landlock would refuse the broker too).
+    broker_ctx, runtime_ctx = context_of(broker), selinux.getfilecon(str(BUS_DIR))[1]
+    dir_class = selinux.string_to_security_class("dir")
+    allowed = {}
+    for perm in ("search", "read"):
+        bit = selinux.string_to_av_perm(dir_class, perm)
+        avd = selinux.av_decision()
+        selinux.security_compute_av(broker_ctx, runtime_ctx, dir_class, bit, avd)
+        allowed[perm] = bool(avd.allowed & bit)
+    record(RELOAD_CASES["store_list"], allowed == {"search": True, "read": False},
+           f"{broker_ctx} -> {runtime_ctx} dir: {allowed}")  # fmt: skip
+
+
+def _activatable(address: str) -> list[str]:
+    from jeepney.bus_messages import message_bus
+
+    with _bus(address) as conn:
+        return _unwrap(conn.send_and_get_reply(message_bus.ListActivatableNames(), timeout=DBUS_TIMEOUT))[0]
+
+
+def _own(address: str) -> str:
+    """RELOAD_NAME requested by this process (initrc_t, unconfined): 'owns ...' or the D-Bus error."""
+    try:
+        return own(address, RELOAD_NAME)
+    except DBusError as e:
+        return str(e)
+
+
+def case_reload_without_sighup(address: str, log: LauncherLog, start: float) -> None:
+    """The launcher's inotify watches under enforcing: changes reach the bus with no SIGHUP sent."""
+
+    def reloads() -> int:
+        return sum("handed to the broker" in ln for ln in log.lines)
+
+    before, n = _own(address), reloads()
+    write_tier_config(f'  <policy context="mandatory"><deny own="{RELOAD_NAME}"/></policy>\n')
+    after = [before]
+
+    def refused() -> bool:
+        after.append(_own(address))
+        return "AccessDenied" in after[-1]
+
+    denied = wait_for(refused, 90)
+    record(RELOAD_CASES["config"], " owns " in before and denied,
+           f"before: {before}; after: {after[-1]}; launcher reloads: {reloads() - n}")  # fmt: skip
+
+    listed_before = _activatable(address)
+    n = reloads()
+    new = SERVICE_DIR / f".{ACTIVATABLE_NAME}.new"
+    new.write_text(f"[D-BUS Service]\nName={ACTIVATABLE_NAME}\nExec=/bin/false\nUser=root\n")
+    os.replace(new, SERVICE_DIR / f"{ACTIVATABLE_NAME}.service")
+    listed = wait_for(lambda: ACTIVATABLE_NAME in _activatable(address), 90)
+    record(RELOAD_CASES["service"], ACTIVATABLE_NAME not in listed_before and listed,
+           f"ListActivatableNames has it: {listed}; launcher reloads: {reloads() - n}")  # fmt: skip
+
+    unwatched = [ln for ln in log.lines if "not watching" in ln]
+    avcs = [a for a in avc_denied("sealbus_launch_t", start) if "{ watch" in a]
+    record(RELOAD_CASES["watching"], not unwatched and not avcs,
+           "; ".join(unwatched[:3] + [a[-200:] for a in avcs[:2]]) or "every directory watched")  # fmt: skip
 
 
 def table(results: list[Case]) -> str:
