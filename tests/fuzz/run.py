@@ -77,13 +77,14 @@ def run_target(name: str, seconds: float, work: Path, *, runs: int | None = None
            "-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1", f"-artifact_prefix={artifacts}/",
            *([f"-runs={runs}"] if runs else []), *extra, str(scratch), *([str(seeds)] if seeds.is_dir() else [])]  # fmt: skip
     files = scratch_dir(f"sealbus-fuzz-{name}-")
+    log_path = work / name / "log"  # written as it runs: a long run can be watched (tail -f)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace",
-                              env={**os.environ, SCRATCH_ENV: files}, timeout=seconds * 2 + 120)  # fmt: skip
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                  env={**os.environ, SCRATCH_ENV: files}, timeout=seconds * 2 + 120)  # fmt: skip
     finally:
         shutil.rmtree(files, ignore_errors=True)
-    log = proc.stdout + proc.stderr
-    (work / name / "log").write_text(log)
+    log = log_path.read_text(errors="replace")
     status = _STATUS.findall(log)
     executed = _EXECUTED.search(log) or _DONE.search(log)
     done = _DONE.search(log)
