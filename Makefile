@@ -44,10 +44,11 @@ PURE_TESTS := tests/test_build.py tests/test_wire_*.py tests/test_bus_*.py tests
 test-pure: setup
 	SEALBUS_PURE_PYTHON=1 $(PYTEST) -q -ra -m "not slow" $(PURE_TESTS)
 
-# Every atheris target (tests/fuzz/) for SEALBUS_FUZZ_SECONDS each, then the table; and the random
-# mutation fuzzer as long. `make test` runs the same targets briefly (tests/test_fuzz_atheris.py).
+# Every atheris target (tests/fuzz/) for SEALBUS_FUZZ_SECONDS each (or until SEALBUS_FUZZ_RUNS inputs,
+# if set), then the table; and the random mutation fuzzer as long. `make test` runs the same targets
+# briefly (tests/test_fuzz_atheris.py). On a shared machine: nice -n 19 make fuzz.
 fuzz: setup
-	$(PY) -m tests.fuzz.run --seconds $${SEALBUS_FUZZ_SECONDS:-300}
+	$(PY) -m tests.fuzz.run --seconds $${SEALBUS_FUZZ_SECONDS:-300} $${SEALBUS_FUZZ_RUNS:+--runs $$SEALBUS_FUZZ_RUNS}
 	SEALBUS_FUZZ_SECONDS=$${SEALBUS_FUZZ_SECONDS:-300} $(PYTEST) -q tests/test_fuzz.py tests/test_bus_statemachine.py tests/test_payload_statemachine.py
 
 # dbus-daemon's own test programs (Debian's dbus-tests), case by case, against

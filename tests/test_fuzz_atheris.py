@@ -6,6 +6,8 @@ runs the same targets for SEALBUS_FUZZ_SECONDS each (tests/fuzz/run.py)."""
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +37,15 @@ def test_atheris_target(name, tmp_path):
     assert r["returncode"] == 0, f"{name}: libFuzzer exited {r['returncode']}\n{r['log'][-3000:]}"
     assert r["inputs"] > 0 and r["cov"] > 0, f"{name}: nothing executed\n{r['log'][-3000:]}"
     print(f"{name}: {r['inputs']} inputs, cov {r['cov']} ft {r['ft']}")
+
+
+def test_hot_path_is_instrumented():
+    # broker's finder (the .py of a hot module over its extension) sat ahead of atheris's: framer, header
+    # view and body validator ran uninstrumented, or compiled, and the fuzzers were blind to them
+    code = (
+        "import sys; from tests.fuzz.run import load_target; load_target('framer'); import broker; "
+        "print(*(type(sys.modules[m].__spec__.loader).__name__ for m in broker.HOT_MODULES if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=CORPUS.parents[1], capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    assert len(out) >= 3 and set(out) == {"AtherisSourceFileLoader"}, out

@@ -8,8 +8,10 @@ import pytest
 from broker.access.config import ConfigError, parse_config_string
 from broker.bus.match import MatchRuleInvalid, parse_match_rule
 from broker.io.control import Inbox, encode
+from broker.wire.errors import SaslError
 from broker.wire.framer import Framer
 from broker.wire.message import encode_header
+from broker.wire.sasl import MAX_LINE, SaslServer
 
 from .conftest import _HF_REPLY_SERIAL, connected
 from .fuzz.libdbus import LIB, libdbus_accepts, sealbus_accepts
@@ -130,3 +132,23 @@ def test_header_field_10_is_judged_as_libdbus_does(field, valid):
     if valid:
         (m,) = Framer().feed(raw)
         assert b"\x0a\x01o" not in m.header.forward_header(":1.1")  # dropped when forwarded, as unknown fields are
+
+
+@pytest.mark.parametrize("cut", [None, 1 + MAX_LINE + 1, 1 + MAX_LINE])
+def test_sasl_line_of_max_length_does_not_depend_on_where_reads_cut_its_crlf(cut):
+    # a line of exactly MAX_LINE bytes was answered when its CRLF came in one read, and refused as
+    # "too long" when a read ended between "\r" and "\n" (reasoning about the sasl target's
+    # read-size invariant found it; its input is tests/fuzz_corpus/sasl/regression-sasl-crlf-cut)
+    data = b"\0" + b"A" * MAX_LINE + b"\r\n"
+    s = SaslServer(1000, "0" * 32)
+    replies = b"".join(s.feed(part) for part in ([data] if cut is None else [data[:cut], data[cut:]]))
+    assert replies == b'ERROR "unknown command"\r\n'
+
+
+def test_sasl_line_one_byte_too_long_is_refused_however_cut():
+    data = b"\0" + b"A" * MAX_LINE + b"\r\r\n"
+    for cut in (None, 1 + MAX_LINE + 1, 1 + MAX_LINE + 2):
+        s = SaslServer(1000, "0" * 32)
+        with pytest.raises(SaslError):
+            for part in [data] if cut is None else [data[:cut], data[cut:]]:
+                s.feed(part)

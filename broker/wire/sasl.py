@@ -60,7 +60,9 @@ class SaslServer:
         while self.state is not State.DONE:
             idx = self._buf.find(b"\r\n")
             if idx < 0:
-                if len(self._buf) > MAX_LINE:
+                # a trailing "\r" may be the first half of the line's end, not part of the line:
+                # a line of exactly MAX_LINE must not depend on where the reads cut its CRLF
+                if len(self._buf) - self._buf.endswith(b"\r") > MAX_LINE:
                     raise SaslError("authentication line too long")
                 break
             if idx > MAX_LINE:

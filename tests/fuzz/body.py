@@ -4,8 +4,9 @@ Input: a signature length byte, the signature, a byte-order byte, then the body.
 wrapped in a valid method-call header.
 Invariants:
 - only WireError escapes the validator;
-- one-shot validation (``check``) and validation in steps (``steps``, as the framer does for large
-  bodies) give the same verdict;
+- one-shot validation (``check``, by a checker that keeps its compiled plans from input to input,
+  as a connection's does) and validation in steps (``steps``, as the framer does for large bodies,
+  by a fresh checker that compiles the plan anew) give the same verdict;
 - an accepted body unmarshals, and marshals back to the same bytes;
 - jeepney (a parser nobody here wrote) reads an accepted fd-less body as the same values;
 - sealbus and libdbus accept and reject the same messages (except the listed, deliberate
@@ -22,6 +23,7 @@ from broker.wire.message import HeaderView, encode_header
 from .libdbus import LIB, disagreement
 
 N_FDS = 2
+CHECKER = BodyChecker()  # long-lived, as a connection's: plans compiled once per signature (bounded)
 
 
 def wrap(signature: str, body: bytes, endian: str) -> bytes | None:
@@ -71,7 +73,7 @@ def TestOneInput(data: bytes) -> None:
 
 
 def check_validator(h, signature: str, endian: str) -> None:
-    one = _verdict(lambda: BodyChecker().check(h))
+    one = _verdict(lambda: CHECKER.check(h))
     assert one == _verdict(lambda: _stepwise(h)), "check and steps disagree"
     if one is None:
         values = h.unmarshal_body()
@@ -83,7 +85,7 @@ def check_jeepney(signature: str, body: bytes, endian: str, values: tuple) -> No
     """jeepney reads the message (without its UNIX_FDS, which it would want real fds for) as we do."""
     raw = encode_header(endian, 1, 0, len(body), 7, path="/a", member="M", signature=signature) + body
     try:
-        BodyChecker().check(HeaderView(raw))
+        CHECKER.check(HeaderView(raw))
     except WireError:
         return  # the body holds fd indexes: valid only with the fds
     p = Parser()

@@ -26,14 +26,23 @@ FILES = [os.path.join(_DIR, "main.conf"), os.path.join(_DIR, "inc.conf"), os.pat
 os.mkdir(os.path.join(_DIR, "conf.d"))
 
 
+_written: list[bytes | None] = [None] * len(FILES)  # what each file holds now (None: absent)
+
+
 def write_files(data: bytes) -> None:
+    """Make the files hold ``data``'s parts; a file that already holds its part is left alone (a
+    mutation changes one part, and each write or unlink costs more than parsing a small file)."""
     parts = data.split(SEP, 2)
     for i, path in enumerate(FILES):
-        if i < len(parts):
-            with open(path, "wb") as f:
-                f.write(parts[i])
-        elif os.path.exists(path):
+        part = parts[i] if i < len(parts) else None
+        if part == _written[i]:
+            continue
+        if part is None:
             os.unlink(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(part)
+        _written[i] = part
 
 
 def TestOneInput(data: bytes) -> None:

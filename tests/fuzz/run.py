@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import broker
+
 from . import SCRATCH_ENV, TARGETS, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +39,21 @@ def load_target(name: str):
         raise SystemExit(f"unknown target {name!r}: one of {', '.join(TARGETS)}")
     import atheris
 
+    # atheris instruments Python bytecode only: a compiled hot-path module would give no coverage
+    os.environ[broker.PURE_ENV] = "1"
     with atheris.instrument_imports(include=["broker"]):
+        # broker's finder picks a hot module's .py over its extension; ahead of atheris's finder (where
+        # it sits) it also bypassed the instrumenting loader: framer, header view and body validator
+        # ran uninstrumented. Behind it, atheris asks it for the spec and instruments what it returns.
+        sys.meta_path.remove(broker._HotPathFinder)
+        sys.meta_path.insert(sys.meta_path.index(_atheris_finder()) + 1, broker._HotPathFinder)
         return importlib.import_module(f"tests.fuzz.{name}")
+
+
+def _atheris_finder():
+    from atheris.import_hook import AtherisMetaPathFinder
+
+    return next(f for f in sys.meta_path if isinstance(f, AtherisMetaPathFinder))
 
 
 def fuzz_in_process(name: str, args: list[str]) -> None:
@@ -62,13 +77,14 @@ def run_target(name: str, seconds: float, work: Path, *, runs: int | None = None
            "-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1", f"-artifact_prefix={artifacts}/",
            *([f"-runs={runs}"] if runs else []), *extra, str(scratch), *([str(seeds)] if seeds.is_dir() else [])]  # fmt: skip
     files = scratch_dir(f"sealbus-fuzz-{name}-")
+    log_path = work / name / "log"  # written as it runs: a long run can be watched (tail -f)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace",
-                              env={**os.environ, SCRATCH_ENV: files}, timeout=seconds * 2 + 120)  # fmt: skip
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                  env={**os.environ, SCRATCH_ENV: files}, timeout=seconds * 2 + 120)  # fmt: skip
     finally:
         shutil.rmtree(files, ignore_errors=True)
-    log = proc.stdout + proc.stderr
-    (work / name / "log").write_text(log)
+    log = log_path.read_text(errors="replace")
     status = _STATUS.findall(log)
     executed = _EXECUTED.search(log) or _DONE.search(log)
     done = _DONE.search(log)
