@@ -10,7 +10,7 @@ as the stranger (sealbus_vmtest_stranger_exec_t: connects, may send nothing)."""
 import os
 import sys
 
-from jeepney import DBusAddress, HeaderFields, MessageType, new_method_call, new_method_return
+from jeepney import DBusAddress, HeaderFields, MatchRule, MessageType, new_method_call, new_method_return
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import open_dbus_connection
 
@@ -25,13 +25,15 @@ def whoami() -> str:
 
 def serve(name: str) -> int:
     conn = open_dbus_connection(bus="SYSTEM", auth_timeout=60)
-    reply = conn.send_and_get_reply(message_bus.RequestName(name), timeout=30)
-    if reply.body != (1,):
-        print(f"RequestName({name}) answered {reply.body}", file=sys.stderr)
-        return 1
-    while True:
-        msg = conn.receive()
-        if msg.header.message_type == MessageType.method_call:
+    # the call that activated us is delivered as soon as we own the name, maybe before RequestName's reply:
+    # keep method calls from the start (jeepney drops what no filter takes while it waits for a reply)
+    with conn.filter(MatchRule(type="method_call"), bufsize=64) as calls:
+        reply = conn.send_and_get_reply(message_bus.RequestName(name), timeout=30)
+        if reply.body != (1,):
+            print(f"RequestName({name}) answered {reply.body}", file=sys.stderr)
+            return 1
+        while True:
+            msg = conn.recv_until_filtered(calls)
             conn.send(new_method_return(msg, "s", (whoami(),)))
 
 
