@@ -110,6 +110,10 @@ def cmd_run(argv: list[str]) -> int:
                         "USER_AVC audit records), the broker runs as the bus user with no capabilities, "
                         "Landlock and seccomp, and with SELinux enabled checks dbus send_msg/acquire_svc")  # fmt: skip
     p.add_argument("--runtime-dir", help="runtime directory for --system (default /run/sealbus)")
+    p.add_argument("--systemd-activation", action="store_true",
+                   help="with --system: the machine's system bus under systemd (dbus-daemon --systemd-activation): "
+                        "services with SystemdService= are started by systemd (ActivationRequest), the others "
+                        "by the launcher as their User=")  # fmt: skip
     p.add_argument("--busy-poll", metavar="USEC", type=_busy_poll_us, default=None,
                    help="longest time the broker polls for the next message before it sleeps (default 50; "
                         "0: never). The window adapts: it is zero on a quiet bus and grows only while "

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jeepney import message_bus
+from jeepney import HeaderFields, Properties, message_bus
 from jeepney.io.blocking import open_dbus_connection
 
 from .conftest import SEALBUS, popen_as, run_as, terminate
@@ -22,15 +22,15 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the privilege-separat
 
 PERMISSIVE = """<busconfig><type>system</type>
   <policy context="default"><allow user="*"/><allow send_destination="*" eavesdrop="true"/>
-  <allow eavesdrop="true"/><allow own="*"/>{extra}</policy></busconfig>"""
+  <allow eavesdrop="true"/><allow own="*"/>{extra}</policy>{top}</busconfig>"""
 
 
 class SystemBus:
-    def __init__(self, extra_policy: str = "", extra_args: tuple = ()):
+    def __init__(self, extra_policy: str = "", extra_args: tuple = (), extra_config: str = ""):
         self.runtime = Path(tempfile.mkdtemp(prefix="sealbus-rt-"))
         os.chmod(self.runtime, 0o755)
         self.config = self.runtime.parent / (self.runtime.name + ".conf")
-        self.config.write_text(PERMISSIVE.format(extra=extra_policy))
+        self.config.write_text(PERMISSIVE.format(extra=extra_policy, top=extra_config))
         self.log = open(str(self.runtime) + ".log", "w+")
         self.proc = subprocess.Popen([SEALBUS, "run", "--system", "--runtime-dir", str(self.runtime),
                                       "--config", str(self.config), *extra_args],
@@ -185,7 +185,7 @@ def test_unreachable_payload_fs_is_a_clear_start_up_error(tmp_path):
 def test_sighup_reload_keeps_connections_and_applies_rules(system_bus):
     c = open_dbus_connection(system_bus.address)
     assert c.send_and_get_reply(message_bus.RequestName("org.sealbus.Before")).body[0] == 1
-    system_bus.config.write_text(PERMISSIVE.format(extra='<deny own="org.sealbus.Forbidden"/>'))
+    system_bus.config.write_text(PERMISSIVE.format(extra='<deny own="org.sealbus.Forbidden"/>', top=""))
     system_bus.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
     while "configuration reloaded" not in system_bus.logtext() and time.monotonic() < deadline:
@@ -195,6 +195,39 @@ def test_sighup_reload_keeps_connections_and_applies_rules(system_bus):
     assert reply.header.message_type.name == "error" and "AccessDenied" in str(reply.header.fields)
     # the same connection is still up and owns what it owned
     assert c.send_and_get_reply(message_bus.GetNameOwner("org.sealbus.Before")).body[0] == c.unique_name
+
+
+SPAWN_EXITED = "org.freedesktop.DBus.Error.Spawn.ChildExited"
+
+
+def test_systemd_activation_of_the_launcher_asks_systemd(tmp_path):
+    """`run --system --systemd-activation` (sealbus-dbus.service): a SystemdService= entry is started by asking
+    systemd (ActivationRequest to org.freedesktop.systemd1), not by spawning its Exec=; without it, Exec= runs."""
+    services = tmp_path / "services"
+    services.mkdir()
+    tmp_path.chmod(0o755)
+    (services / "org.sealbus.Sd.service").write_text(
+        "[D-BUS Service]\nName=org.sealbus.Sd\nExec=/bin/false\nUser=root\nSystemdService=dbus-org.sealbus.Sd.service\n"
+    )
+    for args, asked in ((("--systemd-activation",), True), ((), False)):
+        bus = SystemBus(extra_args=args, extra_config=f"<servicedir>{services}</servicedir>")
+        try:
+            systemd = open_dbus_connection(bus.address)
+            assert systemd.send_and_get_reply(message_bus.RequestName("org.freedesktop.systemd1")).body[0] == 1
+            features = systemd.send_and_get_reply(Properties(message_bus).get("Features")).body[0][1]
+            assert ("SystemdActivation" in features) == asked, features
+            client = open_dbus_connection(bus.address)
+            if asked:
+                client.send(message_bus.StartServiceByName("org.sealbus.Sd"))
+                msg = systemd.receive(timeout=30)
+                while msg.header.fields.get(HeaderFields.member) != "ActivationRequest":
+                    msg = systemd.receive(timeout=30)
+                assert msg.body == ("dbus-org.sealbus.Sd.service",)
+            else:  # the launcher ran Exec=/bin/false, which exited before taking the name
+                reply = client.send_and_get_reply(message_bus.StartServiceByName("org.sealbus.Sd"), timeout=30)
+                assert reply.header.fields.get(HeaderFields.error_name) == SPAWN_EXITED, reply
+        finally:
+            bus.stop()
 
 
 def _store_files(pid: int, store: Path) -> list[str]:

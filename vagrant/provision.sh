@@ -10,6 +10,7 @@
 #           (Debian guest, offline: SEALBUS_OFFLINE=1, the venv is already in the image).
 # SEALBUS_INSTALL=rpm|source chooses; default: rpm when dnf exists, else source. Either way the
 # test module policy/test/sealbus_test (the tier's demo domains, never packaged) is built and loaded.
+# SEALBUS_INSTALL_ONLY=1: stop once installed and labelled (vagrant/qemu/guest-systembus.sh).
 # Then: the entry points' labels, the enforcing tier (tests/vm/enforcing_tier.py, from SRC),
 # and, after it, sealbus.socket enabled and answering. Every step fails loudly.
 # Results: $SEALBUS_RESULTS (default /var/tmp/sealbus-results)/tier.json + tier.txt + audit.log
@@ -122,6 +123,11 @@ chcon -t sealbus_launch_exec_t "$LIBEXEC/sealbus-test-launch-helper"
 ls -Z "$LIBEXEC/"
 [[ $(stat -c %C "$LIBEXEC/sealbus-launcher") == *:sealbus_launch_exec_t:* ]] || die "sealbus-launcher is not sealbus_launch_exec_t"
 [[ $(stat -c %C "$LIBEXEC/sealbus-broker") == *:sealbus_exec_t:* ]] || die "sealbus-broker is not sealbus_exec_t"
+
+if [ "${SEALBUS_INSTALL_ONLY:-0}" = 1 ]; then  # the system-bus VM tier: installed, its own tier follows
+  echo "provision.sh: installed ($mode install), no tier run (SEALBUS_INSTALL_ONLY=1)"
+  exit 0
+fi
 
 step "sealbus.socket enabled (started on demand; the tier starts and stops the units itself)"
 if [ -d /run/systemd/system ]; then

@@ -148,6 +148,8 @@ def main_system(args) -> int:
     overrides = {}
     if getattr(args, "busy_poll", None) is not None:
         overrides["busy_poll_us"] = args.busy_poll
+    if getattr(args, "systemd_activation", False):
+        overrides["systemd_activation"] = True
 
     def announce(ready: dict) -> None:
         print(listener.address, flush=True)

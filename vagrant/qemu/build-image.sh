@@ -3,7 +3,7 @@
 #
 # Cached under $WORK (default /var/tmp/sealbus-vm): rootfs.img (raw ext4,
 # pre-labelled), vmlinuz, initrd.img, inputs.sha256. Rebuilt only when an input
-# changes (this script, the boot hook, the unit, the 9p label, the pinned Python
+# changes (this script, the boot hook, the units, the 9p label, the pinned Python
 # deps). The project tree is NOT in the image: it comes over 9p at test time,
 # so editing the project never forces a rebuild.
 #
@@ -28,7 +28,8 @@ mkdir -p "$WORK"
 # Pins: the versions the host venv runs, so guest and host test the same code.
 PINS=$("$PIP" list --format=freeze 2>/dev/null | grep -v '^-e' | sort)
 inputs_hash() {
-  { cat "$HERE/build-image.sh" "$HERE/guest-boot-hook.sh" "$HERE/sealbus-vm-test.service" "$HERE/guest-9p.cil"
+  { cat "$HERE/build-image.sh" "$HERE/guest-boot-hook.sh" "$HERE/sealbus-vm-test.service" "$HERE/guest-9p.cil" \
+        "$HERE/sealbus-vm-systembus.service"
     printf '%s\n' "${PYDEPS[@]}"; echo "$PINS"; } | sha256sum | cut -d' ' -f1
 }
 WANT=$(inputs_hash)
@@ -55,6 +56,9 @@ PKGS=(
   selinux-policy-dev make m4 checkpolicy semodule-utils
   python3 python3-venv python3-selinux
   fuse3 libfuse3-3 libseccomp2 libcap2 dbus-bin util-linux procps
+  # the distribution's system bus (dbus-daemon, dbus.service/dbus.socket, system.conf): the
+  # first boot runs it; the second (sealbus.systembus=1) replaces it with sealbus, files unchanged
+  dbus
 )
 INCLUDE=$(IFS=,; echo "${PKGS[*]}")
 
@@ -74,6 +78,8 @@ mmdebstrap --variant=apt --mode=root --include="$INCLUDE" \
   --customize-hook="install -m 0755 '$HERE/guest-boot-hook.sh' \"\$1/usr/local/sbin/sealbus-vm-hook\"" \
   --customize-hook="install -m 0644 '$HERE/sealbus-vm-test.service' \"\$1/etc/systemd/system/sealbus-vm-test.service\"" \
   --customize-hook='chroot "$1" systemctl enable sealbus-vm-test.service' \
+  --customize-hook="install -m 0644 '$HERE/sealbus-vm-systembus.service' \"\$1/etc/systemd/system/sealbus-vm-systembus.service\"" \
+  --customize-hook='chroot "$1" systemctl enable sealbus-vm-systembus.service' \
   --customize-hook='chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer || true' \
   --customize-hook='chroot "$1" useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sealbus' \
   "$SUITE" "$ROOT" "${SOURCES[@]}"

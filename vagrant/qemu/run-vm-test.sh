@@ -1,8 +1,10 @@
 #!/bin/bash
 # run-vm-test.sh - the enforcing SELinux tier in a qemu guest (make vm-test).
-# Builds (or reuses) the cached image, boots it with SELinux enforcing and no
-# network device, shares the project over 9p, and fails unless every case of
-# the in-guest tier passed (XFAIL allowed, reported).
+# Builds (or reuses) the cached image, boots it twice with SELinux enforcing and
+# no network device, sharing the project over 9p: the enforcing tier
+# (tests/vm/enforcing_tier.py), then with sealbus.systembus=1 the system-bus tier
+# (tests/vm/systembus_tier.py: sealbus is the machine's system bus). Fails unless
+# every case of both passed (XFAIL allowed, reported). SEALBUS_VM_BOOTS=1 or 2: only that boot.
 #   WORK=/var/tmp/sealbus-vm (image cache), TIMEOUT=540 (qemu), SMP=2, ACCEL=auto|kvm|tcg
 #   SEALBUS_VM_DIAG=1: diagnose in the guest: dontaudit rules off (semodule -DB),
 #   so denials the policy hides (e.g. nsswitch domains reading selinuxfs) reach audit.log
@@ -37,25 +39,45 @@ tar -C "$TOP" --exclude=.venv --exclude=.git --exclude='__pycache__' --exclude=.
     --exclude=.pytest_cache --exclude=.ruff_cache -cf - . | tar -C "$SHARE/project" -xf -
 
 echo "== vm-test: accel=$ACCEL smp=$SMP (image ready in $((t1 - t0)) s)"
-set +e
-timeout "$TIMEOUT" qemu-system-x86_64 "${ACC[@]}" -smp "$SMP" -m 2048 \
-  -nographic -nic none -no-reboot -snapshot \
-  -kernel "$WORK/vmlinuz" -initrd "$WORK/initrd.img" \
-  -append "root=/dev/vda rw console=ttyS0 quiet security=selinux selinux=1 enforcing=1" \
-  -drive file="$WORK/rootfs.img",format=raw,if=virtio \
-  -virtfs local,path="$SHARE",mount_tag=host,security_model=none,id=host \
-  </dev/null > "$WORK/console.log" 2>&1
-qrc=$?
-set -e
+
+# boot NAME RESULTS LOG [KERNEL OPTIONS...]: one boot of the image (-snapshot: nothing it
+# writes outlives it), the in-guest tier's table, 0 if every case passed (XFAIL allowed)
+boot() {
+  local name=$1 results=$2 log=$3 b0 b1 qrc rc
+  shift 3
+  b0=$(date +%s)
+  set +e
+  timeout "$TIMEOUT" qemu-system-x86_64 "${ACC[@]}" -smp "$SMP" -m 2048 \
+    -nographic -nic none -no-reboot -snapshot \
+    -kernel "$WORK/vmlinuz" -initrd "$WORK/initrd.img" \
+    -append "root=/dev/vda rw console=ttyS0 quiet security=selinux selinux=1 enforcing=1 $*" \
+    -drive file="$WORK/rootfs.img",format=raw,if=virtio \
+    -virtfs local,path="$SHARE",mount_tag=host,security_model=none,id=host \
+    </dev/null > "$log" 2>&1
+  qrc=$?
+  set -e
+  b1=$(date +%s)
+  echo "== $name: qemu exit=$qrc after $((b1 - b0)) s (console: $log, results: $results)"
+  if [ ! -f "$results/tier.txt" ]; then
+    echo "== $name FAIL: the guest wrote no results"; tail -40 "$log"
+    [ -f "$results/install.log" ] && tail -40 "$results/install.log"
+    [ -f "$results/guest.log" ] && tail -40 "$results/guest.log"
+    return 1
+  fi
+  cat "$results/tier.txt"
+  rc=$(sed -n 's/^TIER_EXIT=//p' "$results/guest.log")
+  if [ "$rc" != 0 ]; then echo "== $name FAIL (tier exit $rc; guest log: $results/guest.log)"; return 1; fi
+  echo "== $name PASS"
+}
+
+# 1. the enforcing tier: dbus-daemon is the system bus, sealbus is installed and tested beside it
+# 2. sealbus.systembus=1: sealbus is the machine's system bus from early boot (guest-systembus.sh)
+fail=0
+BOOTS=${SEALBUS_VM_BOOTS:-1 2}
+case " $BOOTS " in *" 1 "*) boot "enforcing tier" "$SHARE/results" "$WORK/console.log" || fail=1 ;; esac
+case " $BOOTS " in *" 2 "*) boot "system-bus tier" "$SHARE/results-systembus" "$WORK/console-systembus.log" \
+                              sealbus.systembus=1 || fail=1 ;; esac
 t2=$(date +%s)
-echo "== qemu exit=$qrc after $((t2 - t1)) s (console: $WORK/console.log, results: $SHARE/results)"
-if [ ! -f "$SHARE/results/tier.txt" ]; then
-  echo "== vm-test FAIL: the guest wrote no results"; tail -40 "$WORK/console.log"
-  [ -f "$SHARE/results/guest.log" ] && tail -40 "$SHARE/results/guest.log"
-  exit 1
-fi
-cat "$SHARE/results/tier.txt"
-rc=$(sed -n 's/^TIER_EXIT=//p' "$SHARE/results/guest.log")
 echo "== vm-test total $((t2 - t0)) s"
-if [ "$rc" != 0 ]; then echo "== vm-test FAIL (tier exit $rc; guest log: $SHARE/results/guest.log)"; exit 1; fi
+if [ "$fail" != 0 ]; then echo "== vm-test FAIL"; exit 1; fi
 echo "== vm-test PASS"
