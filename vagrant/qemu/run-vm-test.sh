@@ -5,7 +5,7 @@
 # (tests/vm/enforcing_tier.py), then with sealbus.systembus=1 the system-bus tier
 # (tests/vm/systembus_tier.py: sealbus is the machine's system bus). Fails unless
 # every case of both passed (XFAIL allowed, reported). SEALBUS_VM_BOOTS=1 or 2: only that boot.
-#   WORK=/var/tmp/sealbus-vm (image cache), TIMEOUT=540 (qemu), SMP=2, ACCEL=auto|kvm|tcg
+#   WORK=/var/tmp/sealbus-vm (image cache), TIMEOUT=1500 (per boot), SMP=2, ACCEL=auto|kvm|tcg
 #   SEALBUS_VM_DIAG=1: diagnose in the guest: dontaudit rules off (semodule -DB),
 #   so denials the policy hides (e.g. nsswitch domains reading selinuxfs) reach audit.log
 set -euo pipefail
@@ -13,7 +13,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd)
 export WORK=${WORK:-/var/tmp/sealbus-vm}
 SHARE=$WORK/share
-TIMEOUT=${TIMEOUT:-540}
+TIMEOUT=${TIMEOUT:-1500}  # per boot: the second installs and loads the policy module early in boot
 SMP=${SMP:-2}
 ACCEL=${ACCEL:-auto}
 # /dev/kvm on these machines may be PVM (kvm_pvm), which stock guest kernels
