@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tests.procfs import children
-from tests.vm.enforcing_tier import PYTHON, RESULTS, context_of, record, sh, table, type_of, wait_for, xfail
+from tests.vm.enforcing_tier import PYTHON, RESULTS, context_of, record, sh, table, type_of, wait_for
 
 HERE = Path(__file__).resolve().parent
 BUS_SOCKET = "/run/dbus/system_bus_socket"
