@@ -25,8 +25,11 @@ HOT_MODULES = (
     "broker.bus.peer",
     "broker.bus.replies",
     "broker.bus.router",
+    "broker.bus.names",
     "broker.io.connection",
     "broker.io.reactor",
+    "broker.io.busy_poll",
+    "broker.io.server",
 )  # the same list as broker/__init__.py (tests/test_build.py checks they agree)
 DIRECTIVES = {
     "language_level": 3,

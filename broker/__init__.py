@@ -24,8 +24,11 @@ HOT_MODULES = (
     "broker.bus.peer",
     "broker.bus.replies",
     "broker.bus.router",
+    "broker.bus.names",
     "broker.io.connection",
     "broker.io.reactor",
+    "broker.io.busy_poll",
+    "broker.io.server",
 )
 PURE_ENV = "SEALBUS_PURE_PYTHON"
 

@@ -102,3 +102,49 @@ def test_setup_py_compiles_the_same_modules():
             assert ast.literal_eval(node.value) == broker.HOT_MODULES
             return
     pytest.fail("setup.py has no HOT_MODULES")
+
+
+# The classes each .pxd makes an extension type, and whether its instances keep a __dict__ (``cdef dict
+# __dict__``: open, as a plain class, to attributes other layers and tests set on them).
+EXTENSION_TYPES = {
+    "broker.wire.message": {"HeaderView": False},
+    "broker.wire.framer": {"Framer": True},
+    "broker.bus.peer": {"Peer": False, "OutItem": False, "FdRef": False},
+    "broker.bus.replies": {"ReplySlot": False, "ReplyRegistry": True},
+    "broker.bus.router": {"Bus": True},
+    "broker.io.connection": {"Connection": True},
+    "broker.io.reactor": {"Reactor": True},
+}
+HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: set on classes made by a class statement, not on extension types
+
+
+def class_kinds(env_extra: dict) -> dict:
+    """'module.Class' -> [is an extension type, its instances may have a __dict__], in a fresh interpreter."""
+    env = dict(os.environ, **env_extra)
+    code = (
+        "import importlib, json, sys\n"
+        "out = {}\n"
+        f"for m, classes in {EXTENSION_TYPES!r}.items():\n"
+        "    mod = importlib.import_module(m)\n"
+        "    for c in classes:\n"
+        "        cls = getattr(mod, c)\n"
+        f"        out[m + '.' + c] = [not cls.__flags__ & {HEAPTYPE}, cls.__dictoffset__ != 0]\n"
+        "print(json.dumps(out))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(not compiled_present(), reason="compiled hot path not built")
+def test_compiled_build_makes_the_declared_classes_extension_types():
+    """Each .pxd takes effect: the per-message and per-peer classes have C fields in the compiled build,
+    and those other layers set attributes on keep a __dict__ for them."""
+    kinds = class_kinds({"SEALBUS_PURE_PYTHON": ""})
+    for m, classes in EXTENSION_TYPES.items():
+        for c, has_dict in classes.items():
+            assert kinds[f"{m}.{c}"] == [True, has_dict], f"{m}.{c}"
+
+
+def test_pure_build_keeps_plain_classes():
+    kinds = class_kinds({"SEALBUS_PURE_PYTHON": "1"})
+    assert all(not extension for extension, _ in kinds.values()), kinds

@@ -1,0 +1,15 @@
+# Cython declarations for the compiled build (setup.py); peer.py stays the source and runs as is.
+# What every queued message allocates (OutItem) and shares (FdRef), and the Peer every message reads
+# and charges, are extension types with C fields. Peer stays a dataclass (Cython makes a cdef class one);
+# a field added to it in peer.py must be declared here too.
+
+cdef class FdRef:
+    cdef public object fds, owner, refs, sender, sink
+
+cdef class OutItem:
+    cdef public object buffers, charge, fdref, nbytes, owner, settled
+
+cdef class Peer:
+    cdef public object id, creds, account, unix_fds, unique_name, names, matches, monitor, monitor_rules
+    cdef public object outbox, out_bytes, out_fds, replies_pending, state, reason, stats, wake, kill
+    cdef public object calls, owed, match_keys, starts

@@ -1,0 +1,7 @@
+# Cython declarations for the compiled build (setup.py); connection.py stays the source and runs as is.
+# Connection is an extension type: reading, routing and flushing read its fields as C fields, not through
+# attribute lookups. ``__dict__`` keeps it open to attributes set from outside (as a plain class is).
+
+cdef class Connection:
+    cdef dict __dict__
+    cdef public object server, bus, sock, fd, creds, peer, framer, head_sent, _state, held_fds

@@ -1,0 +1,8 @@
+# Cython declarations for the compiled build (setup.py); reactor.py stays the source and runs as is.
+# Reactor is an extension type: the loop reads its sets and dicts as C fields, not through attribute lookups.
+# ``__dict__`` keeps it open to attributes set from outside (as a plain class is).
+
+cdef class Reactor:
+    cdef dict __dict__
+    cdef public object server, poll, ep, conns, writing, closing, touched, touched_before
+    cdef public object trio_fds, trio_pending, validating
