@@ -26,6 +26,7 @@ class Server:
         self.bus = bus
         self.connections: dict = {}
         self.dirty: set = set()
+        self.wake = self.mark_dirty  # every Peer.wake: one bound method, not one per connection
         # connections not authenticated yet, per uid, oldest first (dicts keep insertion order)
         self.unauthenticated: dict[int, dict[Connection, None]] = {}
         self.incomplete = 0

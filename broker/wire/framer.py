@@ -38,6 +38,8 @@ class Message(NamedTuple):
     fds: list[int]
 
 
+_NO_PLANS: dict = {}  # a framer's plan table before it has a body checker: always empty, never written
+
 _new_message = tuple.__new__  # Message(h, fds) without the generated __new__'s extra call
 
 
@@ -51,11 +53,17 @@ class Framer:
         body_checker: BodyChecker | None = None,
     ):
         self.max_message_size = max_message_size
-        self.body_checker = body_checker or BodyChecker()  # every body is validated before it is handed out
-        self._plans = self.body_checker.plans  # signature -> whole-body check, looked up here: one call less
+        # Every body is validated before it is handed out. The checker, and this connection's header
+        # caches, are made when first needed (``_checker``, ``_cache_for``): a connection that only said
+        # Hello (no body; a header it never sends again) holds neither. See docs/performance.md.
+        self.body_checker = body_checker
+        # signature -> whole-body check, looked up here (one call less); the shared empty table until a
+        # checker exists: a miss goes to ``_checker``, which compiles the plan
+        self._plans = _NO_PLANS if body_checker is None else body_checker.plans
         self.max_fds_per_message = max_fds_per_message
         self._bufsize = buffer_size
-        self.cache = WireCache() if cache is None else cache  # this connection's header caches
+        self.cache = cache  # this connection's header caches (given: shared with other framers)
+        self._first = cache is None  # the next message is the connection's first: parsed without a cache
         self._buf: bytearray | None = None
         self._view: memoryview | None = None
         self._start = 0  # first byte not yet consumed
@@ -161,44 +169,61 @@ class Framer:
             return None
         self._start = start + need
         self._need = 0
-        header = HeaderView(self._view[start : start + need], self.max_message_size, True, self.cache)
+        cache = self.cache
+        if cache is None:
+            cache = self._cache_for()
+        header = HeaderView(self._view[start : start + need], self.max_message_size, True, cache)
         sig = header.signature
         if sig:
             if need > INCREMENTAL_MIN:
-                steps = self.body_checker.steps(header)
+                steps = self._checker().steps(header)
                 if steps is not None:
                     return self._start_steps(header, steps)
             else:
                 # before the fds are taken: on error close() returns them
                 plan = self._plans.get(sig) if header.endian == "l" else None
                 if plan is None:
-                    self.body_checker.check(header)  # compiles the plan (or a big-endian body)
+                    self._checker().check(header)  # compiles the plan (or a big-endian body)
                 else:
                     plan(header.raw, header.header_len, header.unix_fds)  # BodyChecker.check(), inlined
         n = header.unix_fds
         if not n:
             return _new_message(Message, (header, []))
-        if n > self.max_fds_per_message:
-            raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
-        if n > len(self.fds):
-            raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
         # The consumed bytes are never reused: views of them are in flight.
         return _new_message(Message, (header, self._take_fds(n)))
 
+    def _cache_for(self) -> WireCache | None:
+        """The header cache for the message about to be parsed: none for a connection's first message
+        (its Hello: sent once, its fields are never seen again on this connection), then the connection's
+        own, made at its second message. An idle connection thus keeps no header cache (~1.5 KiB)."""
+        if self._first:
+            self._first = False
+            return None
+        cache = self.cache = WireCache()
+        return cache
+
+    def _checker(self) -> BodyChecker:
+        """This connection's body checker (and plan table), made at its first body."""
+        checker = self.body_checker
+        if checker is None:
+            checker = self.body_checker = BodyChecker()
+            self._plans = checker.plans
+        return checker
+
     def _take_fds(self, n: int) -> list[int]:
-        """The ``n`` oldest fds received (fds go to messages in the order they arrived)."""
+        """The ``n`` oldest fds received (fds go to messages in the order they arrived), for a message
+        that announces ``n``; raises if that is over the limit or more than arrived."""
+        if n > self.max_fds_per_message:
+            raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
         fds = self.fds
+        if n > len(fds):
+            raise HeaderError(f"message announces {n} fds but {len(fds)} arrived")
         taken = fds[:n]
         del fds[:n]
         return taken
 
     def _start_steps(self, header: HeaderView, steps) -> Message | None:
-        n = header.unix_fds
-        if n > self.max_fds_per_message:
-            raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
-        if n > len(self.fds):
-            raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
-        self.checking = (header, steps, self._take_fds(n))
+        self.checking = (header, steps, self._take_fds(header.unix_fds))
         return self._step()
 
     def _step(self) -> Message | None:
