@@ -88,6 +88,9 @@ def _busy_poll_us(value: str) -> int:
 
 
 def cmd_run(argv: list[str]) -> int:
+    from .io.gc_policy import for_serving
+
+    for_serving()  # before trio and the bus are imported, not only once serving (io/gc_policy.py)
     p = argparse.ArgumentParser(
         prog="sealbus run",
         description="Start a bus. With no options: an unprivileged session-style bus on a socket under "
@@ -256,6 +259,9 @@ def _daemon_listeners(args, cfg_listen: list[str]) -> list:
 
 def cmd_dbus_daemon(argv: list[str]) -> int:
     """dbus-daemon's command line, so existing tooling can start sealbus unchanged."""
+    from .io.gc_policy import for_serving
+
+    for_serving()  # before trio and the bus are imported, not only once serving (io/gc_policy.py)
     ensure_standard_fds()  # before any socket is made: started with stdio closed, it must not become fd 0-2
     args = _dbus_daemon_parser().parse_args(argv)
     if args.version:

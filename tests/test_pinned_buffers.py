@@ -316,3 +316,25 @@ def test_attack_does_not_grow_broker_memory_beyond_the_outgoing_limits(sealbus_f
         growth = r["growth_kib"] * 1024
         assert growth <= bound, f"{rounds} x {big}: broker RSS grew {growth / MiB:.1f} MiB, bound {bound / MiB:.1f} MiB"
     assert bus.proc.poll() is None
+
+
+def test_a_free_large_buffer_is_reused_for_the_next_large_message_of_its_size_only_once_unused():
+    """The spare large buffer (framer._spare) saves zeroing a new one per large message; it is taken only
+    when no message uses it any more, and only by a message of its exact size."""
+    from broker.wire import framer as framer_mod
+
+    big = _sig(2, "Big", 2 * MiB)
+    f = Framer(max_message_size=32 * MiB)
+    held = []
+    pump(f, big, held.append)
+    first = held[0].header.raw.obj
+    f.release_idle_buffer()
+    assert f._buf is not None and first not in framer_mod._spare  # a queued message still uses it
+    held.clear()
+    f.release_idle_buffer()
+    assert f._buf is None and framer_mod._spare == [first] and framer_mod._spare[0] is first
+    other = Framer(max_message_size=32 * MiB)  # any connection's next large message of that size
+    pump(other, _sig(3, "Big", 4 * MiB), held.append)  # another size: a buffer of its own
+    assert held[0].header.raw.obj is not first and framer_mod._spare[0] is first
+    pump(other, big, held.append)
+    assert held[1].header.raw.obj is first and held[1].header.raw == big and not framer_mod._spare

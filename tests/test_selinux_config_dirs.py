@@ -91,3 +91,28 @@ def test_includedir_that_is_a_file_is_an_error(tmp_path):
     conf_dir.write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot list: Not a directory"):
         load_config(str(main))
+
+
+def test_a_kernel_without_selinuxfs_is_not_selinux_enabled_without_importing_the_bindings(tmp_path):
+    """selinux_enabled() reads /proc/filesystems first: without selinuxfs libselinux says 0 too, and its
+    bindings (a few ms of every start) are not imported."""
+    import subprocess
+    import sys
+
+    from broker.access.selinux import kernel_has_selinuxfs
+
+    without, with_ = tmp_path / "without", tmp_path / "with"
+    without.write_text("nodev\tsysfs\nnodev\ttmpfs\n\text4\n")
+    with_.write_text("nodev\tsysfs\nnodev\tselinuxfs\n\text4\n")
+    assert not kernel_has_selinuxfs(str(without))
+    assert kernel_has_selinuxfs(str(with_))
+    assert kernel_has_selinuxfs(str(tmp_path / "absent"))  # unreadable: ask libselinux
+    with open("/proc/filesystems", "rb") as f:
+        here = b"\tselinuxfs\n" in f.read()
+    code = ("import sys; from broker.access.selinux import selinux_enabled; e = selinux_enabled(); "
+            "print(e, 'selinux' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if not here:
+        assert out == ["False", "False"]
+    else:
+        assert out[1] == "True"  # the kernel has selinuxfs: libselinux decides

@@ -105,12 +105,32 @@ def test_forwarded_headers_are_the_same_with_and_without_a_cache():
 
 def test_every_framer_owns_its_cache_unless_given_one():
     f1, f2 = Framer(), Framer()
+    f1.feed(call(serial=1))  # a connection's first message (its Hello) is parsed without a cache
+    f2.feed(call(serial=1))
+    assert f1.cache is None and f2.cache is None
+    (m,) = f1.feed(call(serial=2))
+    f2.feed(reply(3))
     assert f1.cache is not f2.cache
-    (m,) = f1.feed(call())
-    assert m.header.cache is f1.cache and len(f1.cache.headers) == 1 and not f2.cache.headers
+    assert m.header.cache is f1.cache and len(f1.cache.headers) == 1 and f1.cache.headers != f2.cache.headers
     shared = WireCache.for_bus()
     assert shared.max_headers > WireCache().max_headers
     f3, f4 = Framer(cache=shared), Framer(cache=shared)
     f3.feed(call())
     (m,) = f4.feed(call(serial=2))
     assert f3.cache is f4.cache is shared and len(shared.headers) == 1 and m.header.serial == 2
+
+
+def test_a_connection_that_only_said_hello_keeps_no_header_cache_nor_body_checker():
+    """Idle connections are most of a session bus: Hello's header is never seen again on its connection,
+    so it fills no cache, and a framer with no body yet holds no body checker (docs/performance.md)."""
+    hello = build_message(1, 1, path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+                          member="Hello", destination="org.freedesktop.DBus")  # fmt: skip
+    f = Framer()
+    (m,) = f.feed(hello)
+    assert m.header.member == "Hello" and m.header.cache is None
+    assert f.cache is None and f.body_checker is None
+    (m2,) = f.feed(call(serial=2))  # the second message: its own cache and checker from now on
+    assert m2.header.cache is f.cache is not None and len(f.cache.headers) == 1
+    assert f.body_checker is not None and "s" in f.body_checker.plans
+    (m3,) = f.feed(call(serial=3))
+    assert m3.header.cache is f.cache and len(f.cache.headers) == 1  # a hit: the same block

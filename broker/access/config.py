@@ -462,10 +462,10 @@ def _selinux_policy_root() -> str | None:
 
 
 def _selinux_enabled() -> bool:
-    try:
-        import selinux
+    from .selinux import selinux_enabled
 
-        return selinux.is_selinux_enabled() == 1
+    try:
+        return selinux_enabled()
     except Exception:
         return False
 

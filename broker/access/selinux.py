@@ -163,11 +163,23 @@ class SELinuxMediator:
 
 
 def selinux_enabled() -> bool:
+    if not kernel_has_selinuxfs():
+        return False  # what libselinux would answer, without importing its bindings (start-up time)
     try:
         import selinux
     except ImportError:
         return False
     return selinux.is_selinux_enabled() == 1
+
+
+def kernel_has_selinuxfs(filesystems: str = "/proc/filesystems") -> bool:
+    """False only when the kernel has no selinuxfs at all, where libselinux's is_selinux_enabled() is 0
+    as well (it finds no selinuxfs to mount); True when it has one, or when that cannot be read."""
+    try:
+        with open(filesystems, "rb") as f:
+            return b"\tselinuxfs\n" in f.read()
+    except OSError:
+        return True
 
 
 def make_mediator(associations: dict[str, str] | None = None, audit_sink=None) -> SELinuxMediator | None:

@@ -198,6 +198,8 @@ class Activator:
         start.qbytes += nbytes
         self.count += 1
         if peer is not None:
+            if not peer.starts:  # the shared empty table (bus/peer.py no_entries) until its first wait
+                peer.starts = {}
             peer.starts[w] = None
             peer.account.pending_starts += 1
             peer.account.start_bytes += nbytes

@@ -21,6 +21,7 @@ remove one.
 """
 
 from .match import MatchRule
+from .peer import no_entries
 
 DBUS_NAME = "org.freedesktop.DBus"
 
@@ -119,6 +120,8 @@ class MatchRegistry:
 
     def add(self, peer, rule: MatchRule) -> None:
         rule.owner = peer
+        if not peer.matches:  # the shared empty table (bus/peer.py no_entries) until its first rule
+            peer.matches, peer.match_keys = {}, {}
         peer.matches[rule] = None
         key = rule.key()
         same = peer.match_keys.get(key)
@@ -151,8 +154,7 @@ class MatchRegistry:
         n = len(peer.matches)
         for rule in peer.matches:
             self._unindex(peer, rule)
-        peer.matches.clear()
-        peer.match_keys.clear()
+        peer.matches = peer.match_keys = no_entries()
         return n
 
     def _unindex(self, peer, rule: MatchRule) -> None:

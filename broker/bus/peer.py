@@ -8,6 +8,7 @@ to disconnect the peer), and closes the fds the core is done with (see
 
 from collections import deque
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .lifecycle import ACTIVE, CLOSING, GONE, PeerState, transition
 
@@ -221,6 +222,16 @@ def settle(item: OutItem) -> int:
     return max(nbytes, kept)
 
 
+_NO_ENTRIES = MappingProxyType({})
+
+
+def no_entries() -> MappingProxyType:
+    """The empty, read-only table a peer holds until its first match rule or awaited start: most peers
+    have none, and an empty dict costs 64 bytes per table (bus/matches.py and bus/activation.py make
+    their own at the first entry)."""
+    return _NO_ENTRIES
+
+
 @dataclass(eq=False)
 class Peer:
     id: int
@@ -228,10 +239,10 @@ class Peer:
     account: UserAccount
     unix_fds: bool = True
     unique_name: str | None = None
-    names: set = field(default_factory=set)
-    matches: dict = field(default_factory=dict)  # MatchRule -> None: its rules (bus/matches.py)
+    names: set | frozenset = frozenset()  # its well-known names: a set from its first one (bus/names.py)
+    matches: dict = field(default_factory=no_entries)  # MatchRule -> None: its rules (bus/matches.py)
     monitor: bool = False
-    monitor_rules: list = field(default_factory=list)
+    monitor_rules: list | tuple = ()
     outbox: deque | tuple = ()  # () while nothing was queued since the last release_idle: idle peers hold no deque
     out_bytes: int = 0
     out_fds: int = 0  # fds queued in the outbox (max_outgoing_unix_fds)
@@ -244,8 +255,8 @@ class Peer:
     # this peer's own share of the bus registries, so that its cleanup walks only what it owns
     calls: dict = field(default_factory=dict)  # serial -> ReplySlot: its calls awaiting a reply (bus/replies.py)
     owed: dict = field(default_factory=dict)  # ReplySlot -> None: others' calls awaiting its reply
-    match_keys: dict = field(default_factory=dict)  # MatchRule.key() -> [its rules with that key] (RemoveMatch)
-    starts: dict = field(default_factory=dict)  # Waiter -> None: what it waits on being started (bus/activation.py)
+    match_keys: dict = field(default_factory=no_entries)  # MatchRule.key() -> [its rules of that key] (RemoveMatch)
+    starts: dict = field(default_factory=no_entries)  # Waiter -> None: what it waits on being started (activation)
 
     def describe(self) -> str:
         """For log lines: who this is, in terms a sysadmin can act on."""

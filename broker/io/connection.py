@@ -137,7 +137,7 @@ class Connection:
             return
         self._state = transition(self._state, ACTIVE)  # its Peer holds the state from now on
         self.peer = self.bus.connect(self.creds, unix_fds=sasl.unix_fd)
-        self.peer.wake = self.server.mark_dirty
+        self.peer.wake = self.server.wake
         self.peer.kill = self._on_kill
         self.server.connections[self.peer] = self
         lim = self.bus.limits

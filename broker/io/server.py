@@ -26,6 +26,7 @@ class Server:
         self.bus = bus
         self.connections: dict = {}
         self.dirty: set = set()
+        self.wake = self.mark_dirty  # every Peer.wake: one bound method, not one per connection
         # connections not authenticated yet, per uid, oldest first (dicts keep insertion order)
         self.unauthenticated: dict[int, dict[Connection, None]] = {}
         self.incomplete = 0
@@ -198,10 +199,12 @@ async def serve(settings: BusSettings, listeners, *, control=None, fuse_fd=None,
     file and watches its directories, and spawns services itself."""
     import gc
 
+    from .gc_policy import for_serving
+
     # Routing allocates short-lived objects only; move everything that exists
     # now out of the collector's way and collect young objects less often.
     gc.freeze()
-    gc.set_threshold(50000, 20, 100)
+    for_serving()
     watcher = open_config_watcher(settings, control)  # before make_bus reads the service directories
     if bus is None:
         from .composition import make_bus

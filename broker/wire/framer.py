@@ -32,11 +32,28 @@ POOL_MAX = 64
 # shared by all framers: an idle connection holds no buffer at all.
 _pool: list[bytearray] = []
 
+# The last large receive buffer no message uses any more (at most one, of at most SPARE_MAX bytes), for the
+# next large message of its exact size, of any connection (a client sending blobs of one size sends
+# messages of one size): ``bytearray(n)`` zeroes its n bytes (1.5 ms per 16 MiB here, ~5% of a 16 MiB
+# transit), a reused buffer needs nothing. Below glibc's largest mmap threshold (32 MiB) a freed buffer
+# stays in the heap anyway, so keeping it costs no more resident memory than dropping it.
+_spare: list[bytearray] = []
+SPARE_MAX = 32 * 1024 * 1024
+
+
+def _large_buffer(need: int) -> bytearray:
+    """A buffer for one large message of ``need`` bytes: the spare if it has that size, else a new one."""
+    if _spare and len(_spare[0]) == need:
+        return _spare.pop()
+    return bytearray(need)
+
 
 class Message(NamedTuple):
     header: HeaderView
     fds: list[int]
 
+
+_NO_PLANS: dict = {}  # a framer's plan table before it has a body checker: always empty, never written
 
 _new_message = tuple.__new__  # Message(h, fds) without the generated __new__'s extra call
 
@@ -51,11 +68,17 @@ class Framer:
         body_checker: BodyChecker | None = None,
     ):
         self.max_message_size = max_message_size
-        self.body_checker = body_checker or BodyChecker()  # every body is validated before it is handed out
-        self._plans = self.body_checker.plans  # signature -> whole-body check, looked up here: one call less
+        # Every body is validated before it is handed out. The checker, and this connection's header
+        # caches, are made when first needed (``_checker``, ``_cache_for``): a connection that only said
+        # Hello (no body; a header it never sends again) holds neither. See docs/performance.md.
+        self.body_checker = body_checker
+        # signature -> whole-body check, looked up here (one call less); the shared empty table until a
+        # checker exists: a miss goes to ``_checker``, which compiles the plan
+        self._plans = _NO_PLANS if body_checker is None else body_checker.plans
         self.max_fds_per_message = max_fds_per_message
         self._bufsize = buffer_size
-        self.cache = WireCache() if cache is None else cache  # this connection's header caches
+        self.cache = cache  # this connection's header caches (given: shared with other framers)
+        self._first = cache is None  # the next message is the connection's first: parsed without a cache
         self._buf: bytearray | None = None
         self._view: memoryview | None = None
         self._start = 0  # first byte not yet consumed
@@ -94,7 +117,7 @@ class Framer:
             self._start = self._end = 0  # every message left it: start again at its head
         elif too_small or misfit or short:
             if need > self._bufsize:
-                new = bytearray(need)
+                new = _large_buffer(need)
             else:
                 size = max(self._bufsize, want)
                 new = _pool.pop() if _pool and size == self._bufsize else bytearray(size)
@@ -161,44 +184,61 @@ class Framer:
             return None
         self._start = start + need
         self._need = 0
-        header = HeaderView(self._view[start : start + need], self.max_message_size, True, self.cache)
+        cache = self.cache
+        if cache is None:
+            cache = self._cache_for()
+        header = HeaderView(self._view[start : start + need], self.max_message_size, True, cache)
         sig = header.signature
         if sig:
             if need > INCREMENTAL_MIN:
-                steps = self.body_checker.steps(header)
+                steps = self._checker().steps(header)
                 if steps is not None:
                     return self._start_steps(header, steps)
             else:
                 # before the fds are taken: on error close() returns them
                 plan = self._plans.get(sig) if header.endian == "l" else None
                 if plan is None:
-                    self.body_checker.check(header)  # compiles the plan (or a big-endian body)
+                    self._checker().check(header)  # compiles the plan (or a big-endian body)
                 else:
                     plan(header.raw, header.header_len, header.unix_fds)  # BodyChecker.check(), inlined
         n = header.unix_fds
         if not n:
             return _new_message(Message, (header, []))
-        if n > self.max_fds_per_message:
-            raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
-        if n > len(self.fds):
-            raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
         # The consumed bytes are never reused: views of them are in flight.
         return _new_message(Message, (header, self._take_fds(n)))
 
+    def _cache_for(self) -> WireCache | None:
+        """The header cache for the message about to be parsed: none for a connection's first message
+        (its Hello: sent once, its fields are never seen again on this connection), then the connection's
+        own, made at its second message. An idle connection thus keeps no header cache (~1.5 KiB)."""
+        if self._first:
+            self._first = False
+            return None
+        cache = self.cache = WireCache()
+        return cache
+
+    def _checker(self) -> BodyChecker:
+        """This connection's body checker (and plan table), made at its first body."""
+        checker = self.body_checker
+        if checker is None:
+            checker = self.body_checker = BodyChecker()
+            self._plans = checker.plans
+        return checker
+
     def _take_fds(self, n: int) -> list[int]:
-        """The ``n`` oldest fds received (fds go to messages in the order they arrived)."""
+        """The ``n`` oldest fds received (fds go to messages in the order they arrived), for a message
+        that announces ``n``; raises if that is over the limit or more than arrived."""
+        if n > self.max_fds_per_message:
+            raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
         fds = self.fds
+        if n > len(fds):
+            raise HeaderError(f"message announces {n} fds but {len(fds)} arrived")
         taken = fds[:n]
         del fds[:n]
         return taken
 
     def _start_steps(self, header: HeaderView, steps) -> Message | None:
-        n = header.unix_fds
-        if n > self.max_fds_per_message:
-            raise LimitExceededError(f"message carries {n} fds, limit {self.max_fds_per_message}")
-        if n > len(self.fds):
-            raise HeaderError(f"message announces {n} fds but {len(self.fds)} arrived")
-        self.checking = (header, steps, self._take_fds(n))
+        self.checking = (header, steps, self._take_fds(header.unix_fds))
         return self._step()
 
     def _step(self) -> Message | None:
@@ -231,8 +271,11 @@ class Framer:
             return
         buf = self._buf
         self._view.release()
-        if len(buf) == self._bufsize and len(_pool) < POOL_MAX:
-            _pool.append(buf)
+        if len(buf) == self._bufsize:
+            if len(_pool) < POOL_MAX:
+                _pool.append(buf)
+        elif self._bufsize < len(buf) <= SPARE_MAX:
+            _spare[:] = [buf]  # the newest: the next large message is most likely of its size
         self._buf = self._view = None
         self._start = self._end = 0
 
