@@ -633,20 +633,28 @@ def main(argv: list[str]) -> int:
     PROBE_DIR.mkdir(exist_ok=True)
     sh("chcon", "-t", "sealbus_runtime_t", str(PROBE_DIR))
     start = time.time()
-    for step in (
-        case_platform,
-        lambda: case_socket(start),
-        lambda: case_payload_fs(start),
-        lambda: case_real_bus(start),
-        case_systemd,
-    ):
+    return run_steps(
+        (
+            case_platform,
+            lambda: case_socket(start),
+            lambda: case_payload_fs(start),
+            lambda: case_real_bus(start),
+            case_systemd,
+        ),
+        args.out,
+    )
+
+
+def run_steps(steps, out: Path | None) -> int:
+    """Run a tier's steps, print its table, write its JSON to ``out``; 1 if any case failed."""
+    for step in steps:
         try:
             step()
         except Exception as e:  # a broken step is a failure, never a skip
             record(f"step {getattr(step, '__name__', 'case')} crashed", False, repr(e))
     print(table(RESULTS))
-    if args.out:
-        args.out.write_text(json.dumps([asdict(c) for c in RESULTS], indent=2))
+    if out:
+        out.write_text(json.dumps([asdict(c) for c in RESULTS], indent=2))
     return 1 if any(c.status == "FAIL" for c in RESULTS) else 0
 
 

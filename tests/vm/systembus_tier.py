@@ -13,16 +13,14 @@ table this reuses). Prints the table, writes JSON to --out, exits 1 on any FAIL.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from tests.procfs import children
-from tests.vm.enforcing_tier import PYTHON, RESULTS, context_of, record, sh, table, type_of, wait_for
+from tests.vm.enforcing_tier import PYTHON, context_of, record, run_steps, sh, type_of, wait_for
 
 HERE = Path(__file__).resolve().parent
 BUS_SOCKET = "/run/dbus/system_bus_socket"
@@ -295,27 +293,22 @@ def main(argv: list[str]) -> int:
     start = time.time()
     # systemd and logind connect early; give a slow (emulated) guest's boot time to settle
     wait_for(lambda: has_owner("org.freedesktop.login1"), 120)
-    for step in (
-        case_bus_is_sealbus,
-        case_systemd_clients,
-        lambda: case_systemd_activation(
-            "hostnamectl", "org.freedesktop.hostname1", "systemd-hostnamed.service", "Static hostname: sealbus-vm"
+    return run_steps(
+        (
+            case_bus_is_sealbus,
+            case_systemd_clients,
+            lambda: case_systemd_activation(
+                "hostnamectl", "org.freedesktop.hostname1", "systemd-hostnamed.service", "Static hostname: sealbus-vm"
+            ),
+            lambda: case_systemd_activation(
+                "timedatectl", "org.freedesktop.timedate1", "systemd-timedated.service", "Time zone"
+            ),
+            lambda: case_exec_user_activation(start),
+            case_no_denials,
+            case_journal,
         ),
-        lambda: case_systemd_activation(
-            "timedatectl", "org.freedesktop.timedate1", "systemd-timedated.service", "Time zone"
-        ),
-        lambda: case_exec_user_activation(start),
-        case_no_denials,
-        case_journal,
-    ):
-        try:
-            step()
-        except Exception as e:  # a broken step is a failure, never a skip
-            record(f"step {getattr(step, '__name__', 'case')} crashed", False, repr(e))
-    print(table(RESULTS))
-    if args.out:
-        args.out.write_text(json.dumps([asdict(c) for c in RESULTS], indent=2))
-    return 1 if any(c.status == "FAIL" for c in RESULTS) else 0
+        args.out,
+    )
 
 
 if __name__ == "__main__":
