@@ -11,6 +11,7 @@ ignores built modules: see broker/__init__.py). ``pip install`` builds them
 too when Cython is importable in its build environment.
 """
 
+import ast
 import os
 import sys
 
@@ -18,19 +19,18 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HOT_MODULES = (
-    "broker.wire.message",
-    "broker.wire.body_check",
-    "broker.wire.framer",
-    "broker.bus.peer",
-    "broker.bus.replies",
-    "broker.bus.router",
-    "broker.bus.names",
-    "broker.io.connection",
-    "broker.io.reactor",
-    "broker.io.busy_poll",
-    "broker.io.server",
-)  # the same list as broker/__init__.py (tests/test_build.py checks they agree)
+
+
+def hot_modules() -> tuple:
+    """``broker.HOT_MODULES``, read from broker/__init__.py without importing the package (one list)."""
+    with open(os.path.join(HERE, "broker", "__init__.py")) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "HOT_MODULES":
+            return ast.literal_eval(node.value)
+    raise SystemExit("setup.py: broker/__init__.py has no HOT_MODULES")
+
+
 DIRECTIVES = {
     "language_level": 3,
     "annotation_typing": False,  # Python annotations stay documentation: no new type checks at run time
@@ -55,7 +55,7 @@ def extensions() -> list:
     except ImportError:
         say("Cython is not installed: pure Python build (pip install cython, then make setup)")
         return []
-    sources = [os.path.join(*m.split(".")) + ".py" for m in HOT_MODULES]
+    sources = [os.path.join(*m.split(".")) + ".py" for m in hot_modules()]
     return cythonize(sources, compiler_directives=DIRECTIVES, build_dir="build/cython", quiet=True)
 
 
