@@ -183,7 +183,7 @@ class _Parser:
         if len(el) or (el.text or "").strip():
             raise self.err(file, _line(el), f"<{el.tag}> must be empty")
 
-    def _toplevel(self, el, file: str) -> None:
+    def _toplevel(self, el, file: str) -> None:  # noqa: C901
         cfg = self.cfg
         tag = el.tag
         line = _line(el)
@@ -326,7 +326,7 @@ class _Parser:
             sec.rules.append(self._rule(r, file, sec))
         self.cfg.policies.append(sec)
 
-    def _rule(self, r, file: str, sec: PolicySection) -> Rule:
+    def _rule(self, r, file: str, sec: PolicySection) -> Rule:  # noqa: C901
         line = _line(r)
         for a in r.attrib:
             if a not in RULE_ATTRS:
@@ -361,7 +361,7 @@ class _Parser:
                                            "has an interface)")  # fmt: skip
         return Rule(r.tag == "allow", dict(r.attrib), file, line)
 
-    def _sealbus(self, el, file: str) -> None:
+    def _sealbus(self, el, file: str) -> None:  # noqa: C901
         self._no_attrs(el, file)
         opts = self.cfg.sealbus
         for c in el:

@@ -286,7 +286,7 @@ class Policy:
         return self._check("receive", self.rules_for(receiver.uid, receiver.gids), msg, sender_names,
                            requested_reply, eavesdrop)  # fmt: skip
 
-    def _check(self, kind, rules, msg: MsgInfo, other_names, requested_reply, eavesdrop) -> Decision:
+    def _check(self, kind, rules, msg: MsgInfo, other_names, requested_reply, eavesdrop) -> Decision:  # noqa: C901
         d = Decision(False)
         is_reply = msg.type in (2, 3)
         for r in rules:

@@ -100,7 +100,7 @@ class MatchRule:
         return True
 
 
-def _tokenize(text: str) -> list[tuple[str, str]]:
+def _tokenize(text: str) -> list[tuple[str, str]]:  # noqa: C901
     """Split ``key='value',...`` following dbus-daemon's quoting rules."""
     pairs = []
     i, n = 0, len(text)
@@ -145,7 +145,7 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_match_rule(text: str) -> MatchRule:
+def parse_match_rule(text: str) -> MatchRule:  # noqa: C901
     if len(text) > 1024:
         raise MatchRuleInvalid("match rule longer than 1024 bytes")
     rule = MatchRule(text=text)

@@ -284,7 +284,7 @@ class Bus:
         if h.type == wm.METHOD_CALL and not h.no_reply_expected and peer.unique_name is not None:
             self.send_error(peer, h.serial, E + "LimitsExceeded", why)
 
-    def _route(self, peer: Peer, h, fdref: FdRef | None) -> None:
+    def _route(self, peer: Peer, h, fdref: FdRef | None) -> None:  # noqa: C901
         if fdref is not None and self.fd_vetter is not None:
             try:
                 self.fd_vetter(peer, h, fdref.fds)
@@ -382,7 +382,7 @@ class Bus:
 
     # -- unicast / replies --------------------------------------------------
 
-    def _unicast(self, peer: Peer, h, fdref, target: Peer, seen: bool = False) -> None:
+    def _unicast(self, peer: Peer, h, fdref, target: Peer, seen: bool = False) -> None:  # noqa: C901
         is_call = h.type == METHOD_CALL
         wants_reply = is_call and not h.flags & NO_REPLY_EXPECTED
         if self.policy is not None:
@@ -497,7 +497,7 @@ class Bus:
         self._to_monitors(peer, h, fdref, bufs)
         self._to_matching(peer, h, fdref, bufs, eavesdrop_only=False)
 
-    def _to_matching(self, peer, h, fdref, bufs, *, eavesdrop_only: bool, skip=None) -> None:
+    def _to_matching(self, peer, h, fdref, bufs, *, eavesdrop_only: bool, skip=None) -> None:  # noqa: C901
         sender_name = peer.unique_name if peer is not None else DBUS_NAME
         body = _LazyBody(h)
         buckets = self.matches.buckets(h, sender_name, body, eavesdrop_only)

@@ -160,7 +160,7 @@ def main_system(args) -> int:
                          runtime=runtime, announce=announce, overrides=overrides)  # fmt: skip
 
 
-def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, log_level: str,
+def serve_as_user(cfg, config_path: str, user: pwd.struct_passwd, listeners, *, log_level: str,  # noqa: C901
                   payload_fs: str | None, runtime: str | None, announce, overrides: dict | None = None,
                   owner_uid: int | None = None) -> int:  # fmt: skip
     """The launcher once its config, bus user and bound sockets are ready (`sealbus run --system`, and
@@ -323,7 +323,7 @@ def supervise(proc, ctl, config_path: str, user, stop: dict, payload_mount: str 
             watcher.close()
 
 
-def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid, watcher, spawner) -> int:
+def _supervise(proc, ctl, config_path: str, stop: dict, payload_mount, owner_uid, watcher, spawner) -> int:  # noqa: C901
     audit, limiter = AuditWriter(), AuditLimiter()
     inbox = control.Inbox(ctl)
     changed_at = None  # when inotify last reported a change not reloaded yet

@@ -110,7 +110,7 @@ def _unix_socket_state(fd: int) -> tuple[int, int] | None:
         sock.close()
 
 
-def vet_fd(fd: int, index: int, mode: str, ctx: VetContext) -> FdInfo:
+def vet_fd(fd: int, index: int, mode: str, ctx: VetContext) -> FdInfo:  # noqa: C901
     arg = f"fd #{index}"
     try:
         fmode, size, dev, ino = fd_stat(fd)

@@ -92,7 +92,7 @@ def _bad_pad(b, p: int, q: int):
     return PaddingError(f"non-zero padding at offset {p}")
 
 
-def _basic(c: str, endian: str):
+def _basic(c: str, endian: str):  # noqa: C901
     """The check of one value of basic type ``c`` other than ``g``: ``(buf, pos, depth, n_fds) -> pos after``.
 
     Every check has this shape: ``depth`` is the nesting added by enclosing variants, ``n_fds`` the
@@ -322,7 +322,7 @@ class BodyChecker:
             raise SignatureError(f"type {t!r} cannot stand here")  # only as an array element
         return _BASIC[endian][c]
 
-    def _signature(self, variant: bool, inner: int, endian: str):
+    def _signature(self, variant: bool, inner: int, endian: str):  # noqa: C901
         """``g``, or ``v`` (a signature, then one value of it, one level deeper)."""
         sig_value = self._signature_value
         simple = _BASIC_CODES[endian]
@@ -372,7 +372,7 @@ class BodyChecker:
         signature.gen = variant_gen
         return signature
 
-    def _struct(self, members, inner: int):
+    def _struct(self, members, inner: int):  # noqa: C901
         """A struct: 8-aligned, its members one level deeper."""
 
         def make(head: bool):  # head: only the checks before the members, for struct_gen (a closure constant)
@@ -459,7 +459,7 @@ class BodyChecker:
         return dict_array
 
 
-def _array_check(head: bool, endian: str, elem: str, size: int, inner: int, each=None, key=None, value=None):
+def _array_check(head: bool, endian: str, elem: str, size: int, inner: int, each=None, key=None, value=None):  # noqa: C901
     """The one-shot check of an array of ``elem`` (``size`` bytes each if fixed, else 0; at static
     nesting ``inner``): its elements are checked by ``each``, or are dict entries of ``key`` and
     ``value``, or (both None) need no look. With ``head`` True, the check of only what precedes the
@@ -472,7 +472,7 @@ def _array_check(head: bool, endian: str, elem: str, size: int, inner: int, each
     am = 7 if key is not None else ALIGNMENT[elem[0]] - 1
     what = "dict entry" if key is not None else "array"
 
-    def array(b, p, d, f):
+    def array(b, p, d, f):  # noqa: C901
         if p & 3:
             q = (p + 3) & -4
             if b[p:q] != _ZEROS[q - p]:
@@ -636,12 +636,12 @@ def _fixed_layout(types):
     return pos, tuple(pads), tuple(bools), tuple(fds), tail
 
 
-def _fixed_body_plan(layout, endian: str):
+def _fixed_body_plan(layout, endian: str):  # noqa: C901
     size, pads, bools, fds, tail = layout
     u32 = _U32[endian]
     len_at, esize = tail or (0, 0)
 
-    def fixed_body(b, start, f):
+    def fixed_body(b, start, f):  # noqa: C901
         have = len(b) - start
         if have < size:
             raise TruncatedError(f"body of {have} bytes, its signature needs at least {size}")

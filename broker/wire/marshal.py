@@ -207,7 +207,7 @@ class Writer:
         self.buf += raw
         self.buf.append(0)
 
-    def value(self, t: str, v, depth: int = 0) -> None:
+    def value(self, t: str, v, depth: int = 0) -> None:  # noqa: C901
         if depth > MAX_TOTAL_DEPTH:
             raise LimitExceededError(f"values nest deeper than {MAX_TOTAL_DEPTH}")
         c = t[0]

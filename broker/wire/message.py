@@ -209,7 +209,7 @@ class HeaderView:
         "signature", "type", "unix_fds", "unknown_fields",
     )  # fmt: skip
 
-    def __init__(self, raw, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, sized: bool = False,
+    def __init__(self, raw, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, sized: bool = False,  # noqa: C901
                  cache: WireCache | None = None):  # fmt: skip
         """``sized``: the framer already validated the fixed header and cut ``raw`` to its announced size.
         ``cache``: its owner's WireCache (None: parse afresh, keep nothing)."""
@@ -283,7 +283,7 @@ class HeaderView:
                 self.destination, self.sender, self.signature, self.unix_fds, self.unknown_fields, self.fwd,
             ))  # fmt: skip
 
-    def _parse_fields(self, raw, endian: str, end: int) -> int:
+    def _parse_fields(self, raw, endian: str, end: int) -> int:  # noqa: C901
         """Parse and validate the field array; returns where the REPLY_SERIAL value is (0: none)."""
         u32 = _U32[endian]
         decode = _decode_field_string if self.cache is None else self.cache.string

@@ -82,7 +82,7 @@ class SaslServer:
         self.state = State.WAIT_AUTH
         return b"REJECTED EXTERNAL\r\n"
 
-    def _line(self, line: bytes) -> bytes:
+    def _line(self, line: bytes) -> bytes:  # noqa: C901
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:

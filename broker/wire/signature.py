@@ -22,7 +22,7 @@ ALIGNMENT = {
 }  # fmt: skip
 
 
-def _complete_type_end(sig: str, pos: int, arrays: int, structs: int) -> int:
+def _complete_type_end(sig: str, pos: int, arrays: int, structs: int) -> int:  # noqa: C901
     """Return the index just past the complete type starting at ``pos``."""
     if pos >= len(sig):
         raise SignatureError(f"signature {sig!r} ends where a type was expected")
