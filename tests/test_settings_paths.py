@@ -1,5 +1,6 @@
 """Every way a bus is configured gives it the same limits (they had drifted: only one path capped the message size)."""
 
+import logging
 import pwd
 
 from broker.access.config import load_config
@@ -205,3 +206,31 @@ def test_the_launchers_catalogue_and_service_dirs_reach_the_broker(tmp_path):
     assert settings_from_message(msg).servicedirs == [ServiceDir(str(services))]
     assert launcher_catalog(msg).names() == ["org.example.Svc"]
     assert launcher_catalog({"type": "settings"}).names() == []  # none sent: nothing to activate, nothing read
+
+
+# -- limits that are accepted but do not bound what their name says: the log says so ----------------
+
+
+def _limit_log(caplog, limits: dict[str, int]) -> str:
+    from broker.access.config import parse_config_string
+
+    body = "".join(f'<limit name="{n}">{v}</limit>' for n, v in limits.items())
+    with caplog.at_level(logging.INFO, logger="sealbus.config"):
+        parse_config_string(f"<busconfig>{body}</busconfig>", filename="t.conf")
+    return caplog.text
+
+
+def test_limits_sealbus_bounds_otherwise_are_logged(caplog):
+    """max_incoming_* (dbus-daemon's queue of read, undispatched messages, which sealbus does not have)."""
+    text = _limit_log(caplog, {"max_incoming_bytes": 1000, "max_incoming_unix_fds": 10})
+    for name in ("max_incoming_bytes", "max_incoming_unix_fds"):
+        assert f"<limit name='{name}'> accepted; sealbus bounds this otherwise" in text, text
+
+
+def test_a_message_size_over_the_protocol_maximum_is_logged_as_capped(caplog):
+    """Debian's session.conf asks for 1000000000: the bus caps it at 128 MiB (as libdbus) and says so."""
+    text = _limit_log(caplog, {"max_message_size": 1000000000})
+    assert "<limit name='max_message_size'> 1000000000 is over the protocol's maximum" in text, text
+    assert "134217728" in text, text
+    caplog.clear()
+    assert "max_message_size" not in _limit_log(caplog, {"max_message_size": 1024})

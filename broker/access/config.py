@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..bus.limits import HELD_OTHERWISE, NOTHING_TO_BOUND, Limits
 from ..bus.settings import ServiceDir
+from ..wire.message import DEFAULT_MAX_MESSAGE_SIZE
 from .servicedirs import add_unique, standard_session_servicedirs, standard_system_servicedirs
 
 
@@ -33,18 +34,21 @@ MESSAGE_TYPES = {"*", "method_call", "method_return", "signal", "error"}
 BOOL_ATTRS = {"send_broadcast", "send_requested_reply", "receive_requested_reply", "eavesdrop", "log"}
 
 
-def _log_unbounding_limit(file: str, line: int, name: str) -> None:
-    """Say so when a config sets a limit that sealbus accepts but that bounds nothing here (NOTHING_TO_BOUND:
-    a warning for the container ones, info for the activation ones, which dbus-daemon's session.conf sets)
-    or that its design meets otherwise (HELD_OTHERWISE, info)."""
+def _log_unbounding_limit(file: str, line: int, name: str, value: int) -> None:
+    """Say so when a config sets a limit that sealbus accepts but that bounds nothing here (NOTHING_TO_BOUND,
+    a warning), that its design meets otherwise (HELD_OTHERWISE, info), or a message size over the protocol's
+    maximum, which every path caps (bus.limits.limits_for, as libdbus; info: Debian's session.conf asks
+    for 1000000000)."""
     log = logging.getLogger("sealbus.config")
     if name in NOTHING_TO_BOUND:
-        level = logging.WARNING if "container" in name else logging.INFO
-        log.log(level, "%s:%d: <limit name=%r> accepted, but it has nothing to bound: %s", file, line, name,
-                NOTHING_TO_BOUND[name])  # fmt: skip
+        log.warning("%s:%d: <limit name=%r> accepted, but it has nothing to bound: %s", file, line, name,
+                    NOTHING_TO_BOUND[name])  # fmt: skip
     elif name in HELD_OTHERWISE:
         log.info("%s:%d: <limit name=%r> accepted; sealbus bounds this otherwise: %s", file, line, name,
                  HELD_OTHERWISE[name])  # fmt: skip
+    elif name == "max_message_size" and value > DEFAULT_MAX_MESSAGE_SIZE:
+        log.info("%s:%d: <limit name=%r> %d is over the protocol's maximum: messages are capped at %d bytes",
+                 file, line, name, value, DEFAULT_MAX_MESSAGE_SIZE)  # fmt: skip
 
 
 @dataclass
@@ -237,7 +241,7 @@ class _Parser:
                 cfg.limits[name] = int(self._text(el, file))
             except ValueError:
                 raise self.err(file, line, f"limit {name!r} needs an integer") from None
-            _log_unbounding_limit(file, line, name)
+            _log_unbounding_limit(file, line, name, cfg.limits[name])
         elif tag == "policy":
             self._policy(el, file)
         elif tag == "selinux":
