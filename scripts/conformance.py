@@ -36,7 +36,9 @@ TESTS = Path("/usr/lib/dbus-1.0/installed-tests/dbus")
 ROOT = Path(__file__).resolve().parent.parent
 KNOWN = ROOT / "scripts" / "conformance-known.txt"
 
-# The programs that start a message bus (the rest test libdbus alone, whatever the daemon).
+INSTALLED = Path("/usr/share/installed-tests/dbus")  # one .test file per installed test (Exec= its program)
+
+# The programs that start a message bus through $DBUS_TEST_DAEMON, run case by case (a .sh runs whole).
 BUS_PROGRAMS = [
     "test-dbus-daemon",
     "test-dbus-daemon-eavesdrop",
@@ -50,9 +52,40 @@ BUS_PROGRAMS = [
     "test-header-fields",
     "test-refs",
     "test-dbus-daemon-fork.sh",
+    # as root with AppArmor on, loads the tests' AppArmor profiles and runs test-apparmor-activation
+    # (the AppArmor policy of a bus); elsewhere it skips as a whole
+    "test-apparmor-activation.sh",
 ]
 
-TAP = re.compile(r"^(not ok|ok)\s+\d+\s*(?:-\s*)?([^#]*?)\s*(#\s*(SKIP|TODO)\b(.*))?$", re.I)
+# Tests of "the" session bus at $XDG_RUNTIME_DIR/bus: the runner starts one (--session) for each run.
+SESSION_PROGRAMS = ["integration/transient-services.sh"]
+SESSION = "(session)"  # the work item of a SESSION_PROGRAMS program
+
+# Installed tests that test libdbus (or the daemon's code linked in) alone: they start no bus and give the
+# same result whatever $DBUS_TEST_DAEMON is, so they are not run.
+LIBDBUS_ONLY = ["test-assertions", "test-atomic", "test-desktop-file", "test-hash", "test-loopback",
+                "test-marshal", "test-message", "test-misc-internals", "test-printf", "test-server-oom",
+                "test-shell", "test-syntax", "test-sysdeps", "test-syslog", "test-userdb", "test-variant"]  # fmt: skip
+
+
+def installed_tests() -> list[str]:
+    """The programs of the installed tests (relative to TESTS), from the Exec= lines of their .test files."""
+    progs = set()
+    for f in sorted(INSTALLED.rglob("*.test")):
+        for line in f.read_text().splitlines():
+            if line.startswith("Exec="):
+                for word in line.split():
+                    if word.startswith(str(TESTS) + "/"):
+                        progs.add(word[len(str(TESTS)) + 1 :])
+    return sorted(progs)
+
+
+def unclassified(installed: list[str]) -> list[str]:
+    """Installed tests this runner neither runs nor names as testing libdbus alone."""
+    return [p for p in installed if p not in BUS_PROGRAMS + SESSION_PROGRAMS + LIBDBUS_ONLY]
+
+
+TAP = re.compile(r"^(not ok|ok)\s+(\d+)\s*(?:-\s*)?([^#]*?)\s*(#\s*(SKIP|TODO)\b(.*))?$", re.I)
 
 
 def list_cases(prog: Path, env: dict) -> list[str]:
@@ -70,14 +103,14 @@ def parse_tap(text: str) -> list[tuple[str, str, str]]:
         m = TAP.match(line.strip())
         if not m:
             continue
-        ok, name, _, directive, reason = m.groups()
+        ok, number, name, _, directive, reason = m.groups()
         if directive and directive.upper() == "SKIP":
             status = "skip"
         elif ok == "ok" or (directive and directive.upper() == "TODO"):
             status = "pass"
         else:
             status = "fail"
-        out.append((name.strip(), status, (reason or "").strip()))
+        out.append((name.strip() or f"#{number}", status, (reason or "").strip()))  # a nameless result: its number
     return out
 
 
@@ -111,10 +144,59 @@ def run_one(prog: Path, case: str | None, env: dict, timeout: float, user: str |
         elif rc not in (0, None) and results[0][1] == "pass":
             results = [(case, "fail", f"exit {rc} after ok")]
     else:
-        name = prog.name
-        results = [(f"{name}: {n}", s, r) for n, s, r in results]
-        if rc != 0:
-            results.append((f"{name}: (exit status)", "fail", why or f"exit {rc}" + _bail(text)))
+        results = whole_program_results(prog.name, text, rc, why)
+    return results
+
+
+def run_session(prog: Path, daemon: str, env: dict, timeout: float, user: str | None) -> list[tuple[str, str, str]]:
+    """Run ``prog`` (SESSION_PROGRAMS) against a session bus this starts for it at $XDG_RUNTIME_DIR/bus, in a
+    runtime directory of its own, as the tests' user; the bus is stopped afterwards."""
+    runtime = Path(tempfile.mkdtemp(prefix="sealbus-conf-session-"))
+    try:
+        if user is not None:
+            pw = pwd.getpwnam(user)
+            os.chown(runtime, pw.pw_uid, pw.pw_gid)
+        address = f"unix:path={runtime}/bus"
+        senv = {**env, "XDG_RUNTIME_DIR": str(runtime), "DBUS_SESSION_BUS_ADDRESS": address}
+        argv = [daemon, "--session", "--nofork", f"--address={address}", "--print-address=1"]
+        if user is not None:
+            argv = ["runuser", "-u", user, "--", "env", *(f"{k}={v}" for k, v in senv.items()), *argv]
+        with tempfile.TemporaryFile() as out:
+            bus = subprocess.Popen(argv, env=senv, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                deadline = time.monotonic() + timeout
+                while not os.pread(out.fileno(), 1, 0) and bus.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not os.pread(out.fileno(), 1, 0):
+                    return [(f"{prog.name}: (session bus)", "fail", "the session bus did not start")]
+                return run_one(prog, None, senv, timeout, user)
+            finally:
+                try:
+                    os.killpg(bus.pid, signal.SIGTERM)
+                    bus.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(bus.pid, signal.SIGKILL)
+                    bus.wait()
+                except OSError:
+                    bus.wait()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+SKIP_ALL = re.compile(r"^1\.\.0\s*#\s*SKIP\b\s*(?:-\s*)?(.*)$", re.I)
+
+
+def whole_program_results(name: str, text: str, rc: int | None, why: str) -> list[tuple[str, str, str]]:
+    """The rows of a program run whole: one per TAP result, one for a bad exit status, and one skip row
+    for a program that skips as a whole (``1..0 # SKIP reason``)."""
+    results = [(f"{name}: {n}", s, r) for n, s, r in parse_tap(text)]
+    if rc != 0:
+        results.append((f"{name}: (exit status)", "fail", why or f"exit {rc}" + _bail(text)))
+    elif not results:
+        for line in text.splitlines():
+            m = SKIP_ALL.match(line.strip())
+            if m:
+                results.append((name, "skip", m.group(1).strip()))
     return results
 
 
@@ -155,11 +237,16 @@ def run_daemon(label: str, daemon: str, jobs: int, timeout: float, user: str | N
             continue
         cases = list_cases(prog, env) or [None]
         work += [(prog, c) for c in cases if only is None or re.search(only, c or prog.name)]
+    for name in SESSION_PROGRAMS:
+        prog = TESTS / name
+        if prog.exists() and (only is None or re.search(only, prog.name)):
+            work.append((prog, SESSION))
     results: dict[str, tuple[str, str]] = {}
     t0 = time.monotonic()
     try:
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            futs = [pool.submit(run_one, prog, c, env, timeout, user) for prog, c in work]
+            futs = [pool.submit(run_session, prog, daemon, env, timeout, user) if c is SESSION
+                    else pool.submit(run_one, prog, c, env, timeout, user) for prog, c in work]  # fmt: skip
             for f in futs:
                 for case, status, reason in f.result():
                     results[case] = (status, reason)
@@ -241,6 +328,12 @@ def main(argv=None) -> int:
     if not TESTS.is_dir():
         print(f"conformance: {TESTS} missing: install Debian's dbus-tests (make setup does)", file=sys.stderr)
         return 2
+    missing = unclassified(installed_tests()) if INSTALLED.is_dir() else []
+    if missing:
+        print(f"conformance: installed tests neither run nor listed as libdbus-only: {', '.join(missing)}: add each "
+              "to BUS_PROGRAMS, SESSION_PROGRAMS or LIBDBUS_ONLY (scripts/conformance.py)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     users = a.user or (["root", "nobody"] if os.geteuid() == 0 else ["self"])
     known_all = load_known(a.known)
     ok = True
@@ -285,8 +378,10 @@ def main(argv=None) -> int:
             "Debian's `dbus-tests` programs that start a bus, run case by case with `$DBUS_TEST_DAEMON` pointing at\n"
             "dbus-daemon and then at `sealbus-dbus-daemon` (`make conformance`, `scripts/conformance.py`).\n"
             "Causes of the remaining gaps are kept in `scripts/conformance-known.txt`. Only the programs that start a\n"
-            "bus are run (the others test libdbus alone and give the same result whatever the daemon), so the totals\n"
-            "are smaller than a run of every program.\n\n" + "\n".join(sections)
+            "bus are run, and `integration/transient-services.sh` against a session bus the runner starts for it; the\n"
+            "others (`LIBDBUS_ONLY` in the script) test libdbus alone and give the same result whatever the daemon,\n"
+            "so the totals are smaller than a run of every program. The run fails on an installed test that is in\n"
+            "neither list. A program that skips as a whole (`1..0 # SKIP`) is one row.\n\n" + "\n".join(sections)
         )
     return 0 if ok else 1
 
