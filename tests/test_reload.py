@@ -340,3 +340,11 @@ def test_launcher_serves_reload_requests_by_id_and_reads_only_its_own_config(tmp
         ours.close()
         theirs.close()
     assert not t.is_alive()
+
+
+def test_a_reload_to_a_config_requiring_apparmor_fails_and_the_old_config_stays(tmp_path):
+    """As at start-up (tests/test_settings_paths.py): sealbus cannot honour <apparmor mode="required"/>."""
+    conf = tmp_path / "bus.conf"
+    conf.write_text('<busconfig><apparmor mode="required"/></busconfig>')
+    with pytest.raises(reload_mod.ReloadFailed, match="AppArmor"):
+        reload_mod.read_config(str(conf), "session")

@@ -3,6 +3,8 @@
 import logging
 import pwd
 
+import pytest
+
 from broker.access.config import load_config
 from broker.access.config_settings import settings_from_config
 from broker.launch.broker_process import settings_from_message
@@ -234,3 +236,53 @@ def test_a_message_size_over_the_protocol_maximum_is_logged_as_capped(caplog):
     assert "134217728" in text, text
     caplog.clear()
     assert "max_message_size" not in _limit_log(caplog, {"max_message_size": 1024})
+
+
+# -- AppArmor: sealbus does not mediate with it, and says so instead of dropping the config's word -------
+
+
+def _apparmor_settings(caplog, monkeypatch, element: str, host_mediates: bool):
+    from broker.access import config_settings
+    from broker.access.config import parse_config_string
+
+    monkeypatch.setattr(config_settings, "apparmor_dbus_mediation", lambda: host_mediates)
+    cfg = parse_config_string(f"<busconfig><type>system</type>{element}</busconfig>")
+    with caplog.at_level(logging.WARNING, logger="sealbus.config"):
+        return settings_from_config(cfg)
+
+
+def test_apparmor_required_stops_start_up_with_a_clear_error(caplog, monkeypatch):
+    """dbus-daemon refuses to start when <apparmor mode="required"/> cannot be honoured; sealbus never can."""
+    from broker.access.config import ConfigError
+
+    for host in (False, True):
+        with pytest.raises(ConfigError, match="AppArmor"):
+            _apparmor_settings(caplog, monkeypatch, '<apparmor mode="required"/>', host)
+
+
+@pytest.mark.parametrize("element", ["", "<apparmor/>", '<apparmor mode="enabled"/>'])
+def test_a_host_whose_kernel_mediates_dbus_with_apparmor_is_warned(caplog, monkeypatch, element):
+    """Where dbus-daemon would enforce the dbus rules of AppArmor profiles (mode enabled, the default, and a
+    kernel with D-Bus mediation), sealbus does not: the log says so at every start."""
+    _apparmor_settings(caplog, monkeypatch, element, True)
+    assert "AppArmor" in caplog.text and "not enforced" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize(("element", "host"), [('<apparmor mode="disabled"/>', True), ("", False)])
+def test_no_apparmor_warning_where_dbus_daemon_would_not_mediate_either(caplog, monkeypatch, element, host):
+    _apparmor_settings(caplog, monkeypatch, element, host)
+    assert "AppArmor" not in caplog.text, caplog.text
+
+
+def test_apparmor_detection_reads_the_kernels_dbus_feature(tmp_path):
+    from broker.access.config_settings import apparmor_dbus_mediation
+
+    assert apparmor_dbus_mediation(root=str(tmp_path)) is False
+    (tmp_path / "sys/module/apparmor/parameters").mkdir(parents=True)
+    (tmp_path / "sys/module/apparmor/parameters/enabled").write_text("Y\n")
+    assert apparmor_dbus_mediation(root=str(tmp_path)) is False  # AppArmor on, but no D-Bus mediation (Debian)
+    (tmp_path / "sys/kernel/security/apparmor/features/dbus").mkdir(parents=True)
+    (tmp_path / "sys/kernel/security/apparmor/features/dbus/mask").write_text("acquire send receive\n")
+    assert apparmor_dbus_mediation(root=str(tmp_path)) is True  # e.g. Ubuntu's kernels
+    (tmp_path / "sys/module/apparmor/parameters/enabled").write_text("N\n")
+    assert apparmor_dbus_mediation(root=str(tmp_path)) is False

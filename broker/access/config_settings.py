@@ -7,6 +7,8 @@ launcher's control channel (JSON), field by field, so a new BusSettings field
 reaches the broker without anyone writing code for it (see broker.bus.settings).
 """
 
+import logging
+import os
 from dataclasses import fields
 
 from ..bus.limits import Limits, limits_for
@@ -26,6 +28,34 @@ def read_machine_id() -> str:
         except OSError:
             continue
     return ""
+
+
+def apparmor_dbus_mediation(root: str = "/") -> bool:
+    """Whether dbus-daemon would mediate with AppArmor here: AppArmor on, and a kernel that mediates D-Bus
+    (its features/dbus/mask, as dbus-daemon's bus/apparmor.c looks for; Ubuntu's kernels, not Debian's)."""
+    try:
+        with open(os.path.join(root, "sys/module/apparmor/parameters/enabled")) as f:
+            if f.read().strip() != "Y":
+                return False
+    except OSError:
+        return False
+    return os.path.exists(os.path.join(root, "sys/kernel/security/apparmor/features/dbus/mask"))
+
+
+def check_apparmor(mode: str | None, *, warn: bool = True) -> None:
+    """sealbus has no AppArmor mediation: refuse a config that requires it (dbus-daemon refuses to start when
+    it cannot honour "required"), and warn where dbus-daemon would enforce the dbus rules of AppArmor profiles
+    (mode "enabled", the default, on a kernel that mediates D-Bus)."""
+    from .config import ConfigError
+
+    if mode == "required":
+        raise ConfigError('<apparmor mode="required"/>: sealbus has no AppArmor mediation; use mode="disabled" '
+                          "(or remove the element) to run without it")  # fmt: skip
+    if warn and mode != "disabled" and apparmor_dbus_mediation():
+        logging.getLogger("sealbus.config").warning(
+            "AppArmor mediates D-Bus on this host, but sealbus does not: the dbus rules of AppArmor profiles are "
+            'not enforced on this bus (dbus-daemon would enforce them); <apparmor mode="disabled"/> silences this'
+        )
 
 
 def settings_from_config(
@@ -49,6 +79,7 @@ def settings_from_config(
 
 
 def _from_config(cfg, bus_type: str | None) -> BusSettings:
+    check_apparmor(cfg.apparmor_mode)
     kind = cfg.type or bus_type
     s = BusSettings(bus_type=kind or "custom")
     s.limits = limits_for(kind, cfg.limits)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..access.config import load_config
+from ..access.config_settings import check_apparmor
 from ..access.mediator import BusPolicy
 from ..activation.catalog import ServiceCatalog, catalog_from_json, load_catalog
 from ..bus.limits import limits_for
@@ -62,6 +63,7 @@ def read_config(path: str, default_type: str) -> Loaded:
     """Load ``path`` and its service directories (blocking: the launcher, or a worker thread)."""
     try:
         cfg = load_config(path)
+        check_apparmor(cfg.apparmor_mode, warn=False)  # said once, at start-up
     except Exception as e:  # ConfigError, and anything policy compilation raises: the old config stays
         raise ReloadFailed(str(e)) from None
     bus_type = cfg.type or default_type
