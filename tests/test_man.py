@@ -12,7 +12,7 @@ import pytest
 
 from broker.access import policy_cli
 from broker.access.config import RULE_ATTRS
-from broker.bus.limits import Limits
+from broker.bus.limits import NOTHING_TO_BOUND, Limits
 from tests.conftest import ROOT, SEALBUS
 
 MAN = Path(ROOT) / "man"
@@ -120,6 +120,16 @@ def test_sealbus_conf_describes_every_element_attribute_and_limit():
         entry = re.search(rf"^       {f.name}\b.*?\n(.*?)(?=^       \S|\Z)", limits, re.M | re.S)
         assert entry, f"<limit name={f.name!r}> is not described"
         assert re.search(rf"Defaults? .*?(?<![\d-]){f.default}(?!\d)", entry.group(0)), (f.name, f.default)
+        # the page says a limit bounds nothing exactly when the code does (NOTHING_TO_BOUND, which the log names)
+        unbounded = "nothing to bound" in " ".join(entry.group(0).split())
+        assert unbounded == (f.name in NOTHING_TO_BOUND), (f.name, entry.group(0))
+
+
+def test_sealbus_conf_does_not_say_the_bus_activates_nothing():
+    """Activation exists (broker/bus/activation.py): the page must not say otherwise."""
+    text = " ".join(render("sealbus.conf.5").split())
+    for claim in ("does not activate services", "activates no services"):
+        assert claim not in text, claim
 
 
 @pytest.mark.parametrize("page", PAGES)
