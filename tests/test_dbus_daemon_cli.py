@@ -16,7 +16,7 @@ from jeepney.auth import BEGIN, make_auth_external
 from jeepney.bus_messages import message_bus
 from jeepney.low_level import HeaderFields, MessageType, Parser
 
-from .conftest import VENV_BIN
+from .conftest import VENV_BIN, wait_until
 
 SEALBUS_DD = os.path.join(VENV_BIN, "sealbus-dbus-daemon")
 DBUS_DAEMON = "/usr/bin/dbus-daemon"
@@ -256,6 +256,17 @@ class RawConn:
             parser.add_data(data)
         self.reply = msg
 
+    def call(self, msg):
+        """Send ``msg`` and return the bus's answer to it (nothing else arrives on this connection)."""
+        self.serial = getattr(self, "serial", 1) + 1
+        self.sock.sendall(msg.serialise(serial=self.serial))
+        parser = Parser()
+        while (reply := parser.get_next_message()) is None:
+            data = self.sock.recv(65536)
+            assert data, "closed without an answer"
+            parser.add_data(data)
+        return reply
+
     @property
     def error(self) -> str | None:
         if self.reply.header.message_type != MessageType.error:
@@ -292,8 +303,10 @@ def test_connection_limit_answers_hello_with_limits_exceeded(bus_with, limit, da
     third = RawConn(address)
     assert third.error == LIMITS_EXCEEDED
     third.sock.close()
+    gone = second.reply.body[0]
     second.sock.close()
-    time.sleep(0.3)
+    # the bus has processed the hang-up once the name is gone (asked on the connection that stays)
+    assert wait_until(lambda: first.call(message_bus.NameHasOwner(gone)).body == (False,), timeout=20)
     again = RawConn(address)
     assert again.error is None
 
