@@ -54,6 +54,8 @@ BAD_INPUTS = [
     (["cat-payload", "{d}/missing"], "{d}/missing: No such file or directory"),
     (["policy", "explain", "--config", "{d}/missing.conf", "--sender-uid", "0"], "missing.conf: cannot read"),
     (["policy", "check", "--config", "{d}/bad.conf"], "unknown element <frobnicate>"),
+    (["policy", "audit", "--policy", "{d}/missing.pol"], "{d}/missing.pol: No such file or directory"),
+    (["policy", "audit", "--policy", "{d}/bad.conf"], "{d}/bad.conf: not a binary SELinux policy"),
 ]
 
 
@@ -245,3 +247,41 @@ def test_check_takes_config_like_explain_and_strict_problems_exit_3(tmp_path):
 def test_policy_help_documents_the_exit_codes(sub):
     r = sealbus("policy", sub, "--help")
     assert "3 the answer is no" in " ".join(r.stdout.split())
+
+
+@pytest.mark.parametrize(("audit_rc", "rc"), [(0, 0), (1, 3), (2, 1)])
+def test_audit_answers_in_the_policy_exit_code_convention(monkeypatch, audit_rc, rc):
+    """selinux_audit's own codes (1 the answers differ, 2 error) as every policy subcommand's (3, 1)."""
+    from broker.access import policy_cli, selinux_audit
+
+    monkeypatch.setattr(selinux_audit, "main", lambda argv: audit_rc)
+    assert policy_cli.main(["audit", "--policy", "/any"]) == rc
+
+
+def _distribution_policy() -> str | None:
+    """This machine's binary policy, if it exists and has no sealbus module in it."""
+    import glob
+
+    for path in sorted(glob.glob("/etc/selinux/*/policy/policy.[0-9]*")):
+        try:
+            from setools import SELinuxPolicy
+
+            types = {str(t) for t in SELinuxPolicy(path).types()}
+        except Exception:
+            continue
+        if "sealbus_t" not in types:
+            return path
+    return None
+
+
+def test_audit_of_a_policy_without_the_sealbus_module_says_so_in_one_line(tmp_path):
+    """`policy audit --policy /sys/fs/selinux/policy` before sealbus-selinux is installed: what an admin tries."""
+    policy = _distribution_policy()
+    if policy is None:
+        pytest.skip("no binary policy without the sealbus module under /etc/selinux (or no setools)")
+    r = sealbus("policy", "audit", "--policy", policy, cwd=tmp_path)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines() == [
+        f"sealbus policy audit: {policy} has no sealbus_t: the sealbus module is not in this policy "
+        "(install sealbus-selinux or load policy/sealbus.pp; without --policy the audit builds one)"
+    ], r.stderr

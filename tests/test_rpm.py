@@ -120,6 +120,8 @@ def test_main_package_holds_every_file_a_user_needs_and_nothing_else(built):
     modules = {f"{site}/{p}" for p in tracked.stdout.split() if p.endswith(".py")}
     assert modules and modules <= files, sorted(modules - files)[:10]
     assert any(f.startswith(f"{site}/sealbus-{VERSION}.dist-info") for f in files)
+    # the default config `sealbus run --system` reads without --config (broker.launch.launcher.DEFAULT_CONFIG)
+    assert f"{site}/broker/launch/system.conf" in files
 
 
 def test_packaged_files_are_root_owned_and_not_writable_by_others(built):
@@ -218,6 +220,12 @@ def test_packaged_files_work(built, tmp_path):
     where = subprocess.run([str(Path(SEALBUS).parent / "python"), "-c", "import broker; print(broker.__file__)"],
                            env=env, cwd=tmp_path, capture_output=True, text=True, check=True)  # fmt: skip
     assert where.stdout.startswith(str(site)), where.stdout
+    # `sealbus run --system` with no --config: the launcher's default is in the package, the source's file
+    default = subprocess.run([str(Path(SEALBUS).parent / "python"), "-c", "from broker.launch.launcher import "
+                              "DEFAULT_CONFIG; print(DEFAULT_CONFIG)"], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, check=True).stdout.strip()  # fmt: skip
+    assert default.startswith(str(site)) and Path(default).is_file(), f"{default}: not in the package"
+    assert Path(default).read_bytes() == (SRC / "broker/launch/system.conf").read_bytes()
     launcher = (root / "usr/libexec/sealbus/sealbus-launcher").read_text()
     assert launcher.startswith("#!/usr/bin/python3 -IB\n") and '"--config", "/etc/sealbus/system.conf"' in launcher
     assert "sys.path" not in launcher  # the installed package, not a source tree

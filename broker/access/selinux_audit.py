@@ -20,7 +20,9 @@ answers, exactly the ones in policy/test/audit-expected-added.json.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -320,11 +322,29 @@ def payload_flows_to_network(policy, full_graph: bool = False) -> list[str]:
     return sorted(always | {name + " [conditional]" for name in conditional})
 
 
+def load_policy(policy_path: Path):
+    """The binary policy at policy_path, with the sealbus module in it; AuditError saying what is wrong."""
+    from setools import SELinuxPolicy
+    from setools.exception import InvalidType, SEToolsException
+
+    if not os.path.exists(policy_path):  # setools' own error names neither the file nor the cause
+        raise AuditError(f"{policy_path}: {os.strerror(errno.ENOENT)}")
+    try:
+        policy = SELinuxPolicy(str(policy_path))
+    except SEToolsException as e:
+        raise AuditError(f"{policy_path}: not a binary SELinux policy ({e})") from None
+    try:
+        policy.lookup_type("sealbus_t")
+    except InvalidType:
+        why = "the sealbus module is not in this policy"
+        fix = "install sealbus-selinux or load policy/sealbus.pp; without --policy the audit builds one"
+        raise AuditError(f"{policy_path} has no sealbus_t: {why} ({fix})") from None
+    return policy
+
+
 def audit(policy_path: Path, full_graph: bool = False) -> dict[str, list[str]]:
     """Answer every question in QUESTIONS for the binary policy at policy_path."""
-    from setools import SELinuxPolicy
-
-    policy = SELinuxPolicy(str(policy_path))
+    policy = load_policy(policy_path)
     return {
         "connect_bus_socket": connect_bus_socket(policy),
         "open_payload_fs": payload_fs_access(policy, {"open"}),
