@@ -286,3 +286,19 @@ def test_apparmor_detection_reads_the_kernels_dbus_feature(tmp_path):
     assert apparmor_dbus_mediation(root=str(tmp_path)) is True  # e.g. Ubuntu's kernels
     (tmp_path / "sys/module/apparmor/parameters/enabled").write_text("N\n")
     assert apparmor_dbus_mediation(root=str(tmp_path)) is False
+
+
+def test_no_apparmor_probe_where_selinux_is_the_lsm(caplog, monkeypatch):
+    """Under SELinux the probe's sysfs read is denied to the launcher's domain (an AVC the system-bus VM tier
+    catches), and AppArmor cannot be the major LSM anyway: the probe is not made."""
+    from broker.access import config_settings
+    from broker.access.config import parse_config_string
+
+    def probe():
+        raise AssertionError("AppArmor probed on an SELinux host")
+
+    monkeypatch.setattr(config_settings, "_selinux_is_the_lsm", lambda: True)
+    monkeypatch.setattr(config_settings, "apparmor_dbus_mediation", probe)
+    with caplog.at_level(logging.WARNING, logger="sealbus.config"):
+        settings_from_config(parse_config_string("<busconfig><type>system</type></busconfig>"))
+    assert "AppArmor" not in caplog.text

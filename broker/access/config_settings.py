@@ -42,6 +42,15 @@ def apparmor_dbus_mediation(root: str = "/") -> bool:
     return os.path.exists(os.path.join(root, "sys/kernel/security/apparmor/features/dbus/mask"))
 
 
+def _selinux_is_the_lsm() -> bool:
+    """With SELinux enforcing policy, AppArmor is not the major LSM, so there is nothing to probe; and the
+    probe (a sysfs read) is one the launcher's SELinux domain is not allowed, which the VM tier reports as
+    an AVC denial."""
+    from .selinux import selinux_enabled
+
+    return selinux_enabled()
+
+
 def check_apparmor(mode: str | None, *, warn: bool = True) -> None:
     """sealbus has no AppArmor mediation: refuse a config that requires it (dbus-daemon refuses to start when
     it cannot honour "required"), and warn where dbus-daemon would enforce the dbus rules of AppArmor profiles
@@ -51,7 +60,7 @@ def check_apparmor(mode: str | None, *, warn: bool = True) -> None:
     if mode == "required":
         raise ConfigError('<apparmor mode="required"/>: sealbus has no AppArmor mediation; use mode="disabled" '
                           "(or remove the element) to run without it")  # fmt: skip
-    if warn and mode != "disabled" and apparmor_dbus_mediation():
+    if warn and mode != "disabled" and not _selinux_is_the_lsm() and apparmor_dbus_mediation():
         logging.getLogger("sealbus.config").warning(
             "AppArmor mediates D-Bus on this host, but sealbus does not: the dbus rules of AppArmor profiles are "
             'not enforced on this bus (dbus-daemon would enforce them); <apparmor mode="disabled"/> silences this'
