@@ -66,7 +66,7 @@ def fuzz_in_process(name: str, args: list[str]) -> None:
     atheris.Fuzz()
 
 
-def run_target(name: str, seconds: float, work: Path, *, runs: int | None = None, extra=()) -> dict:
+def run_target(name: str, seconds: float, work: Path, *, runs: int | None = None, timeout: int = 10, extra=()) -> dict:
     """Fuzz ``name`` for ``seconds`` in a subprocess (seeded from its corpus); its stats and crashes."""
     scratch = work / name / "new"
     artifacts = work / name / "artifacts"
@@ -74,7 +74,7 @@ def run_target(name: str, seconds: float, work: Path, *, runs: int | None = None
     artifacts.mkdir(parents=True, exist_ok=True)
     seeds = CORPUS / name
     cmd = [sys.executable, "-m", "tests.fuzz.run", name, f"-max_total_time={max(1, int(seconds))}",
-           "-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1", f"-artifact_prefix={artifacts}/",
+           f"-timeout={timeout}", "-rss_limit_mb=2048", "-print_final_stats=1", f"-artifact_prefix={artifacts}/",
            *([f"-runs={runs}"] if runs else []), *extra, str(scratch), *([str(seeds)] if seeds.is_dir() else [])]  # fmt: skip
     files = scratch_dir(f"sealbus-fuzz-{name}-")
     log_path = work / name / "log"  # written as it runs: a long run can be watched (tail -f)
@@ -133,11 +133,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
     p.add_argument("--work", help="keep scratch corpora, logs and crashes here (default: a temporary dir)")
     p.add_argument("--merge", action="store_true", help="fold new coverage into tests/fuzz_corpus/ afterwards")
+    p.add_argument("--timeout", type=int, default=10,
+                   help="seconds one input may take before it counts as a hang (libFuzzer -timeout, wall time: "
+                        "on a loaded machine a niced run can be starved that long, so give long runs more)")  # fmt: skip
     a = p.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="sealbus-fuzz-"))
     rows = []
     for name in a.only.split(","):
-        r = run_target(name, a.seconds, work, runs=a.runs)
+        r = run_target(name, a.seconds, work, runs=a.runs, timeout=a.timeout)
         rows.append(r)
         print(f"{name}: {r['inputs']:,} inputs, cov {r['cov']} ft {r['ft']}, {len(r['crashes'])} crashes", flush=True)
         for c in r["crashes"]:
