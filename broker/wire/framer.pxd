@@ -3,7 +3,7 @@
 # lookups. ``__dict__`` keeps it open to attributes set from outside (as a plain class is).
 
 cimport cython
-from broker.wire.message cimport HeaderView
+from broker.wire.message cimport HeaderView, message_size
 
 cdef class Framer:
     cdef dict __dict__

@@ -6,3 +6,7 @@ cdef class HeaderView:
     cdef public object destination, sender, signature, fwd
     cdef public object body_len, serial, reply_serial, header_len, fields_end
     cdef public object type, flags, unix_fds, unknown_fields
+
+    cpdef forward(self, sender)
+
+cpdef message_size(buf, max_size=*, offset=*)
