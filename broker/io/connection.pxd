@@ -15,3 +15,5 @@ cdef class Connection:
     cpdef _process(self)
     @cython.locals(peer=Peer, head=OutItem, item=OutItem)
     cpdef flush(self)
+    @cython.locals(peer=Peer, framer=Framer)
+    cpdef on_readable(self)

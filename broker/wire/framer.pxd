@@ -12,3 +12,5 @@ cdef class Framer:
 
     @cython.locals(header=HeaderView)
     cpdef next_message(self)
+    cpdef recv_buffer(self)
+    cpdef commit(self, nbytes, fds=*)
