@@ -7,7 +7,9 @@ it first. The finder installed here picks the ``.py`` file instead when
 
 - ``SEALBUS_PURE_PYTHON`` is set to anything but ``""``/``0`` (the pure build, forced), or
 - the extension is older than its ``.py`` (or ``.pxd``): stale compiled code never
-  runs what the source no longer says; ``make setup`` rebuilds it.
+  runs what the source no longer says; ``make setup`` rebuilds it, or
+- a module its ``.pxd`` cimports (whose extension types it uses as C types) runs as
+  pure Python: the extension would fail at import (``runs_compiled``).
 
 ``build()`` says which build is loaded (``sealbus --version``, the start-up log).
 """
@@ -15,6 +17,7 @@ it first. The finder installed here picks the ``.py`` file instead when
 import importlib.machinery
 import importlib.util
 import os
+import re
 import sys
 
 HOT_MODULES = (
@@ -59,6 +62,37 @@ def is_stale(extension: str) -> bool:
     return False
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_CIMPORT = re.compile(r"^from\s+(broker(?:\.\w+)+)\s+cimport\b", re.M)
+
+
+def _file_of(module: str, suffix: str) -> str:
+    return os.path.join(_PACKAGE_DIR, *module.split(".")[1:]) + suffix
+
+
+def cimports(module: str) -> tuple:
+    """The hot modules whose extension types the compiled ``module`` uses (``from broker.x cimport`` in its
+    ``.pxd``): its extension can only be loaded when theirs are (Cython checks the types at import)."""
+    try:
+        with open(_file_of(module, ".pxd")) as f:
+            return tuple(_CIMPORT.findall(f.read()))
+    except FileNotFoundError:
+        return ()
+
+
+def runs_compiled(module: str, _seen: frozenset = frozenset()) -> bool:
+    """Whether the extension of a hot module may run: not forced pure, built, not stale, and so are the
+    extensions of the modules it cimports (a pure or stale dependency would stop it at import)."""
+    if pure_forced():
+        return False
+    if module in _seen:
+        return True  # a cimport cycle: the modules on it decide
+    built = [e for e in (_file_of(module, s) for s in importlib.machinery.EXTENSION_SUFFIXES) if os.path.exists(e)]
+    if not built or is_stale(built[0]):
+        return False
+    return all(runs_compiled(dep, _seen | {module}) for dep in cimports(module))
+
+
 class _HotPathFinder:
     """A meta path finder for HOT_MODULES only: the ``.py`` file when the extension must not run."""
 
@@ -69,7 +103,7 @@ class _HotPathFinder:
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.origin is None or spec.origin.endswith(".py"):
             return spec
-        if pure_forced() or is_stale(spec.origin):
+        if not runs_compiled(name):
             return importlib.util.spec_from_file_location(name, _source_of(spec.origin))
         return spec
 

@@ -81,18 +81,36 @@ def test_stale_extension_is_not_loaded(tmp_path):
 
 
 @pytest.mark.skipif(not compiled_present(), reason="compiled hot path not built")
-def test_stale_extension_falls_back_in_a_real_import(tmp_path):
-    """A copy of the package whose framer.py is newer than its extension loads framer.py."""
+@pytest.mark.parametrize(
+    ("edited", "pure"),
+    [
+        ("wire/framer", "framer, connection, reactor, server"),  # connection cimports Framer; they, Connection
+        ("bus/peer", "peer, router, connection, reactor, server"),  # they cimport Peer, or one that does
+        ("wire/message", "message, framer, router, connection, reactor, server"),  # HeaderView
+        ("io/server", "server"),  # nothing cimports it
+        ("io/reactor", "reactor"),  # nothing cimports it either
+    ],
+)
+def test_stale_extension_falls_back_in_a_real_import(tmp_path, edited, pure):
+    """A copy of the package with one ``.py`` newer than its extension loads that ``.py``, and the ``.py`` of
+    every module whose extension cimports its types (that extension would fail at import): the broker
+    still starts after an edit without ``make setup``."""
     copy = tmp_path / "tree"
     shutil.copytree(ROOT / "broker", copy / "broker", ignore=shutil.ignore_patterns("__pycache__"))
-    os.utime(copy / "broker/wire/framer.py", None)
-    for so in (copy / "broker").rglob("*.so"):
-        if so.name.startswith("framer."):
-            os.utime(so, (1_000_000, 1_000_000))
+    os.utime(copy / f"broker/{edited}.py", None)
+    folder, name = (copy / "broker" / edited).parent, Path(edited).name
+    for so in folder.glob(f"{name}.*.so"):
+        os.utime(so, (1_000_000, 1_000_000))
     code = "import broker; print(broker.build())"
     env = dict(os.environ, SEALBUS_PURE_PYTHON="", PYTHONPATH=str(copy))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=copy, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "mixed (pure: framer)"
+    assert out.stdout.strip() == f"mixed (pure: {pure})"
+
+
+def test_cimports_are_read_from_the_pxd():
+    assert set(broker.cimports("broker.io.connection")) == {"broker.bus.peer", "broker.bus.router",
+                                                            "broker.wire.framer"}  # fmt: skip
+    assert broker.cimports("broker.io.busy_poll") == ()
 
 
 # The classes each .pxd makes an extension type, and whether its instances keep a __dict__ (``cdef dict
@@ -105,6 +123,7 @@ EXTENSION_TYPES = {
     "broker.bus.router": {"Bus": True},
     "broker.io.connection": {"Connection": True},
     "broker.io.reactor": {"Reactor": True},
+    "broker.io.server": {"Server": True},
 }
 HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: set on classes made by a class statement, not on extension types
 

@@ -13,3 +13,6 @@ cdef class Peer:
     cdef public object id, creds, account, unix_fds, unique_name, names, matches, monitor, monitor_rules
     cdef public object outbox, out_bytes, out_fds, replies_pending, state, reason, stats, wake, kill
     cdef public object calls, owed, match_keys, starts
+
+    cpdef enqueue(self, OutItem item)
+    cpdef item_done(self, OutItem item)

@@ -363,7 +363,7 @@ class Bus:
     def deliver_queued(self, peer: Peer, h, fdref, target: Peer) -> None:
         """A message that waited for ``target`` to be started: routed now, through the same checks as any
         (monitors saw it when it was sent)."""
-        self._unicast(peer, h, fdref, target, seen=True)
+        self._unicast(peer, h, fdref, target, True)  # seen
 
     def policy_activation(self, peer: Peer, h, name: str, fdref) -> str | None:
         """May ``peer`` make the bus start ``name`` for ``h``? The denial text, or None."""

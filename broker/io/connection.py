@@ -342,15 +342,16 @@ class Connection:
         """Route every complete message in the buffer; stop at one whose large body is being validated
         in steps (the reactor takes one step of it per pass, between other connections' work)."""
         peer = self.peer
-        dispatch = self.bus.dispatch
+        bus = self.bus
+        framer = self.framer
         try:
             while not peer.state:  # ACTIVE
-                msg = self.framer.next_message()
+                msg = framer.next_message()
                 if msg is None:
-                    if self.framer.checking is not None:
+                    if framer.checking is not None:
                         self.server.reactor.validating.add(self)
                     return
-                dispatch(peer, msg)
+                bus.dispatch(peer, msg)
         except WireError as e:
             self.bus.kill(peer, f"protocol violation: {e}")
 

@@ -34,6 +34,7 @@ LOCAL_INTERFACE = "org.freedesktop.DBus.Local"
 _FIXED = {"l": struct.Struct("<4xIII"), "B": struct.Struct(">4xIII")}
 _U32 = {"l": struct.Struct("<I"), "B": struct.Struct(">I")}
 _ENDIAN = {ord("l"): "l", ord("B"): "B"}
+_FIXED_ALL = {ord("l"): struct.Struct("<BBBBIII"), ord("B"): struct.Struct(">BBBBIII")}  # the 16 bytes
 
 _HEADER_CACHE_MAX_LEN = 512  # longer headers are parsed every time, never cached
 _STRING_CACHE_MAX_LEN = 255  # names are at most 255 bytes; a longer string (a path) is checked every time
@@ -172,14 +173,14 @@ def message_size(buf, max_size: int = DEFAULT_MAX_MESSAGE_SIZE, offset: int = 0)
     """Total size announced by the 16 bytes at ``offset``; validates before buffering."""
     if len(buf) - offset < FIXED_HEADER_SIZE:
         raise TruncatedError("fewer than 16 bytes of fixed header")
-    endian = _ENDIAN.get(buf[offset])
-    if endian is None:
+    fixed = _FIXED_ALL.get(buf[offset])  # one unpack for all of it: this runs for every message
+    if fixed is None:
         raise HeaderError(f"invalid endianness byte {buf[offset]!r}")
-    if buf[offset + 3] != 1:
-        raise HeaderError(f"unsupported protocol version {buf[offset + 3]}")
-    if not 1 <= buf[offset + 1] <= 4:
-        raise HeaderError(f"invalid message type {buf[offset + 1]}")
-    body_len, serial, fields_len = _FIXED[endian].unpack_from(buf, offset)
+    _, kind, _, version, body_len, serial, fields_len = fixed.unpack_from(buf, offset)
+    if version != 1:
+        raise HeaderError(f"unsupported protocol version {version}")
+    if not 1 <= kind <= 4:
+        raise HeaderError(f"invalid message type {kind}")
     if serial == 0:
         raise HeaderError("serial must not be zero")
     if fields_len > max_size or body_len > max_size:
