@@ -399,7 +399,7 @@ class Driver:
             "MatchRules": Variant("u", sum(len(p.matches) for p in bus.all_peers)),
             "PendingReplies": Variant("u", len(bus.pending)),
         }
-        for k, v in bus.stats.items():
+        for k, v in {"messages": bus.messages, **bus.stats}.items():
             out[f"sealbus.{k}"] = Variant("t", v)
         if bus.payload is not None:
             for k, v in bus.payload.stats_dict().items():

@@ -11,7 +11,8 @@ cdef class OutItem:
 
 cdef class Peer:
     cdef public object id, creds, account, unix_fds, unique_name, names, matches, monitor, monitor_rules
-    cdef public object outbox, out_bytes, out_fds, replies_pending, state, reason, stats, wake, kill
+    cdef public object outbox, out_bytes, out_fds, replies_pending, state, reason, wake, kill
+    cdef public unsigned long long in_messages, in_bytes, out_messages  # C counters: one add per message
     cdef public object calls, owed, match_keys, starts
 
     cpdef enqueue(self, OutItem item)

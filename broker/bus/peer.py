@@ -249,7 +249,10 @@ class Peer:
     replies_pending: int = 0  # calls this peer made that still await a reply
     state: PeerState = ACTIVE  # bus/lifecycle.py; changed only by ``to`` (ACTIVE is false: `if peer.state:`)
     reason: str | None = None  # why it is closing (the first reason given on the way out)
-    stats: dict = field(default_factory=lambda: {"in_messages": 0, "out_messages": 0, "in_bytes": 0})
+    # counters GetConnectionStats reports (``stats``): fields, not a dict, as they move with every message
+    in_messages: int = 0
+    in_bytes: int = 0
+    out_messages: int = 0
     wake: object = None
     kill: object = None
     # this peer's own share of the bus registries, so that its cleanup walks only what it owns
@@ -257,6 +260,11 @@ class Peer:
     owed: dict = field(default_factory=dict)  # ReplySlot -> None: others' calls awaiting its reply
     match_keys: dict = field(default_factory=no_entries)  # MatchRule.key() -> [its rules of that key] (RemoveMatch)
     starts: dict = field(default_factory=no_entries)  # Waiter -> None: what it waits on being started (activation)
+
+    @property
+    def stats(self) -> dict:
+        """Its message counters, by the names GetConnectionStats gives them."""
+        return {"in_messages": self.in_messages, "out_messages": self.out_messages, "in_bytes": self.in_bytes}
 
     def describe(self) -> str:
         """For log lines: who this is, in terms a sysadmin can act on."""

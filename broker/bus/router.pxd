@@ -14,8 +14,9 @@ cdef class Bus:
     cdef dict __dict__
     cdef public object fd_quota, conns, peers, registry, matches, eavesdroppers, replies, monitoring, monitors
     cdef public object serial, stats, closing, driver, activator
+    cdef public unsigned long long messages  # a C counter: one add per message
 
-    @cython.locals(h=HeaderView, stats=dict)
+    @cython.locals(h=HeaderView)
     cpdef dispatch(self, Peer peer, msg)
     cdef _route(self, Peer peer, HeaderView h, fdref)
     @cython.locals(is_call=bint, wants_reply=bint)
