@@ -166,3 +166,20 @@ def test_body_oracle_compares_a_nan_next_to_a_variant():
     assert comparable((("d", 2.5), "/a/b", nan, {nan: [1]})) == comparable((Variant("d", 2.5), "/a/b", nan, {nan: [1]}))
     assert comparable(([1],)) != comparable(((1,),))
     assert comparable((nan,)) != comparable((1.0,))
+
+
+def test_body_oracle_round_trips_a_dict_with_a_repeated_key():
+    """The body target's round trip failed on ``aa{saq}`` holding the key "" twice (session 9's long run, in
+    the oracle, not the broker): the wire allows a repeated key, libdbus and the validator accept it, and a
+    dict keeps one entry. Unmarshalled with ``pairs`` the body marshals back to the same bytes; its input is
+    tests/fuzz_corpus/body/regression-body-repeated-dict-key."""
+    from broker.wire.marshal import marshal, unmarshal
+
+    from .fuzz.body import TestOneInput
+
+    body = bytes.fromhex("240000001c000000" + "00" * 32)
+    assert unmarshal("aa{saq}", body) == ([{"": []}, {}],)  # one entry lost
+    entries = unmarshal("aa{saq}", body, pairs=True)
+    assert entries == ([[("", []), ("", [])], []],)
+    assert marshal("aa{saq}", entries) == body
+    TestOneInput(b"\x07aa{saq}l" + body)  # the whole target, libdbus included, on the finding

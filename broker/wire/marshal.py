@@ -3,7 +3,8 @@
 Python mapping: integer types and ``h`` (an index into the message's fds) are
 ``int``, ``b`` is ``bool``, ``d`` is ``float``, ``s``/``o``/``g`` are ``str``,
 ``ay`` unmarshals to ``bytes``, other arrays to ``list``, ``a{..}`` to
-``dict``, structs to ``tuple`` and variants to :class:`Variant`.
+``dict`` (or, with ``pairs``, to the list of its (key, value) entries as on the
+wire: the wire allows a key twice, a dict keeps one), structs to ``tuple`` and variants to :class:`Variant`.
 
 Alignment is relative to the start of the buffer, which must itself be
 8-aligned in the message (the header and the body both are).
@@ -49,13 +50,14 @@ def _pad(pos: int, align: int) -> int:
 class Reader:
     """Strict reader over a buffer; raises a WireError subclass on any violation."""
 
-    __slots__ = ("buf", "endian", "n_fds", "pos")
+    __slots__ = ("buf", "endian", "n_fds", "pairs", "pos")
 
-    def __init__(self, buf, endian: str = "l", pos: int = 0, n_fds: int = 0):
+    def __init__(self, buf, endian: str = "l", pos: int = 0, n_fds: int = 0, pairs: bool = False):
         self.buf = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
         self.endian = endian
         self.pos = pos
         self.n_fds = n_fds
+        self.pairs = pairs  # dict entries as a list of (key, value), duplicates kept
 
     def align(self, n: int) -> None:
         pad = _pad(self.pos, n)
@@ -153,14 +155,14 @@ class Reader:
             return data
         if elem[0] == "{":
             k, v = split_signature(elem[1:-1])
-            out = {}
+            entries = []
             while self.pos < end:
                 self.align(8)
                 key = self.value(k, depth + 1)
-                out[key] = self.value(v, depth + 1)
+                entries.append((key, self.value(v, depth + 1)))
             if self.pos != end:
                 raise InvalidValueError("array contents do not match its length")
-            return out
+            return entries if self.pairs else dict(entries)
         items = []
         while self.pos < end:
             items.append(self.value(elem, depth + 1))
@@ -280,9 +282,9 @@ def marshal(signature: str, values, endian: str = "l", base: int = 0) -> bytes:
     return bytes(w.buf)
 
 
-def unmarshal(signature: str, buf, endian: str = "l", n_fds: int = 0) -> tuple:
+def unmarshal(signature: str, buf, endian: str = "l", n_fds: int = 0, pairs: bool = False) -> tuple:
     """Unmarshal all of ``buf`` as ``signature``; trailing bytes are an error."""
-    r = Reader(buf, endian, 0, n_fds)
+    r = Reader(buf, endian, 0, n_fds, pairs)
     out = tuple(r.value(t) for t in split_signature(signature))
     if r.pos != len(r.buf):
         raise InvalidValueError(f"{len(r.buf) - r.pos} bytes left after the body")
