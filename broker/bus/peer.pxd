@@ -11,8 +11,9 @@ cdef class OutItem:
 
 cdef class Peer:
     cdef public object id, creds, account, unix_fds, unique_name, names, matches, monitor, monitor_rules
-    cdef public object outbox, out_bytes, out_fds, replies_pending, state, reason, wake, kill
+    cdef public object outbox, out_bytes, out_fds, state, reason, wake, kill
     cdef public unsigned long long in_messages, in_bytes, out_messages  # C counters: one add per message
+    cdef public Py_ssize_t replies_pending  # one add per call, one subtract per reply
     cdef public object calls, owed, match_keys, starts
 
     cpdef enqueue(self, OutItem item)
