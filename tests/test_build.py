@@ -85,7 +85,8 @@ def test_stale_extension_is_not_loaded(tmp_path):
     ("edited", "pure"),
     [
         ("wire/framer", "framer, connection, reactor, server"),  # connection cimports Framer; they, Connection
-        ("bus/peer", "peer, router, connection, reactor, server"),  # they cimport Peer, or one that does
+        ("bus/peer", "peer, replies, router, connection, reactor, server"),  # they cimport Peer, or one that does
+        ("bus/replies", "replies, router, connection, reactor, server"),  # Bus.replies is a ReplyRegistry
         ("wire/message", "message, framer, router, connection, reactor, server"),  # HeaderView
         ("io/server", "server"),  # nothing cimports it
         ("io/reactor", "reactor"),  # nothing cimports it either

@@ -222,10 +222,10 @@ class HeaderView:
                 raise TruncatedError(f"message is {len(raw)} bytes but its header announces {total}")
         self.raw = raw
         self.cache = cache
-        endian = self.endian = _ENDIAN[raw[0]]
-        t = self.type = raw[1]
-        self.flags = raw[2]
-        body_len, self.serial, fields_len = _FIXED[endian].unpack_from(raw, 0)
+        e = raw[0]
+        endian = self.endian = _ENDIAN[e]
+        _, t, self.flags, _, body_len, self.serial, fields_len = _FIXED_ALL[e].unpack_from(raw, 0)  # one unpack
+        self.type = t
         self.body_len = body_len
         header_len = self.header_len = len(raw) - body_len
         fields_end = self.fields_end = FIXED_HEADER_SIZE + fields_len
