@@ -29,8 +29,9 @@ import broker
 from broker.bus.limits import Limits
 from broker.bus.peer import Creds
 from broker.bus.router import Bus
-from broker.io.connection import ANC_SPACE, MSG_CMSG_CLOEXEC, Connection
+from broker.io.connection import Connection
 from broker.io.server import Server
+from broker.io.sysio import ANC_SPACE, MSG_CMSG_CLOEXEC
 from broker.wire.framer import Framer
 from broker.wire.message import build_message
 

@@ -28,6 +28,7 @@ HOT_MODULES = (
     "broker.bus.replies",
     "broker.bus.router",
     "broker.bus.names",
+    "broker.io.sysio",
     "broker.io.connection",
     "broker.io.reactor",
     "broker.io.busy_poll",

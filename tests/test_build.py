@@ -88,6 +88,7 @@ def test_stale_extension_is_not_loaded(tmp_path):
         ("bus/peer", "peer, replies, router, connection, reactor, server"),  # they cimport Peer, or one that does
         ("bus/replies", "replies, router, connection, reactor, server"),  # Bus.replies is a ReplyRegistry
         ("wire/message", "message, framer, router, connection, reactor, server"),  # HeaderView
+        ("io/sysio", "sysio, connection, reactor, server"),  # connection calls recv/send as C functions
         ("io/server", "server"),  # nothing cimports it
         ("io/reactor", "reactor"),  # nothing cimports it either
     ],
@@ -110,7 +111,7 @@ def test_stale_extension_falls_back_in_a_real_import(tmp_path, edited, pure):
 
 def test_cimports_are_read_from_the_pxd():
     assert set(broker.cimports("broker.io.connection")) == {"broker.bus.peer", "broker.bus.router",
-                                                            "broker.wire.framer"}  # fmt: skip
+                                                            "broker.io.sysio", "broker.wire.framer"}  # fmt: skip
     assert broker.cimports("broker.io.busy_poll") == ()
 
 

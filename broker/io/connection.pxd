@@ -5,6 +5,7 @@
 cimport cython
 from broker.bus.peer cimport OutItem, Peer
 from broker.bus.router cimport Bus
+from broker.io.sysio cimport recv, send
 from broker.wire.framer cimport Framer
 
 cdef class Connection:

@@ -9,7 +9,6 @@ allow. A peer whose socket is full is watched for EPOLLOUT by the reactor
 and written when it drains; nobody else waits for it.
 """
 
-import array
 import errno
 import logging
 import socket
@@ -24,28 +23,14 @@ from ..wire.errors import WireError
 from ..wire.framer import Framer
 from ..wire.message import FIXED_HEADER_SIZE, METHOD_CALL, HeaderView, error_message, message_size
 from ..wire.sasl import SaslServer
+from .sysio import ANC_SPACE, MAX_IOV, MSG_CMSG_CLOEXEC, fds_from_ancdata, recv, send
 
 log = logging.getLogger("sealbus.io")
 
-MAX_FDS_PER_READ = 253  # SCM_MAX_FD
-ANC_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
-MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
-MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: IntFlag arithmetic costs microseconds per read
 LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
 REFUSED_HELLO_MAX = 4096  # a connection refused for a limit reads at most this much (its Hello) before closing
-MAX_IOV = 512
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 _DISCONNECT_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ETOOMANYREFS}
-
-
-def fds_from_ancdata(ancdata) -> list[int]:
-    fds = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[: len(data) - len(data) % a.itemsize])
-            fds.extend(a)
-    return fds
 
 
 def close_fds(fds, creds=None) -> bool:
@@ -284,7 +269,7 @@ class Connection:
         peer = self.peer
         buf = framer.recv_buffer()
         try:
-            n, anc, flags, _ = self.sock.recvmsg_into([buf], ANC_SPACE, MSG_CMSG_CLOEXEC)
+            n, fds, truncated = recv(self.fd, self.sock, buf)
         except BlockingIOError:
             return
         except OSError as e:
@@ -292,8 +277,7 @@ class Connection:
             return
         finally:
             buf.release()  # our view of the free space must not pin the buffer
-        fds = fds_from_ancdata(anc) if anc else ()
-        if flags & MSG_CTRUNC:
+        if truncated:
             close_fds(fds, self.creds)
             self.bus.kill(peer, "control data truncated (too many fds in one read)")
             return
@@ -389,18 +373,18 @@ class Connection:
         sock = self.sock
         while ob:
             head = ob[0]
-            anc = None
+            fds = None
             if self.head_sent:
                 iov = self._gather(ob)
             elif head.fdref is not None:  # a message with fds goes alone, its fds with its first byte
                 iov = head.buffers
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head.fdref.fds))]
+                fds = head.fdref.fds
             elif len(ob) == 1:
                 iov = head.buffers  # the common case: one message, nothing of it written yet
             else:
                 iov = self._gather(ob)
             try:
-                n = sock.sendmsg(iov, anc) if anc else sock.sendmsg(iov)
+                n = send(self.fd, sock, iov, fds)
             except BlockingIOError:
                 peer.settle_outbox()  # what stays queued must not pin more than it is charged for
                 self.server.reactor.want_write(self)
