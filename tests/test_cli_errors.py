@@ -93,6 +93,13 @@ def bus(tmp_path):
     proc.wait(timeout=10)
 
 
+def _as_at_a_terminal() -> None:
+    """Ctrl-C as a user at a terminal sends it: SIGINT with its default action. A suite started in the
+    background (``make test &``, a CI runner) hands its children SIGINT ignored, and a CLI keeps an
+    inherited SIG_IGN, as background jobs should."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(proc: subprocess.Popen) -> tuple[int, str]:
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
@@ -101,7 +108,7 @@ def _interrupt(proc: subprocess.Popen) -> tuple[int, str]:
 
 def test_ctrl_c_of_an_idle_receive_exits_130_quietly(bus):
     proc = subprocess.Popen([SEALBUS, "receive", "--address", bus], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, preexec_fn=_as_at_a_terminal)  # fmt: skip
     assert proc.stdout.readline().startswith("listening as ")
     rc, err = _interrupt(proc)
     assert (rc, err) == (130, "")
@@ -113,7 +120,8 @@ def test_ctrl_c_of_a_send_waiting_for_its_reply_exits_130_quietly(bus, tmp_path)
     with open_dbus_connection(bus, enable_fds=True) as sink:  # owns the name and never answers
         sink.send_and_get_reply(message_bus.RequestName("org.x.Sink"))
         proc = subprocess.Popen([SEALBUS, *SEND, "--address", bus, "--payload", str(payload)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_as_at_a_terminal)  # fmt: skip
         assert proc.stdout.readline().startswith("payload: size=4096")
         rc, err = _interrupt(proc)
     assert (rc, err) == (130, "")
