@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -296,6 +297,16 @@ def test_inotify_flood_costs_few_reloads_and_the_bus_keeps_serving():
         bus.stop()
 
 
+def _wait_exec_done(proc, argv0: bytes) -> None:
+    """Until ``proc`` runs ``argv0``: inside execve its /proc cmdline reads empty for a moment, which
+    ``broker_exiting`` rightly takes for a broker on its way out (the real broker is long past exec when
+    the launcher supervises it: wait_ready comes first)."""
+    deadline = time.monotonic() + 10
+    while not Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(argv0):
+        assert time.monotonic() < deadline, "the child never ran " + argv0.decode()
+        time.sleep(0.01)
+
+
 def test_launcher_serves_reload_requests_by_id_and_reads_only_its_own_config(tmp_path):
     """The launcher's side of the control channel, with a real child as the "broker": a burst of requests
     (carrying junk fields such as a path) is served by one reload answering the last id, and what it sends
@@ -314,6 +325,7 @@ def test_launcher_serves_reload_requests_by_id_and_reads_only_its_own_config(tmp
     conf.write_text(f"<busconfig><type>system</type><servicedir>{svc_dir}</servicedir></busconfig>")
     ours, theirs = socket.socketpair()
     child = subprocess.Popen(["sleep", "60"])
+    _wait_exec_done(child, b"sleep")  # as in the launcher, where supervise() starts once the broker is up
     stop = {"sig": None}
     t = threading.Thread(target=supervise, args=(child, ours, str(conf), None, stop), daemon=True)
     t.start()
