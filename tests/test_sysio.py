@@ -69,6 +69,32 @@ def test_recv_fds_close_on_exec_in_order(io, pair, tmp_path):
 
 
 @pytest.mark.parametrize("io", BUILDS)
+def test_recv_truncated_control_data_is_reported_and_every_fd_that_arrived_is_returned(io, pair):
+    """SCM_CREDENTIALS (SO_PASSCRED) takes room in the control buffer, so SCM_MAX_FD fds no longer fit: the
+    kernel closes what does not fit and sets MSG_CTRUNC; the read says so and hands back every fd it got
+    (the broker closes them and disconnects the sender), none lost or leaked."""
+    a, b = pair
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    r, w = os.pipe()
+    sent = [os.dup(r) for _ in range(sysio.MAX_FDS_PER_READ)]
+    try:
+        a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", sent))])
+        for fd in sent:
+            os.close(fd)
+        before = len(os.listdir("/proc/self/fd"))
+        n, fds, truncated = io.recv(b.fileno(), b, bytearray(8))
+        assert (n, truncated) == (1, True)
+        assert 0 < len(fds) < sysio.MAX_FDS_PER_READ
+        assert len(os.listdir("/proc/self/fd")) == before + len(fds)  # exactly the returned ones are open
+        for fd in fds:
+            assert os.fstat(fd).st_ino == os.fstat(r).st_ino
+            os.close(fd)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("io", BUILDS)
 def test_recv_end_of_stream_and_nothing_to_read(io, pair):
     a, b = pair
     with pytest.raises(BlockingIOError):

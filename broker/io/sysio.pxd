@@ -8,6 +8,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_SetFromErrno
 from libc.errno cimport EINTR, errno
+from libc.string cimport strerror
 from posix.uio cimport iovec
 
 
@@ -57,6 +58,7 @@ cdef inline tuple _recv_c(int fd, buf):
     cdef ssize_t n
     cdef size_t i, count
     cdef int *data
+    cdef int err = 0
     PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
     iov.iov_base = view.buf
     iov.iov_len = view.len
@@ -71,9 +73,10 @@ cdef inline tuple _recv_c(int fd, buf):
         n = c_recvmsg(fd, &msg, C_MSG_CMSG_CLOEXEC)
         if n >= 0 or errno != EINTR:
             break
+    err = errno  # recvmsg's, before releasing the buffer can touch it
     PyBuffer_Release(&view)
     if n < 0:
-        PyErr_SetFromErrno(OSError)
+        raise OSError(err, strerror(err).decode())  # the errno's subclass, as PyErr_SetFromErrno gives
     fds = ()
     if msg.msg_controllen:
         fds = []
